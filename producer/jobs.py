@@ -1,0 +1,260 @@
+"""Submit one job and read it back: the fire-and-forget path of web backends and scripts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from workers.config import Candidate
+from workers.constants import queue_name
+from workers.errors import InputError, ServiceUnavailable
+from workers.limiter import Costs
+from workers.messages import ChatRequest, build_request
+from workers.runtime import Runtime, runtime
+from workers.store import FINAL, Job, utcnow
+
+log = logging.getLogger("spillway.producer")
+
+#: What `submit` does when the broker is down: "fail" (nothing is stored) or "store" (the
+#: job is kept and the reconciler publishes it once the broker is back).
+BROKER_DOWN = os.environ.get("SPILLWAY_SUBMIT_WHEN_BROKER_DOWN", "fail")
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A job as the store knows it; `spillway submit --json` prints these fields."""
+
+    job_id: str
+    status: str
+    provider: str | None
+    model: str | None
+    text: str | None
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    attempts: int
+    error: str | None
+    finish_reason: str | None = None
+    custom_id: str | None = None
+    cached: bool = False
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobResult:
+        return cls(
+            job_id=job.id,
+            status=job.status,
+            provider=job.provider,
+            model=job.model,
+            text=job.text,
+            input_tokens=job.input_tokens or 0,
+            output_tokens=job.output_tokens or 0,
+            cost_usd=round(job.cost_usd or 0.0, 8),
+            attempts=job.calls or 0,
+            error=job.error,
+            finish_reason=job.finish_reason,
+            custom_id=job.custom_id,
+            cached=bool(job.cached),
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """A submitted job. ``handle.wait(30).text`` blocks until it is done (or the timeout)."""
+
+    id: str
+
+    def result(self) -> JobResult:
+        return get(self.id)
+
+    def wait(self, timeout_s: float = 300.0) -> JobResult:
+        deadline, pause = time.monotonic() + timeout_s, 0.01
+        while True:
+            result = get(self.id)
+            if result.done:
+                return result
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} is still {result.status} after {timeout_s:g}s")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.25)
+
+
+def get(job_id: str) -> JobResult:
+    """The job's current state; InputError if the store does not know the id."""
+    job = runtime().store.job(job_id)
+    if job is None:
+        raise InputError(f"no job with id {job_id!r}")
+    return JobResult.from_job(job)
+
+
+def submit(
+    prompt: str | None = None,
+    *,
+    messages: list[dict[str, str]] | None = None,
+    task: str,
+    tier: str,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    stop: list[str] | str | None = None,
+    json_mode: bool = False,
+    preferred_provider: str | None = None,
+    idempotency_key: str | None = None,
+    callback_url: str | None = None,
+    deadline_s: float | None = None,
+) -> JobHandle:
+    """Store one job and publish it to the provider queue that can finish it soonest.
+
+    Returns as soon as the job is stored and published::
+
+        handle = submit("Summarise: ...", task="analysis", tier="free")
+        print(handle.wait(60).text)
+    """
+    rt = runtime()
+    if idempotency_key is not None:
+        _check_str(idempotency_key, "idempotency_key")
+        existing = rt.store.by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return JobHandle(existing.id)
+    request = prepare(
+        rt,
+        task,
+        tier,
+        prompt=prompt,
+        messages=messages,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        stop=stop,
+        json_mode=json_mode,
+        preferred_provider=preferred_provider,
+    )
+    if callback_url is not None:
+        _check_url(callback_url)
+    costs = Costs.estimate(request.estimated_input_tokens(), request.max_tokens)
+    placement = rt.router.place(task, tier, costs, preferred=preferred_provider)
+    job_id = uuid.uuid4().hex
+    row = job_row(
+        job_id,
+        task,
+        tier,
+        request,
+        preferred_provider=preferred_provider,
+        idempotency_key=idempotency_key,
+        callback_url=callback_url,
+        deadline_s=deadline_s,
+        target=placement.candidate,
+    )
+    try:
+        rt.store.add_jobs([row])
+    except IntegrityError:
+        existing = rt.store.by_idempotency_key(idempotency_key or "")
+        if existing is None:
+            raise
+        return JobHandle(existing.id)  # a concurrent submit with the same key won
+    publish(rt, [(job_id, placement.candidate, tier)])
+    return JobHandle(job_id)
+
+
+def prepare(
+    rt: Runtime, task: object, tier: object, *, preferred_provider: object = None, **fields: Any
+) -> ChatRequest:
+    """Validate a job's fields against the config; errors name the field that is wrong."""
+    _check_str(task, "task")
+    _check_str(tier, "tier")
+    chain = rt.settings.chain(task, tier)
+    request = build_request(default_max_tokens=rt.settings.default_max_tokens, **fields)
+    candidates = rt.router.candidates(task, tier)
+    if preferred_provider is not None and preferred_provider not in {c.provider for c in chain.candidates}:
+        raise InputError(f"preferred_provider: {preferred_provider!r} is not in the {task}/{tier} chain")
+    limits = [rt.settings.model(c).max_output_tokens for c in candidates]
+    if all(limit is not None and request.max_tokens > limit for limit in limits):
+        raise InputError(
+            f"max_tokens: {request.max_tokens} is more than any model of the {task}/{tier} chain "
+            f"allows (at most {max(limits)})"
+        )
+    return request
+
+
+def job_row(
+    job_id: str,
+    task: str,
+    tier: str,
+    request: ChatRequest,
+    *,
+    target: Candidate,
+    deadline_s: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    if deadline_s is not None and (not isinstance(deadline_s, int | float) or deadline_s <= 0):
+        raise InputError(f"deadline_s: expected a positive number of seconds, got {deadline_s!r}")
+    return {
+        "id": job_id,
+        "task_type": task,
+        "tier": tier,
+        "request": request.to_json(),
+        "est_input_tokens": request.estimated_input_tokens(),
+        "provider": target.provider,
+        "model": target.model,
+        "queue": queue_name(target.provider),
+        "task_id": job_id,
+        "deadline_at": utcnow() + timedelta(seconds=deadline_s) if deadline_s else None,
+        "published_at": utcnow(),
+        **extra,
+    }
+
+
+def publish(
+    rt: Runtime, jobs: list[tuple[str, Candidate, str]], options: dict[str, Any] | None = None
+) -> None:
+    """Send `run_job` for each (job id, candidate, tier), pipelined; on failure, undo or keep."""
+    from workers.tasks import run_job
+
+    try:
+        with run_job.app.producer_or_acquire() as producer, producer.batch():
+            for job_id, candidate, tier in jobs:
+                run_job.apply_async(
+                    kwargs={
+                        "job_id": job_id,
+                        "provider": candidate.provider,
+                        "model": candidate.model,
+                        "hop": 0,
+                    },
+                    task_id=job_id,
+                    queue=queue_name(candidate.provider),
+                    priority=rt.priority(tier),
+                    producer=producer,
+                    **(options or {}),
+                )
+    except Exception as exc:  # kombu/redis/amqp connection errors come in many classes
+        ids = [j for j, _, _ in jobs]
+        if BROKER_DOWN == "store":
+            log.warning("broker down: %d job(s) stored; the reconciler will publish them", len(ids))
+            return
+        rt.store.delete_jobs(ids)
+        raise ServiceUnavailable(
+            f"the broker does not answer ({type(exc).__name__}); nothing was submitted"
+        ) from exc
+
+
+def _check_str(value: object, what: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{what}: expected a non-empty string, got {value!r}")
+
+
+def _check_url(url: object) -> None:
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise InputError(f"callback_url: expected an http:// or https:// URL, got {url!r}")

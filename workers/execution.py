@@ -1,0 +1,400 @@
+"""One run of one job on one provider: the job's state machine.
+
+This is the one large function of Spillway, on purpose: every way a run can end is here,
+in order, and `tests/test_execution.py` walks each of them. A run:
+
+1. claims the job in the store (a lease: one worker at a time; a dead worker's lease runs
+   out; a job whose workers keep dying is failed as poison);
+2. acquires the tokens right before the call (waiting inline if the bucket refills soon,
+   else moving on: another provider with room, a countdown, or parking until a daily reset);
+3. calls the provider and settles: real usage charged, the rest refunded, the provider's
+   headers learned, a 429's retry time turned into a block for every process;
+4. records the attempt and either finishes the job or hands it on (`Requeue`).
+
+It never raises for a provider error, so a chord's callback always runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from workers import constants
+from workers.config import Candidate
+from workers.errors import (
+    AuthError,
+    FinalError,
+    NoRouteError,
+    Overloaded,
+    ProviderError,
+    QuotaExhausted,
+    RateLimited,
+    RetryableError,
+    ServiceUnavailable,
+)
+from workers.limiter import Costs, Denied, Lease
+from workers.limiter.limiter import NEVER_S
+from workers.messages import ChatRequest
+from workers.providers.transport import complete
+from workers.runtime import Runtime
+from workers.store import FAILED, SUCCEEDED, AttemptRecord, Job, aware, utcnow
+
+log = logging.getLogger("spillway.execution")
+
+#: A billing quota (insufficient_quota, spend cap) without a stated end blocks its account this long.
+QUOTA_BLOCK_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job is final; `summary` is what the task returns (small, same on every redelivery)."""
+
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Publish the job again: to `candidate`'s queue after `countdown_s`, or park it until
+    `park_until_s` (epoch seconds) when the wait is longer than a countdown may be."""
+
+    candidate: Candidate
+    hop: int
+    priority: int
+    countdown_s: float = 0.0
+    park_until_s: float | None = None
+
+
+Outcome = Done | Requeue
+
+
+def summary(job: Job) -> dict[str, Any]:
+    """A pure function of the job's final state, so a redelivered task returns the same value."""
+    return {
+        "job_id": job.id,
+        "status": job.status,
+        "provider": job.provider,
+        "model": job.model,
+        "input_tokens": job.input_tokens,
+        "output_tokens": job.output_tokens,
+        "cost_usd": round(job.cost_usd or 0.0, 8),
+        "error_kind": job.error_kind,
+    }
+
+
+def lease_seconds(rt: Runtime, provider: str) -> float:
+    config = rt.settings.providers.get(provider)
+    timeout = config.timeout_s + config.connect_timeout_s if config else 60.0
+    return timeout + rt.settings.inline_wait_s + constants.LEASE_MARGIN_S
+
+
+def _priority(rt: Runtime, job: Job) -> int:
+    return rt.priority(job.tier) if job.tier in rt.settings.tiers else 5
+
+
+def run_job(rt: Runtime, job_id: str, candidate: Candidate, hop: int = 0) -> Outcome:
+    claim = rt.store.claim(
+        job_id, lease_s=lease_seconds(rt, candidate.provider), max_crashes=rt.settings.max_crashes
+    )
+    if claim.state == "missing":
+        log.warning("job %s is not in the store; dropping its message", job_id)
+        return Done({"job_id": job_id, "status": "missing"})
+    job = claim.job
+    if claim.state == "poison":
+        log.error("job %s failed: %s", job_id, job.error)
+    if claim.state in ("final", "poison"):
+        return Done(summary(job))
+    if claim.state == "busy":  # another delivery of this job is running it right now
+        wait_s = min(claim.busy_for_s + 1, rt.settings.max_countdown_s)
+        return Requeue(candidate, hop, _priority(rt, job), countdown_s=wait_s)
+    return _Run(rt, job, candidate, hop).start()
+
+
+class _Run:
+    """The state of one claimed run; methods are the steps of `run_job`."""
+
+    def __init__(self, rt: Runtime, job: Job, candidate: Candidate, hop: int) -> None:
+        self.rt = rt
+        self.job = job
+        self.candidate = candidate
+        self.hop = hop
+        self.request = ChatRequest.from_json(job.request)
+        self.costs = Costs.estimate(job.est_input_tokens, self.request.max_tokens)
+        self.share = rt.settings.tiers[job.tier].budget_share if job.tier in rt.settings.tiers else 1.0
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def start(self) -> Outcome:
+        rt, candidate = self.rt, self.candidate
+        if not self._servable(candidate):
+            return self._move_on(Denied(NEVER_S, f"never:{candidate.provider} is not usable here", 0))
+        give_up_at = time.monotonic() + rt.settings.inline_wait_s
+        dequeue: Costs | None = self.costs
+        while True:
+            try:
+                grant = rt.limiter.acquire(
+                    candidate,
+                    self.costs,
+                    share=self.share,
+                    lease_ttl_s=lease_seconds(rt, candidate.provider),
+                    dequeue=dequeue,
+                )
+            except ServiceUnavailable as exc:
+                # Never call a provider unlimited: wait for the limiter to come back.
+                log.warning("job %s waits: %s", self.job.id, exc)
+                return self._requeue(None, candidate, countdown_s=5.0, hop=False)
+            dequeue = None
+            if isinstance(grant, Lease):
+                return self._call(grant)
+            if not grant.never and grant.wait_s <= give_up_at - time.monotonic():
+                time.sleep(max(grant.wait_s, 0.005))
+                continue
+            return self._move_on(grant)
+
+    def _servable(self, candidate: Candidate) -> bool:
+        provider = self.rt.settings.providers.get(candidate.provider)
+        return (
+            provider is not None
+            and candidate.model in provider.models
+            and self.rt.keyring.usable(candidate.provider)
+        )
+
+    def _move_on(self, denied: Denied) -> Outcome:
+        """No room here soon: another candidate with room now, else a countdown or parking."""
+        rt, job = self.rt, self.job
+        try:
+            others = [c for c in rt.router.candidates(job.task_type, job.tier) if c != self.candidate]
+            options = rt.router.options(others, self.costs, self.share) if others else []
+        except (NoRouteError, ServiceUnavailable):
+            options = []
+        roomy = [o for o in options if o.has_room]
+        if roomy:
+            target = rt.router.choose(roomy, rt.settings.chain(job.task_type, job.tier).strategy)
+            self._count_queued(target.candidate)
+            why = denied.why.removeprefix("never:")
+            record = self._attempt("rerouted", called=False, error=f"no room: {why}")
+            return self._requeue(record, target.candidate, hop=True)
+        waits = [(denied.wait_s, self.candidate, denied.why)] + [
+            (o.wait_s, o.candidate, o.why) for o in options
+        ]
+        wait_s, target, why = min(waits, key=lambda w: w[0])
+        if wait_s >= NEVER_S or wait_s == float("inf"):
+            reasons = "; ".join(f"{c}: {w.removeprefix('never:')}" for _, c, w in waits)
+            return self._fail(None, f"no provider can take this job: {reasons}", "no_route")
+        self._count_queued(target)
+        if wait_s <= rt.settings.max_countdown_s:
+            return self._requeue(None, target, countdown_s=wait_s, hop=target != self.candidate)
+        until_s = rt.limiter.now_s() + wait_s
+        deadline = aware(job.deadline_at)
+        if deadline is not None and deadline.timestamp() < until_s:
+            return self._fail(None, f"its deadline passes before any quota is back ({why})", "deadline")
+        return self._requeue(None, target, park_until_s=until_s, hop=target != self.candidate)
+
+    # -- the call -----------------------------------------------------------------------------
+
+    def _call(self, lease: Lease) -> Outcome:
+        rt, candidate = self.rt, self.candidate
+        provider = rt.settings.providers[candidate.provider]
+        started, clock = utcnow(), time.monotonic()
+        try:
+            completion = complete(rt.http, provider, candidate.model, self.request, lease.key.secret)
+        except ProviderError as exc:
+            return self._after_error(lease, exc, started, (time.monotonic() - clock) * 1000)
+        latency_ms = (time.monotonic() - clock) * 1000
+        used = Costs(
+            1,
+            completion.input_tokens + completion.output_tokens,
+            completion.input_tokens,
+            completion.output_tokens,
+        )
+        self._settle(lease, actual=used, outcome="alive", signal=completion.signal)
+        cost = rt.settings.model(candidate).cost_usd(completion.input_tokens, completion.output_tokens)
+        record = AttemptRecord(
+            provider=candidate.provider,
+            model=candidate.model,
+            outcome=SUCCEEDED,
+            started_at=started,
+            key_id=lease.key.key_id,
+            input_tokens=completion.input_tokens,
+            output_tokens=completion.output_tokens,
+            cost_usd=cost,
+            latency_ms=latency_ms,
+        )
+        rt.store.finish(
+            self.job.id,
+            self.job.runs,
+            record,
+            status=SUCCEEDED,
+            provider=candidate.provider,
+            model=candidate.model,
+            key_id=lease.key.key_id,
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            input_tokens=completion.input_tokens,
+            output_tokens=completion.output_tokens,
+            cost_usd=cost,
+            error=None,
+            error_kind=None,
+        )
+        return Done(summary(rt.store.job(self.job.id)))
+
+    def _settle(self, lease: Lease, **kwargs: Any) -> None:
+        try:
+            self.rt.limiter.settle(lease, **kwargs)
+        except ServiceUnavailable as exc:  # the lease expires on its own; the result still counts
+            log.warning("could not settle lease of job %s: %s", self.job.id, exc)
+
+    def _after_error(self, lease: Lease, exc: ProviderError, started: Any, latency_ms: float) -> Outcome:
+        """Tell the limiter what the error means, record the attempt, decide where to go."""
+        signal = exc.signal
+        nothing = Costs(0, 0, 0, 0)
+        one_request = Costs(1, 0, 0, 0)
+        if isinstance(exc, RateLimited):
+            now = signal.received_at_s if signal else time.time()
+            block_s = (exc.retry_at_s or now + 1) - now
+            window = "daily" if exc.per_day else "per-minute"
+            self._settle(
+                lease,
+                actual=one_request,
+                outcome="alive",
+                signal=signal,
+                block_s=block_s,
+                block_why=f"429 ({window} quota) until the provider's retry time",
+            )
+        elif isinstance(exc, QuotaExhausted):
+            now = signal.received_at_s if signal else time.time()
+            block_s = (exc.retry_at_s - now) if exc.retry_at_s else QUOTA_BLOCK_S
+            self._settle(
+                lease,
+                actual=nothing,
+                outcome="alive",
+                block_s=block_s,
+                block_account=True,
+                block_why=f"billing quota exhausted ({exc.message[:80]})",
+            )
+        elif isinstance(exc, AuthError):
+            log.error(
+                "%s key %s disabled: the provider rejected it (%s)",
+                lease.provider,
+                lease.key.key_id,
+                exc.status,
+            )
+            self._settle(
+                lease,
+                actual=nothing,
+                outcome="alive",
+                disable_why=f"rejected by the provider (HTTP {exc.status})",
+            )
+        elif isinstance(exc, RetryableError):  # 5xx, 529/503, timeouts, resets, malformed bodies
+            self._settle(lease, actual=one_request, outcome="failed", signal=signal)
+        else:
+            self._settle(lease, actual=nothing, outcome="alive", signal=signal)
+        record = self._attempt(
+            exc.kind,
+            called=True,
+            error=str(exc),
+            key_id=lease.key.key_id,
+            latency_ms=latency_ms,
+            started=started,
+        )
+        if isinstance(exc, FinalError) and not isinstance(exc, QuotaExhausted | AuthError):
+            return self._fail(record, str(exc), exc.kind)
+        if self.hop + 1 >= self.rt.settings.max_hops:
+            return self._fail(record, f"gave up after {self.hop + 1} attempts; last: {exc}", exc.kind)
+        return self._next_after_error(record, exc)
+
+    def _next_after_error(self, record: AttemptRecord, exc: ProviderError) -> Outcome:
+        """Prefer another candidate with room; else wait here (backing off) or where it is soonest."""
+        rt, job = self.rt, self.job
+        try:
+            candidates = rt.router.candidates(job.task_type, job.tier)
+            options = rt.router.options(candidates, self.costs, self.share)
+        except (NoRouteError, ServiceUnavailable):
+            options = []
+        others = [o for o in options if o.candidate != self.candidate and o.has_room]
+        if others:
+            target = rt.router.choose(others, rt.settings.chain(job.task_type, job.tier).strategy)
+            self._count_queued(target.candidate)
+            return self._requeue(record, target.candidate, hop=True)
+        usable = [o for o in options if o.wait_s < NEVER_S]
+        if not usable:
+            return self._fail(record, f"no provider left to try after: {exc}", exc.kind)
+        best = min(usable, key=lambda o: o.wait_s)
+        backoff = 0.0
+        if isinstance(exc, RetryableError) and not isinstance(exc, RateLimited):
+            backoff = min(0.5 * 2**self.hop, 30.0) if isinstance(exc, Overloaded) else min(2**self.hop, 30.0)
+        wait_s = max(best.wait_s, backoff)
+        self._count_queued(best.candidate)
+        if wait_s <= rt.settings.max_countdown_s:
+            return self._requeue(record, best.candidate, countdown_s=wait_s, hop=True)
+        return self._requeue(record, best.candidate, park_until_s=rt.limiter.now_s() + wait_s, hop=True)
+
+    def _count_queued(self, target: Candidate) -> None:
+        """The job waits in `target`'s queue again: placement must see it there."""
+        try:
+            self.rt.limiter.add_pending({target: self.costs})
+        except ServiceUnavailable as exc:
+            log.warning("could not count job %s as queued: %s", self.job.id, exc)
+
+    # -- endings ------------------------------------------------------------------------------
+
+    def _attempt(
+        self,
+        outcome: str,
+        *,
+        called: bool,
+        error: str | None = None,
+        key_id: str | None = None,
+        latency_ms: float | None = None,
+        started: Any = None,
+    ) -> AttemptRecord:
+        return AttemptRecord(
+            provider=self.candidate.provider,
+            model=self.candidate.model,
+            outcome=outcome,
+            started_at=started or utcnow(),
+            key_id=key_id,
+            called=called,
+            error=error,
+            latency_ms=latency_ms,
+        )
+
+    def _requeue(
+        self,
+        record: AttemptRecord | None,
+        target: Candidate,
+        *,
+        countdown_s: float = 0.0,
+        park_until_s: float | None = None,
+        hop: bool,
+    ) -> Outcome:
+        self.rt.store.requeue(
+            self.job.id,
+            self.job.runs,
+            record,
+            provider=target.provider,
+            model=target.model,
+            parked=park_until_s is not None,
+            hop=hop,
+        )
+        return Requeue(
+            target,
+            self.hop + int(hop),
+            _priority(self.rt, self.job),
+            countdown_s=max(0.0, countdown_s),
+            park_until_s=park_until_s,
+        )
+
+    def _fail(self, record: AttemptRecord | None, message: str, kind: str) -> Outcome:
+        self.rt.store.finish(
+            self.job.id,
+            self.job.runs,
+            record,
+            status=FAILED,
+            error=message,
+            error_kind=kind,
+            provider=self.candidate.provider,
+            model=self.candidate.model,
+        )
+        return Done(summary(self.rt.store.job(self.job.id)))

@@ -1,0 +1,57 @@
+"""Work every worker does in the background: publish parked jobs that are due, and run the
+reconciler now and then. Runs in one daemon thread per worker process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from workers import parking
+from workers.errors import SpillwayError
+from workers.logs import install_redaction
+from workers.runtime import runtime
+
+log = logging.getLogger("spillway.housekeeping")
+
+PARKED_EVERY_S = float(os.environ.get("SPILLWAY_PARKED_EVERY_S", "2"))
+RECOVER_EVERY_S = float(os.environ.get("SPILLWAY_RECOVER_EVERY_S", "60"))
+
+_stop = threading.Event()
+
+
+def _loop(app: Any) -> None:
+    next_recover = time.monotonic() + RECOVER_EVERY_S
+    while not _stop.wait(PARKED_EVERY_S):
+        try:
+            rt = runtime()
+            parking.release_due(rt.redis, app, rt.limiter.now_s())
+            if RECOVER_EVERY_S > 0 and time.monotonic() >= next_recover:
+                next_recover = time.monotonic() + RECOVER_EVERY_S
+                from workers import reconciler
+
+                reconciler.recover_once(rt, app, periodic=True)
+        except SpillwayError as exc:
+            log.warning("housekeeping skipped a round: %s", exc)
+        except Exception:
+            log.exception("housekeeping round failed")
+
+
+@worker_ready.connect
+def _start(sender: Any = None, **_: Any) -> None:
+    try:
+        install_redaction(runtime().keyring.secrets())
+    except SpillwayError as exc:
+        log.error("spillway cannot run jobs here: %s", exc)
+    _stop.clear()
+    app = sender.app if sender is not None else None
+    threading.Thread(target=_loop, args=(app,), name="spillway-housekeeping", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_loop(**_: Any) -> None:
+    _stop.set()

@@ -1,0 +1,76 @@
+-- Helpers shared by every limiter script; limiter.py prepends this file to each one.
+--
+-- A bucket spec `b` is {scope, field, kind, capacity, period_ms, unit}:
+--   scope     1 = the account's "*" hash, 2 = the account's per-model hash (KEYS order)
+--   field     hash field prefix, e.g. "rpm"
+--   kind      0 = continuously refilling bucket, 1 = daily window reset at the day boundary
+--   capacity  the configured limit; a learned lower limit (field:cap) takes precedence
+--   period_ms refill period of a rolling bucket (60000 for per-minute)
+--   unit      what a job costs it: "requests" | "tokens" | "input" | "output"
+-- Hash fields: field:l level and field:t its time (rolling); field:u used and field:w the
+-- window number (daily); field:cap a limit learned from the provider's headers.
+
+local DAY_MS = 86400000
+local KEEP_MS = 2 * DAY_MS  -- bucket hashes outlive any window they describe
+
+local function now_ms(offset_ms)
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (offset_ms or 0)
+end
+
+local function num(x)
+  return string.format('%.17g', x)
+end
+
+local function hnum(key, field, default)
+  local v = redis.call('HGET', key, field)
+  if v then return tonumber(v) end
+  return default
+end
+
+-- Keep a key at least `ms` longer (never shortens a longer TTL).
+local function keep(key, ms)
+  local ttl = redis.call('PTTL', key)
+  if ttl >= 0 and ttl < ms then
+    redis.call('PEXPIRE', key, math.ceil(ms))
+  elseif ttl == -1 then
+    redis.call('PEXPIRE', key, math.ceil(ms))
+  end
+end
+
+-- The bucket now: (units available, effective capacity).
+local function bucket_now(key, b, now, window)
+  local field, kind, cap, period = b[2], b[3], b[4], b[5]
+  local learned = hnum(key, field .. ':cap', nil)
+  if learned and learned < cap then cap = learned end
+  if kind == 0 then
+    local level = hnum(key, field .. ':l', nil)
+    if level == nil then return cap, cap end
+    local t = hnum(key, field .. ':t', now)
+    if now > t then level = level + (now - t) * cap / period end
+    if level > cap then level = cap end
+    return level, cap
+  end
+  local used = 0
+  if hnum(key, field .. ':w', -1) == window then used = hnum(key, field .. ':u', 0) end
+  return cap - used, cap
+end
+
+-- Store what is available now (`avail`) for a bucket whose effective capacity is `cap`.
+local function bucket_set(key, b, now, window, avail, cap)
+  local field = b[2]
+  if b[3] == 0 then
+    redis.call('HSET', key, field .. ':l', num(avail), field .. ':t', num(now))
+  else
+    local used = cap - avail
+    if used < 0 then used = 0 end
+    redis.call('HSET', key, field .. ':u', num(used), field .. ':w', num(window))
+  end
+end
+
+-- When a bucket that lacks `need` units can give them: refill time, or the next day window.
+local function wait_for(b, avail, cap, need, now, next_reset)
+  if avail >= need then return 0 end
+  if b[3] == 0 then return (need - avail) * b[5] / cap end
+  return next_reset - now
+end

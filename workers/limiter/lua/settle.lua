@@ -1,0 +1,90 @@
+-- settle: after the call, charge the real usage, refund the rest, release the lease, and
+-- apply what the provider said (remaining/limit headers, a block, a disabled key).
+-- The lease part happens once per lease: settling twice refunds nothing twice.
+--
+-- KEYS[1] lease record   KEYS[2] "*" hash   KEYS[3] model hash   KEYS[4] leases zset
+-- KEYS[5] state hash     KEYS[6] disabled keys hash
+-- ARGV[1] JSON {offset_ms, day_shift_ms, lease_id,
+--               actual = {requests, tokens, input, output} | null  (null: keep the charge),
+--               outcome = "alive" | "failed" | "none"               (circuit breaker input),
+--               circuit = {failures, cooldown_ms},
+--               block = {scope, ms, why} | null     (extends a block, never shortens it),
+--               disable = {key_id, why} | null,
+--               observe = [{bucket spec..., remaining, limit}] }
+-- Returns {lease settled now (1) or before (0), blocked_until_ms, now_ms}
+
+local spec = cjson.decode(ARGV[1])
+local now = now_ms(spec.offset_ms)
+local window = math.floor((now + spec.day_shift_ms) / DAY_MS)
+local scopes = {KEYS[2], KEYS[3]}
+
+local raw = redis.call('GET', KEYS[1])
+local settled = 0
+if raw then
+  settled = 1
+  local lease = cjson.decode(raw)
+  if type(spec.actual) == 'table' then
+    for _, c in ipairs(lease.charges) do
+      local delta = c[7] - spec.actual[c[6]]
+      if delta ~= 0 and (c[3] == 0 or c[8] == window) then
+        local key = scopes[c[1]]
+        local avail, cap = bucket_now(key, c, now, window)
+        avail = avail + delta
+        if avail > cap then avail = cap end
+        bucket_set(key, c, now, window, avail, cap)
+      end
+    end
+  end
+  redis.call('ZREM', KEYS[4], spec.lease_id)
+  redis.call('DEL', KEYS[1])
+
+  local state = KEYS[5]
+  if spec.outcome == 'alive' then
+    redis.call('HDEL', state, 'fails', 'open_until', 'probe_until')
+  elseif spec.outcome == 'failed' then
+    local fails = redis.call('HINCRBY', state, 'fails', 1)
+    if lease.probe or fails >= spec.circuit.failures then
+      redis.call('HSET', state, 'open_until', num(now + spec.circuit.cooldown_ms))
+      redis.call('HDEL', state, 'probe_until')
+    end
+    keep(state, spec.circuit.cooldown_ms + KEEP_MS)
+  elseif lease.probe then
+    redis.call('HDEL', state, 'probe_until')
+  end
+end
+
+local blocked_until = 0
+if type(spec.block) == 'table' then
+  local key = scopes[spec.block.scope]
+  local until_ms = now + spec.block.ms
+  blocked_until = hnum(key, 'blocked_until', 0)
+  if until_ms > blocked_until then
+    redis.call('HSET', key, 'blocked_until', num(until_ms), 'blocked_why', spec.block.why)
+    blocked_until = until_ms
+  end
+  keep(key, blocked_until - now + KEEP_MS)
+end
+
+if type(spec.disable) == 'table' then
+  redis.call('HSET', KEYS[6], spec.disable.key_id, spec.disable.why)
+end
+
+for _, o in ipairs(spec.observe or {}) do
+  local key = scopes[o[1]]
+  local limit = o[8]
+  if type(limit) == 'number' and limit > 0 then
+    if limit < o[4] then
+      redis.call('HSET', key, o[2] .. ':cap', num(limit))
+    else
+      redis.call('HDEL', key, o[2] .. ':cap')
+    end
+  end
+  local remaining = o[7]
+  if type(remaining) == 'number' then
+    local avail, cap = bucket_now(key, o, now, window)
+    if remaining < avail then bucket_set(key, o, now, window, remaining, cap) end
+  end
+  keep(key, KEEP_MS)
+end
+
+return {settled, math.floor(blocked_until), now}

@@ -1,0 +1,50 @@
+"""Jobs that must wait longer than a countdown may (a daily quota is gone) wait in a Redis
+sorted set, scored by when they are due, and are published again from there.
+
+A countdown longer than the broker's visibility timeout would run a task again and again
+(kombu#337); a parked job holds no broker message at all. The whole task signature is kept,
+so a job inside a chord keeps its task id and its chord slot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+from celery import Celery, signature
+
+from workers import constants
+
+log = logging.getLogger("spillway.parking")
+
+
+def parked_key(prefix: str = constants.KEY_PREFIX) -> str:
+    return f"{prefix}:parked"
+
+
+def park(client: redis.Redis, task_signature: dict[str, Any], due_s: float, job_id: str) -> None:
+    member = json.dumps({"job_id": job_id, "signature": task_signature}, sort_keys=True)
+    client.zadd(parked_key(), {member: due_s})
+
+
+def parked_job_ids(client: redis.Redis) -> set[str]:
+    return {json.loads(m)["job_id"] for m in client.zrange(parked_key(), 0, -1)}
+
+
+def release_due(client: redis.Redis, app: Celery, now_s: float, limit: int = 500) -> int:
+    """Publish every parked job that is due. ZREM decides who publishes, so each goes once."""
+    released = 0
+    for member in client.zrangebyscore(parked_key(), "-inf", now_s, start=0, num=limit):
+        if not client.zrem(parked_key(), member):
+            continue  # another worker took it
+        entry = json.loads(member)
+        try:
+            signature(entry["signature"], app=app).apply_async()
+        except Exception:
+            client.zadd(parked_key(), {member: now_s})  # publish failed: keep it parked
+            log.exception("could not publish parked job %s; it stays parked", entry["job_id"])
+            continue
+        released += 1
+    return released

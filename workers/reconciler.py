@@ -1,0 +1,146 @@
+"""The reconciler: the store cannot lose a job, so jobs the broker lost are published again.
+
+A job is lost when the store says it is queued or running, nothing touched it for a while,
+no worker holds its lease, it is not parked, and no broker message carries its id — not in
+a queue, not unacked (the Redis transport keeps unacked messages in a hash). It must be
+missing in two looks a moment apart (a message moves from a queue to the unacked hash in two
+steps). A conditional update makes each republish happen once, and a Redis lock keeps two
+reconcilers apart. Batches whose jobs are all final get their summary here too, if their
+chord's callback was lost with the broker's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select, update
+
+from workers import constants, parking
+from workers.runtime import Runtime
+from workers.store import OPEN, QUEUED, RUNNING, Batch, Job, aware, utcnow
+
+log = logging.getLogger("spillway.reconciler")
+
+LOCK_TTL_S = 60
+
+
+@dataclass
+class Recovery:
+    republished: list[str]
+    batches_completed: list[str]
+    skipped_live: int = 0
+
+
+def broker_job_ids(app: Celery, queues: list[str]) -> set[str] | None:
+    """Task ids of every message in the Redis broker (queued or unacked); None: not Redis."""
+    if not str(app.conf.broker_url).startswith(("redis", "rediss", "redis+socket")):
+        return None
+    options = app.conf.broker_transport_options or {}
+    sep, steps = options.get("sep", "\x06\x16"), options.get("priority_steps", [0, 3, 6, 9])
+    ids: set[str] = set()
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        pipe = client.pipeline(transaction=False)
+        for queue in queues:
+            for step in steps:
+                pipe.lrange(queue if not step else f"{queue}{sep}{step}", 0, -1)
+        pipe.hvals("unacked")
+        *lists, unacked = pipe.execute()
+    for raw in (m for lst in lists for m in lst):
+        ids.add(_task_id(json.loads(raw)))
+    for raw in unacked:
+        ids.add(_task_id(json.loads(raw)[0]))
+    return ids
+
+
+def _task_id(message: dict[str, Any]) -> str:
+    return (message.get("headers") or {}).get("id") or message.get("properties", {}).get("correlation_id", "")
+
+
+def recover_once(
+    rt: Runtime,
+    app: Celery,
+    *,
+    idle_for_s: float = 30.0,
+    confirm_s: float = 1.0,
+    periodic: bool = False,
+) -> Recovery:
+    """Republish lost jobs (each once) and complete finished batches; see the module doc."""
+    lock = f"{constants.KEY_PREFIX}:recover:lock"
+    if not rt.redis.set(lock, "1", nx=True, ex=LOCK_TTL_S):
+        return Recovery([], [])
+    try:
+        return _recover(rt, app, idle_for_s, confirm_s)
+    finally:
+        rt.redis.delete(lock)
+
+
+def _lost(rt: Runtime, app: Celery, idle_for_s: float) -> tuple[dict[str, Job], int]:
+    now = utcnow()
+    queues = [p.queue for p in rt.settings.providers.values()]
+    live = broker_job_ids(app, queues)
+    if live is None:
+        idle_for_s = max(idle_for_s, 600.0)  # RabbitMQ keeps messages; only very old jobs are suspect
+        live = set()
+    parked = parking.parked_job_ids(rt.redis)
+    lost, skipped = {}, 0
+    for job in rt.store.open_jobs(idle_for_s=idle_for_s):
+        lease = aware(job.lease_until)
+        held = job.status == RUNNING and lease is not None and lease > now
+        if held or job.id in live or job.id in parked:
+            skipped += 1
+            continue
+        lost[job.id] = job
+    return lost, skipped
+
+
+def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float) -> Recovery:
+    from workers.tasks import run_job
+
+    first, skipped = _lost(rt, app, idle_for_s)
+    if first and confirm_s > 0:
+        time.sleep(confirm_s)
+        second, _ = _lost(rt, app, idle_for_s)
+        first = {k: v for k, v in first.items() if k in second and second[k].updated_at == v.updated_at}
+    republished = []
+    for job in first.values():
+        if not _take_for_republish(rt, job):
+            continue
+        provider, model = job.provider, job.model
+        if not provider or provider not in rt.settings.providers:
+            log.warning("lost job %s has no provider; leaving it for `spillway recover`", job.id)
+            continue
+        run_job.apply_async(
+            kwargs={"job_id": job.id, "provider": provider, "model": model, "hop": job.hops},
+            task_id=job.id,
+            queue=constants.queue_name(provider),
+            priority=rt.priority(job.tier),
+        )
+        republished.append(job.id)
+    if republished:
+        log.warning("republished %d job(s) the broker had lost", len(republished))
+    return Recovery(republished, complete_batches(rt), skipped)
+
+
+def _take_for_republish(rt: Runtime, job: Job) -> bool:
+    """Claim the republish: only if nobody touched the job since we looked."""
+    now = utcnow()
+    with rt.store.session() as s:
+        done = s.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status.in_(OPEN), Job.updated_at == job.updated_at)
+            .values(status=QUEUED, lease_until=None, updated_at=now, published_at=now)
+        )
+    return done.rowcount == 1
+
+
+def complete_batches(rt: Runtime) -> list[str]:
+    """Batches with every job final but no summary (their chord callback was lost)."""
+    with rt.store.session() as s:
+        ids = list(s.scalars(select(Batch.id).where(Batch.finished_at.is_(None))))
+    return [b for b in ids if rt.store.complete_batch(b) is not None]

@@ -1,0 +1,129 @@
+"""The simulator's settings: the config's providers plus its ``[simulator]`` table.
+
+```toml
+[simulator]
+port = 8900
+latency_ms = { median = 120, p95 = 400 }   # lognormal; default for every provider
+seed = 7                                    # fault and latency draws repeat run to run
+
+[simulator.providers.groq]
+limits = { rpm = 15 }          # the "real" limits, if not the ones in [providers.groq]
+latency_ms = { median = 300, p95 = 900 }
+faults = { error_500 = 0.2, rate_limit = 0.1 }
+reject_keys = ["bad-*"]        # keys answered with the format's authentication error
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from workers.config import LIMIT_NAMES, DailyReset, Limits, Settings
+from workers.errors import ConfigError
+from workers.tomltable import Table
+
+#: Fault name -> what the simulator answers.
+FAULTS = (
+    "error_500",  # 500 with the format's server error
+    "error_503",  # 503 unavailable
+    "overloaded",  # Anthropic 529 overloaded_error; 503 for the others
+    "timeout",  # hold the request past the client's timeout, then close it
+    "reset",  # reset the TCP connection (RST) without an answer
+    "malformed",  # 200 with a body that is not JSON
+    "insufficient_quota",  # OpenAI insufficient_quota / Anthropic spend cap / Gemini billing 429
+    "rate_limit",  # a 429 although the quota is not empty (another tenant, acceleration)
+)
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float = 20.0
+    p95_ms: float = 50.0
+
+
+@dataclass
+class SimProvider:
+    name: str
+    api: str
+    signals: str
+    limits: Limits
+    model_limits: dict[str, Limits]
+    daily_reset: DailyReset
+    shared_quota: bool
+    require_key: bool
+    latency: Latency = Latency()
+    faults: dict[str, float] = field(default_factory=dict)
+    reject_keys: tuple[str, ...] = ()
+    hang_s: float = 10.0
+
+
+@dataclass
+class SimSettings:
+    host: str
+    port: int
+    seed: int | None
+    providers: dict[str, SimProvider]
+
+
+def _latency(t: Table, default: Latency) -> Latency:
+    if not t.names():
+        return default
+    median = t.pop_number("median", default.median_ms)
+    p95 = t.pop_number("p95", max(median, default.p95_ms), minimum=median)
+    t.done(known=("median", "p95"))
+    return Latency(median, p95)
+
+
+def _faults(t: Table) -> dict[str, float]:
+    out = {name: t.pop_number(name, 0.0, maximum=1.0) for name in FAULTS}
+    t.done(known=FAULTS)
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def _limits(t: Table, default: Limits) -> Limits:
+    if not t.names():
+        return default
+    values = {name: t.pop_int(name, None) for name in LIMIT_NAMES}
+    t.done(known=LIMIT_NAMES)
+    return Limits(**values)
+
+
+def sim_settings(settings: Settings, *, port: int | None = None) -> SimSettings:
+    """Every configured provider, simulated with its configured limits unless told otherwise."""
+    root = Table(settings.simulator, "simulator", settings.source)
+    host = root.pop_str("host", "127.0.0.1")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise root.error("host", "the simulator only listens on loopback", host)
+    config_port = root.pop_int("port", 8900, minimum=0)
+    seed = root.pop_int("seed", None, minimum=0)
+    latency = _latency(root.pop_table("latency_ms"), Latency())
+    overrides = root.pop_table("providers")
+    root.done(known=("host", "port", "seed", "latency_ms", "providers"))
+
+    providers = {}
+    for name, p in settings.providers.items():
+        providers[name] = SimProvider(
+            name=name,
+            api=p.api,
+            signals=p.signals,
+            limits=p.limits,
+            model_limits={m: c.limits for m, c in p.models.items()},
+            daily_reset=p.daily_reset,
+            shared_quota=p.shared_quota,
+            require_key=p.key_env is not None,
+            latency=latency,
+        )
+    for name, t in overrides.subtables():
+        if name not in providers:
+            raise ConfigError(f"{settings.source}: {t.path}: no provider {name!r} in [providers]")
+        base = providers[name]
+        providers[name] = replace(
+            base,
+            limits=_limits(t.pop_table("limits"), base.limits),
+            latency=_latency(t.pop_table("latency_ms"), base.latency),
+            faults=_faults(t.pop_table("faults")),
+            reject_keys=tuple(t.pop_str_list("reject_keys", [])),
+            hang_s=t.pop_number("hang_s", base.hang_s, minimum=0.1),
+        )
+        t.done(known=("limits", "latency_ms", "faults", "reject_keys", "hang_s"))
+    return SimSettings(host, config_port if port is None else port, seed, providers)

@@ -1,0 +1,104 @@
+"""The tables: batches, jobs (the claim check: the prompt lives here) and attempts (the ledger)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+QUEUED, RUNNING, PARKED, SUCCEEDED, FAILED = "queued", "running", "parked", "succeeded", "failed"
+FINAL = (SUCCEEDED, FAILED)
+OPEN = (QUEUED, RUNNING, PARKED)
+
+Stamp = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Batch(Base):
+    __tablename__ = "spillway_batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task_type: Mapped[str] = mapped_column(String(64))
+    tier: Mapped[str] = mapped_column(String(64))
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    chords: Mapped[int] = mapped_column(Integer, default=0)
+    callback_runs: Mapped[int] = mapped_column(Integer, default=0)
+    fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(Stamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Stamp)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Job(Base):
+    __tablename__ = "spillway_jobs"
+    __table_args__ = (
+        Index("ix_spillway_jobs_batch_seq", "batch_id", "seq"),
+        Index("ix_spillway_jobs_status_updated", "status", "updated_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    batch_id: Mapped[str | None] = mapped_column(String(32))
+    seq: Mapped[int | None] = mapped_column(Integer)
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    task_type: Mapped[str] = mapped_column(String(64))
+    tier: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    est_input_tokens: Mapped[int] = mapped_column(Integer)
+    preferred_provider: Mapped[str | None] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(256), unique=True)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    queue: Mapped[str | None] = mapped_column(String(80))
+    provider: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(128))
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    text: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    cached: Mapped[bool] = mapped_column(default=False)
+    runs: Mapped[int] = mapped_column(Integer, default=0)  # times a worker took the job
+    calls: Mapped[int] = mapped_column(Integer, default=0)  # provider calls made
+    hops: Mapped[int] = mapped_column(Integer, default=0)  # re-routes and retries after errors
+    crashes: Mapped[int] = mapped_column(Integer, default=0)  # workers that died holding it
+    error: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[str | None] = mapped_column(String(32))
+    deadline_at: Mapped[datetime | None] = mapped_column(Stamp)
+    lease_until: Mapped[datetime | None] = mapped_column(Stamp)
+    created_at: Mapped[datetime] = mapped_column(Stamp)
+    updated_at: Mapped[datetime] = mapped_column(Stamp)
+    published_at: Mapped[datetime | None] = mapped_column(Stamp)
+    started_at: Mapped[datetime | None] = mapped_column(Stamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Stamp)
+
+
+class Attempt(Base):
+    """One turn of a job on a provider: a call (with its tokens and cost) or a re-route."""
+
+    __tablename__ = "spillway_attempts"
+    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_spillway_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("spillway_jobs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    provider: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    task_type: Mapped[str] = mapped_column(String(64))
+    tier: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(32))  # succeeded | <error kind> | rerouted | cached
+    called: Mapped[bool] = mapped_column(default=True)  # False: re-routed before any HTTP call
+    error: Mapped[str | None] = mapped_column(Text)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(Stamp, index=True)
+    finished_at: Mapped[datetime] = mapped_column(Stamp)
