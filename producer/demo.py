@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from importlib import resources
 
 from rich.console import Console
@@ -39,11 +40,15 @@ def demo_config_path() -> str:
     return str(resources.files("workers") / "defaults" / "demo.toml")
 
 
-def run_demo(job_count: int = 12, hold: bool = False) -> None:
+def run_demo(
+    job_count: int = 12, hold: bool = False, database_url: str = "sqlite:///spillway-demo.db"
+) -> None:
     console = Console()
     user_redis = os.environ.get("SPILLWAY_REDIS_URL")
     redis_url = user_redis if user_redis and answers(user_redis) else None
-    stack = LocalStack(demo_config_path(), redis_url=redis_url, keys_per_provider={"groq": 2})
+    stack = LocalStack(
+        demo_config_path(), redis_url=redis_url, keys_per_provider={"groq": 2}, database_url=database_url
+    )
     with console.status("starting Redis, the simulator and a worker…"):
         stack.start()
         stack.start_worker(concurrency=24, loglevel="WARNING")
@@ -84,7 +89,7 @@ def _run(console: Console, stack: LocalStack, job_count: int) -> None:
     with Live(console=console, refresh_per_second=8) as live:
         while True:
             results = [(task, tier, get(h.id)) for task, tier, h in handles]
-            live.update(_table(results, time.monotonic() - started))
+            live.update(_table(results, time.monotonic() - started, console.width))
             if all(r.done for _, _, r in results) or time.monotonic() - started > 180:
                 break
             time.sleep(0.2)
@@ -94,33 +99,45 @@ def _run(console: Console, stack: LocalStack, job_count: int) -> None:
         f"{len(done)}/{len(results)} succeeded in {time.monotonic() - started:.1f}s, "
         f"${cost:.6f} in all. Every job, attempt, token and dollar is in {stack.database_url}"
     )
+    spread = Counter(r.provider for r in done)
+    console.print("by provider: " + ", ".join(f"{p} {n}" for p, n in spread.most_common()))
 
 
-def _table(results: list, elapsed_s: float) -> Table:
+def _table(results: list, elapsed_s: float, width: int) -> Table:
+    """One row per job; the model and the answer show when the terminal is wide enough."""
+    wide, answers = width >= 130, width >= 100
     table = Table(title=f"jobs ({elapsed_s:.1f}s)", expand=True)
-    for column in (
+    columns = [
         "job",
         "task/tier",
         "status",
-        "provider:model",
+        "provider",
+        *(["model"] if wide else []),
         "tries",
-        "tokens in→out",
+        "tokens",
         "cost $",
-        "answer",
-    ):
-        table.add_column(column, no_wrap=column != "answer", overflow="ellipsis")
+        *(["answer"] if answers else []),
+    ]
+    for column in columns:
+        table.add_column(
+            column,
+            no_wrap=column != "answer",
+            overflow="ellipsis",
+            justify="right" if column in ("tries", "tokens", "cost $") else "left",
+        )
     for task, tier, r in results:
-        where = f"{r.provider}:{r.model}" if r.provider else "-"
-        table.add_row(
-            r.job_id[:8],
+        row = [
+            r.job_id[:6],
             f"{task}/{tier}",
             f"[{STYLE.get(r.status, 'white')}]{r.status}[/]",
-            where,
+            r.provider or "-",
+            *([r.model or "-"] if wide else []),
             str(r.attempts),
             f"{r.input_tokens}→{r.output_tokens}",
             f"{r.cost_usd:.6f}",
-            (r.text or r.error or "")[:60],
-        )
+            *([(r.text or r.error or "")[:80]] if answers else []),
+        ]
+        table.add_row(*row)
     return table
 
 

