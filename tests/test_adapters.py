@@ -54,7 +54,7 @@ base_url = "http://localhost:11434/v1"
 api = "anthropic"
 base_url = "https://api.anthropic.com"
 key_env = "ANTHROPIC_API_KEY"
-[providers.anthropic.models."claude-3-5-haiku-latest"]
+[providers.anthropic.models."claude-haiku-4-5"]
 [providers.gemini]
 api = "gemini"
 base_url = "https://generativelanguage.googleapis.com/v1beta"
@@ -100,7 +100,7 @@ ANTHROPIC_OK = {
     "id": "msg_1",
     "type": "message",
     "role": "assistant",
-    "model": "claude-3-5-haiku-latest",
+    "model": "claude-haiku-4-5",
     "content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "Blue."}],
     "stop_reason": "end_turn",
     "stop_sequence": None,

@@ -71,6 +71,15 @@ SIGNAL_PARSERS: dict[str, Parser] = {}
 _reported: set[str] = set()
 
 
+def read_signal(style: str, headers: Headers, body: Any, now_s: float) -> RateLimitSignal:
+    """Parse with the named style; a parser bug is logged once and reads as no signal at all."""
+    try:
+        return SIGNAL_PARSERS[style](headers, body, now_s)
+    except Exception as exc:  # a signal is advice; the job must go on without it
+        unreadable(f"{style} signal", f"{type(exc).__name__}: {exc}")
+        return RateLimitSignal(received_at_s=now_s)
+
+
 def signal_parser(name: str) -> Callable[[Parser], Parser]:
     def register(fn: Parser) -> Parser:
         SIGNAL_PARSERS[name] = fn
@@ -216,7 +225,8 @@ def parse_gemini(headers: Headers, body: Any, now_s: float) -> RateLimitSignal:
     """No headers: the 429 body's RetryInfo.retryDelay and QuotaFailure quota ids."""
     base = _base(headers, body, now_s)
     quota_ids: list[str] = []
-    details = body.get("error", {}).get("details") if isinstance(body, dict) else None
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
     for detail in details if isinstance(details, list) else []:
         if not isinstance(detail, dict):
             continue

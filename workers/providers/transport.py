@@ -14,7 +14,7 @@ import httpx
 from workers.errors import ProviderConnectionError, ProviderTimeout, ServerError
 from workers.messages import ChatRequest, Completion
 from workers.providers.base import ADAPTERS
-from workers.providers.signals import SIGNAL_PARSERS
+from workers.providers.signals import read_signal
 
 if TYPE_CHECKING:
     from workers.config import ProviderConfig
@@ -66,7 +66,7 @@ def complete(
     except httpx.TransportError as exc:
         raise ProviderConnectionError(f"connection failed ({type(exc).__name__})", provider.name) from exc
     body = _json_or_none(response)
-    signal = SIGNAL_PARSERS[provider.signals](response.headers, body, clock())
+    signal = read_signal(provider.signals, response.headers, body, clock())
     if not response.is_success:
         raise adapter.classify(response.status_code, body, signal, provider)
     if body is None:

@@ -181,9 +181,12 @@ class AnthropicFormat(SimFormat):
             _require(isinstance(content, str), "message content must be text")
             texts.append(content)
         prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+        # x-api-key as documented; newer SDKs (anthropic 2.x) send the key as a bearer token.
+        auth = headers.get("authorization") or ""
+        key = headers.get("x-api-key") or (auth[7:] if auth.lower().startswith("bearer ") else None)
         return SimRequest(
             str(body.get("model", "")),
-            headers.get("x-api-key"),
+            key,
             tuple(texts),
             body["max_tokens"],
             json_mode=prefill.startswith("{"),

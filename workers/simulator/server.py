@@ -87,6 +87,7 @@ class Simulation:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
     server: SimServer
 
     def log_message(self, format: str, *args: Any) -> None:
