@@ -26,7 +26,7 @@ if type(spec.dequeue) == 'table' then
 end
 
 local best, best_room, best_probe = nil, nil, false
-local soonest, soonest_why = NEVER, 'never:no usable key'
+local soonest, soonest_why = nil, 'never:no usable key'
 
 for i, acct in ipairs(spec.accounts) do
   local base = 3 + (i - 1) * 4
@@ -77,13 +77,13 @@ for i, acct in ipairs(spec.accounts) do
 
   if wait <= 0 then
     if best == nil or room > best_room then best, best_room, best_probe = i, room, probe end
-  elseif wait < soonest then
+  elseif soonest == nil or wait < soonest then
     soonest, soonest_why = wait, why
   end
 end
 
 if best == nil then
-  return {0, math.ceil(soonest), soonest_why, now}
+  return {0, math.ceil(soonest or NEVER), soonest_why, now}
 end
 
 local acct = spec.accounts[best]

@@ -1,0 +1,259 @@
+"""The limiter's Lua scripts against real Redis, with the clock moved instead of waited on."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from workers.config import Candidate, parse_settings
+from workers.keys import KeyRing
+from workers.limiter import Clock, Costs, Denied, Lease, Limiter
+from workers.providers.signals import RateLimitSignal, Window
+
+TEMPLATE = """
+[providers.p]
+api = "openai"
+base_url = "http://sim/p/v1"
+key_env = "P_KEY"
+{extra}
+limits = {{ {limits} }}
+[providers.p.models.m]
+{model}
+[routes."*"]
+free = ["p:m"]
+"""
+P = Candidate("p", "m")
+SMALL = Costs.estimate(10, 10)  # 1 request, 20 tokens
+
+
+def make(client: redis.Redis, limits: str, *, keys: int = 1, extra: str = "", model: str = "") -> Limiter:
+    settings = parse_settings(TEMPLATE.format(limits=limits, extra=extra, model=model), "t.toml")
+    env = {f"P_KEY{'_' + str(i) if i else ''}": f"secret-{i}" for i in range(keys)}
+    return Limiter(client, settings, KeyRing(settings, env), clock=Clock(), prefix="t")
+
+
+def take(limiter: Limiter, costs: Costs = SMALL, **kw) -> Lease | Denied:
+    return limiter.acquire(P, costs, lease_ttl_s=kw.pop("lease_ttl_s", 60), **kw)
+
+
+def buckets(limiter: Limiter, account: int = 0, scope: int = 1) -> dict[str, float]:
+    """What is available now, per limit, in the account's "*" (1) or model (2) buckets."""
+    snap = limiter.snapshots([P])[P]
+    return {b["field"]: b["avail"] for b in snap.accounts[account]["buckets"] if b["scope"] == scope}
+
+
+def test_rolling_bucket_refills_continuously(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 60")
+    assert all(isinstance(take(lim), Lease) for _ in range(60))
+    denied = take(lim)
+    assert isinstance(denied, Denied) and denied.why == "rpm" and 0.9 < denied.wait_s <= 1.0
+    lim.clock.advance(0.5)
+    assert isinstance(take(lim), Denied)
+    lim.clock.advance(0.6)
+    assert isinstance(take(lim), Lease)  # one request back after a second (60 a minute)
+    lim.clock.advance(3600)
+    assert buckets(lim)["rpm"] == 60  # never above the capacity
+
+
+def test_debit_is_all_or_nothing(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 10, tpm = 100")
+    assert isinstance(take(lim, Costs.estimate(40, 40)), Lease)  # 80 tokens
+    denied = take(lim, Costs.estimate(40, 40))
+    assert isinstance(denied, Denied) and denied.why == "tpm"
+    state = buckets(lim)
+    assert state["rpm"] == pytest.approx(9, abs=0.01)  # the refused call took no request
+    assert state["tpm"] == pytest.approx(20, abs=0.5)
+
+
+def test_daily_window_resets_at_midnight_utc(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpd = 2")
+    assert isinstance(take(lim), Lease) and isinstance(take(lim), Lease)
+    denied = take(lim)
+    now_s = lim.now_s()
+    midnight = (int(now_s) // 86400 + 1) * 86400
+    assert isinstance(denied, Denied) and denied.why == "rpd"
+    assert denied.wait_s == pytest.approx(midnight - now_s, abs=1.0)
+    lim.clock.advance(midnight - now_s - 5)
+    assert isinstance(take(lim), Denied)  # 5 s before midnight: still today
+    lim.clock.advance(6)
+    assert isinstance(take(lim), Lease) and isinstance(take(lim), Lease)
+
+
+def test_daily_window_in_the_providers_time_zone(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpd = 1", extra='daily_reset = "00:00 America/Los_Angeles"')
+    take(lim)
+    denied = take(lim)
+    reset = lim.settings.providers["p"].daily_reset.next_reset_s(lim.now_s())
+    assert denied.wait_s == pytest.approx(reset - lim.now_s(), abs=1.0)
+    assert round(reset) % 3600 == 0 and round(reset) % 86400 in (7 * 3600, 8 * 3600)  # PDT / PST
+
+
+def test_concurrency_leases_expire_on_their_own(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "concurrency = 1")
+    lease = take(lim, lease_ttl_s=2)
+    assert isinstance(lease, Lease)
+    denied = take(lim, lease_ttl_s=2)
+    assert isinstance(denied, Denied) and denied.why == "concurrency" and denied.wait_s <= 0.25
+    lim.clock.advance(2.1)  # the worker holding it crashed: its lease runs out
+    assert isinstance(take(lim, lease_ttl_s=2), Lease)
+
+
+def test_settle_refunds_once_and_releases_the_lease(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "tpm = 1000, concurrency = 1")
+    lease = take(lim, Costs.estimate(100, 400))  # reserves 500
+    assert buckets(lim)["tpm"] == pytest.approx(500, abs=1)
+    lim.settle(lease, actual=Costs(1, 150, 100, 50), outcome="alive")
+    assert buckets(lim)["tpm"] == pytest.approx(850, abs=1)  # 350 unused tokens came back
+    lim.settle(lease, actual=Costs(1, 0, 0, 0), outcome="alive")  # a retried settle
+    assert buckets(lim)["tpm"] == pytest.approx(850, abs=1)
+    assert isinstance(take(lim), Lease)  # the concurrency slot was freed
+
+
+def test_settle_charges_more_when_the_call_used_more(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "tpm = 1000")
+    lease = take(lim, Costs.estimate(10, 10))
+    lim.settle(lease, actual=Costs(1, 220, 200, 20), outcome="alive")
+    assert buckets(lim)["tpm"] == pytest.approx(780, abs=1)
+
+
+def test_block_extends_never_shortens(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 100")
+    leases = [take(lim) for _ in range(3)]  # three calls in flight, each answered 429
+    for lease, block_s, expected in zip(leases, (10, 5, 20), (10, 10, 20), strict=True):
+        until = lim.settle(lease, actual=Costs(1), outcome="alive", block_s=block_s, block_why="429 minute")
+        denied = take(lim)
+        assert isinstance(denied, Denied) and denied.why == "blocked: 429 minute"
+        assert denied.wait_s == pytest.approx(expected, abs=0.5)
+        assert until == pytest.approx(lim.now_s() + expected, abs=0.5)
+    lim.clock.advance(20.1)
+    assert isinstance(take(lim), Lease)
+
+
+def test_block_of_an_account_blocks_every_model(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 100")
+    lease = take(lim)
+    lim.settle(lease, actual=Costs(0), outcome="alive", block_s=3600, block_account=True, block_why="billing")
+    assert take(lim).why == "blocked: billing"
+
+
+def test_circuit_opens_after_failures_then_lets_one_probe(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 100", extra="circuit = { failures = 3, cooldown_s = 30 }")
+    for _ in range(3):
+        lim.settle(take(lim), actual=Costs(1), outcome="failed")
+    denied = take(lim)
+    assert denied.why == "circuit open" and denied.wait_s == pytest.approx(30, abs=0.5)
+    lim.clock.advance(30.1)
+    probe = take(lim)
+    assert isinstance(probe, Lease)
+    assert take(lim).why == "circuit half-open: probe in flight"
+    lim.settle(probe, actual=Costs(1), outcome="failed")  # the probe failed: open again
+    assert take(lim).why == "circuit open"
+    lim.clock.advance(30.1)
+    lim.settle(take(lim), actual=Costs(1), outcome="alive")  # the probe worked: closed
+    assert all(isinstance(take(lim), Lease) for _ in range(5))
+
+
+def test_success_resets_the_failure_count(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 100", extra="circuit = { failures = 3, cooldown_s = 30 }")
+    for outcome in ("failed", "failed", "alive", "failed", "failed"):
+        lim.settle(take(lim), actual=Costs(1), outcome=outcome)
+    assert isinstance(take(lim), Lease)  # never three in a row
+
+
+def test_observe_lowers_the_view_and_learns_a_lower_limit(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 120, tpm = 10000")
+    lease = take(lim)
+    signal = RateLimitSignal(
+        received_at_s=0,
+        windows=(
+            Window("requests", "unknown", limit=60, remaining=30, reset_at_s=30),
+            Window("tokens", "unknown", limit=10000, remaining=9990, reset_at_s=1),
+        ),
+    )
+    lim.settle(lease, actual=Costs(1, 20, 10, 10), outcome="alive", signal=signal)
+    snap = lim.snapshots([P])[P].accounts[0]["buckets"]
+    rpm = next(b for b in snap if b["field"] == "rpm")
+    assert rpm["cap"] == 60 and rpm["avail"] == pytest.approx(30, abs=0.1)
+    lim.clock.advance(60)
+    assert buckets(lim)["rpm"] == 60  # refills to the learned limit, not the configured one
+    higher = RateLimitSignal(
+        received_at_s=0, windows=(Window("requests", "minute", limit=200, remaining=199),)
+    )
+    lim.settle(take(lim), actual=Costs(1), outcome="alive", signal=higher)
+    lim.clock.advance(60)
+    assert buckets(lim)["rpm"] == 120  # a higher limit drops what was learned
+
+
+def test_observe_never_raises_our_view(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 100")
+    for _ in range(50):
+        take(lim)
+    optimistic = RateLimitSignal(
+        received_at_s=0, windows=(Window("requests", "minute", limit=100, remaining=99),)
+    )
+    lim.settle(take(lim), actual=Costs(1), outcome="alive", signal=optimistic)
+    assert buckets(lim)["rpm"] == pytest.approx(49, abs=0.2)
+
+
+def test_keys_rotate_by_room_and_a_disabled_key_is_skipped(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 5", keys=2)
+    used = [take(lim).key.key_id for _ in range(6)]
+    assert len(set(used)) == 2 and used[0] != used[1]  # the fuller account goes next
+    bad = take(lim)
+    lim.settle(bad, actual=Costs(0), outcome="alive", disable_why="rejected (HTTP 401)")
+    others = {take(lim).key.key_id for _ in range(2)}
+    assert others == {k.key_id for k in lim.keyring.keys("p")} - {bad.key.key_id}
+    denied = take(lim)
+    assert isinstance(denied, Denied) and denied.why == "rpm"  # the good key is empty; the bad one is out
+
+
+def test_shared_quota_keys_share_one_bucket(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 4", keys=3, extra="shared_quota = true")
+    assert sum(isinstance(take(lim), Lease) for _ in range(10)) == 4
+
+
+def test_model_limits_are_their_own_buckets(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 100", model="limits = { rpm = 2 }")
+    assert [isinstance(take(lim), Lease) for _ in range(3)] == [True, True, False]
+    assert buckets(lim, scope=1)["rpm"] == pytest.approx(98, abs=0.1)
+    assert buckets(lim, scope=2)["rpm"] == pytest.approx(0, abs=0.1)
+
+
+def test_a_tier_share_keeps_the_rest_for_paid_work(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 10")
+    free = [isinstance(take(lim, share=0.7), Lease) for _ in range(10)]
+    assert sum(free) == 7
+    assert sum(isinstance(take(lim, share=1.0), Lease) for _ in range(10)) == 3
+
+
+def test_a_job_bigger_than_the_limit_can_never_run(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "tpm = 100")
+    denied = take(lim, Costs.estimate(100, 100))
+    assert isinstance(denied, Denied) and denied.never and "the limit is 100" in denied.why
+
+
+def test_no_key_means_never(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 1", keys=0)
+    assert take(lim).never
+
+
+def test_pending_work_is_counted_and_taken_off_at_acquire(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 100")
+    lim.add_pending({P: Costs.estimate(10, 10)})
+    lim.add_pending({P: Costs.estimate(10, 10)})
+    assert lim.snapshots([P])[P].pending == {"m|requests": 2, "m|tokens": 40, "m|input": 20, "m|output": 20}
+    take(lim, dequeue=Costs.estimate(10, 10))
+    assert lim.snapshots([P])[P].pending["m|requests"] == 1
+    take(lim, dequeue=Costs.estimate(10, 10))
+    take(lim, dequeue=Costs.estimate(10, 10))  # never below zero
+    assert lim.snapshots([P])[P].pending == {}
+
+
+def test_every_key_carries_the_provider_hash_tag(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 10, rpd = 10, concurrency = 2")
+    lease = take(lim)
+    lim.add_pending({P: SMALL})
+    lim.settle(lease, actual=Costs(1), outcome="failed", block_s=1, block_why="x")
+    keys = [k.decode() for k in redis_client.keys("t:*")]
+    assert keys and all(k.startswith("t:{p}:") for k in keys)
+    assert all(redis_client.ttl(k) > 0 for k in keys)  # nothing piles up without a TTL
