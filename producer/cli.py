@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from workers.errors import SpillwayError
 
@@ -101,6 +102,57 @@ def submit(
     else:
         err_console.print(f"[red]failed:[/] {result.error}", highlight=False)
         sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
+@click.option(
+    "--every", "every_s", type=float, default=2.0, show_default=True, help="Seconds between refreshes."
+)
+def status(as_json: bool, watch: bool, every_s: float) -> None:
+    """Per provider account: available or blocked until when, what is left, in flight, queued."""
+    from producer.status import render_status, status_report
+    from workers import app
+    from workers.runtime import runtime
+
+    rt = runtime()
+    if as_json:
+        _print_json(status_report(rt, app))
+        return
+    if not watch:
+        render_status(status_report(rt, app), console)
+        return
+    import time
+
+    from rich.live import Live
+
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                with console.capture() as capture:
+                    render_status(status_report(rt, app), console)
+                live.update(Text.from_ansi(capture.get()), refresh=True)
+                time.sleep(every_s)
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.option("--task", required=True)
+@click.option("--tier", required=True)
+@click.option("--max-tokens", type=int, help="Size the yardstick job (default: the config's).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def route(task: str, tier: str, max_tokens: int | None, as_json: bool) -> None:
+    """The chain for a task type and tier, and what each link has left right now."""
+    from producer.status import render_route, route_report
+    from workers.runtime import runtime
+
+    report = route_report(runtime(), task, tier, max_tokens=max_tokens)
+    if as_json:
+        _print_json(report)
+    else:
+        render_route(report, console)
 
 
 @main.command()

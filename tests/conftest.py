@@ -11,10 +11,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
+from producer.jobs import job_row
+from workers.config import Candidate, parse_settings
 from workers.embedded import EmbeddedRedis, start_redis
+from workers.limiter import Clock
+from workers.messages import build_request
+from workers.runtime import Runtime
+from workers.simulator import SimServer, sim_settings, start_in_thread
+from workers.store import Store
 
 CONFIGS = Path(__file__).parent / "configs"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -100,3 +108,97 @@ def e2e_stack(redis_server: EmbeddedRedis):
     stack.wait_for_workers()
     yield stack
     stack.close()
+
+
+# -- a whole runtime in this process (plain-function tests of execution, status, route) -------
+
+RUNTIME_CONFIG = """
+[spillway]
+inline_wait_s = 0.2
+max_countdown_s = 30
+max_hops = 4
+
+[providers.a]
+api = "openai"
+base_url = "https://a.example/v1"
+key_env = "A_KEY"
+timeout_s = 2
+limits = {{ {a_limits} }}
+circuit = {{ failures = 3, cooldown_s = 60 }}
+[providers.a.models.am]
+input_per_mtok = 1.0
+output_per_mtok = 2.0
+
+[providers.b]
+api = "anthropic"
+base_url = "https://b.example"
+key_env = "B_KEY"
+timeout_s = 2
+limits = {{ {b_limits} }}
+[providers.b.models.bm]
+input_per_mtok = 3.0
+output_per_mtok = 4.0
+
+[routes.chat]
+free = ["a:am", "b:bm"]
+[routes.solo]
+free = ["a:am"]
+
+[simulator]
+latency_ms = {{ median = 1, p95 = 2 }}
+[simulator.providers.a]
+reject_keys = ["bad-*"]
+"""
+A, B = Candidate("a", "am"), Candidate("b", "bm")
+
+
+@pytest.fixture
+def make_rt(redis_client: redis.Redis, tmp_path: Path) -> Iterator:
+    servers: list[SimServer] = []
+
+    def build(
+        a_limits: str = "rpm = 1000",
+        b_limits: str = "rpm = 1000",
+        a_key: str = "sk-a-1",
+        http: httpx.Client | None = None,
+    ) -> Runtime:
+        text = RUNTIME_CONFIG.format(a_limits=a_limits, b_limits=b_limits)
+        server = start_in_thread(sim_settings(parse_settings(text, "x.toml"), port=0))
+        servers.append(server)
+        settings = parse_settings(text, "x.toml", simulator_url=server.url)
+        rt = Runtime(
+            settings,
+            env={"A_KEY": a_key, "B_KEY": "sk-b-1"},
+            store=Store(f"sqlite:///{tmp_path}/s.db"),
+            redis_client=redis_client,
+            clock=Clock(),
+            http=http or httpx.Client(),
+            quiet=True,
+        )
+        rt.sim = server
+        return rt
+
+    yield build
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def add_job(
+    rt: Runtime,
+    task: str = "chat",
+    target: Candidate = A,
+    prompt: str = "hello there",
+    max_tokens: int = 16,
+    **extra,
+) -> str:
+    job_id = uuid.uuid4().hex
+    rt.store.add_jobs(
+        [job_row(job_id, task, "free", build_request(prompt, max_tokens=max_tokens), target=target, **extra)]
+    )
+    return job_id
+
+
+def snapshot(rt: Runtime, c: Candidate) -> dict:
+    """The first account of a candidate as the limiter sees it now."""
+    return rt.limiter.snapshots([c])[c].accounts[0]

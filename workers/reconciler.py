@@ -11,16 +11,15 @@ chord's callback was lost with the broker's state.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from celery import Celery
 from sqlalchemy import select, update
 
 from workers import constants, parking
+from workers.broker import message_task_ids
 from workers.runtime import Runtime
 from workers.store import OPEN, QUEUED, RUNNING, Batch, Job, aware, utcnow
 
@@ -34,32 +33,6 @@ class Recovery:
     republished: list[str]
     batches_completed: list[str]
     skipped_live: int = 0
-
-
-def broker_job_ids(app: Celery, queues: list[str]) -> set[str] | None:
-    """Task ids of every message in the Redis broker (queued or unacked); None: not Redis."""
-    if not str(app.conf.broker_url).startswith(("redis", "rediss", "redis+socket")):
-        return None
-    options = app.conf.broker_transport_options or {}
-    sep, steps = options.get("sep", "\x06\x16"), options.get("priority_steps", [0, 3, 6, 9])
-    ids: set[str] = set()
-    with app.connection_for_read() as conn:
-        client = conn.default_channel.client
-        pipe = client.pipeline(transaction=False)
-        for queue in queues:
-            for step in steps:
-                pipe.lrange(queue if not step else f"{queue}{sep}{step}", 0, -1)
-        pipe.hvals("unacked")
-        *lists, unacked = pipe.execute()
-    for raw in (m for lst in lists for m in lst):
-        ids.add(_task_id(json.loads(raw)))
-    for raw in unacked:
-        ids.add(_task_id(json.loads(raw)[0]))
-    return ids
-
-
-def _task_id(message: dict[str, Any]) -> str:
-    return (message.get("headers") or {}).get("id") or message.get("properties", {}).get("correlation_id", "")
 
 
 def recover_once(
@@ -83,7 +56,7 @@ def recover_once(
 def _lost(rt: Runtime, app: Celery, idle_for_s: float) -> tuple[dict[str, Job], int]:
     now = utcnow()
     queues = [p.queue for p in rt.settings.providers.values()]
-    live = broker_job_ids(app, queues)
+    live = message_task_ids(app, queues)
     if live is None:
         idle_for_s = max(idle_for_s, 600.0)  # RabbitMQ keeps messages; only very old jobs are suspect
         live = set()

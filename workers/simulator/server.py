@@ -271,5 +271,5 @@ class SimServer(ThreadingHTTPServer):
 def start_in_thread(settings: SimSettings) -> SimServer:
     """Serve in a background thread (tests, benchmarks); `shutdown()` stops it."""
     server = SimServer(settings)
-    threading.Thread(target=server.serve_forever, name="simulator", daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), name="simulator", daemon=True).start()
     return server

@@ -1,0 +1,170 @@
+"""`spillway status` and `spillway route`: what every account has left, and why a job would go
+where it goes. The same dicts are printed as JSON (`--json`) and served by `spillway serve`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery
+from rich.console import Console
+from rich.table import Table
+
+from workers.broker import queue_lengths
+from workers.config import Candidate
+from workers.limiter import Costs
+from workers.runtime import Runtime
+from workers.strategies import ROOM_S
+
+
+def _iso(ms: float) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _state(account: dict[str, Any], now_ms: int) -> tuple[str, str | None, str]:
+    """(state, until, why) of one account."""
+    if account["disabled"]:
+        return "disabled", None, account["disabled"]
+    if account["blocked_until"] > now_ms:
+        return "blocked", _iso(account["blocked_until"]), account["blocked_why"]
+    if account["open_until"] > now_ms:
+        return "circuit_open", _iso(account["open_until"]), f"{int(account['fails'])} failures in a row"
+    if account["open_until"] > 0:
+        return "probing", None, "circuit half-open: one call tests the provider"
+    return "available", None, ""
+
+
+def status_report(rt: Runtime, app: Celery | None = None) -> dict[str, Any]:
+    """Per provider, model and account: state, remaining budget, calls in flight, queue length."""
+    usable = [
+        Candidate(name, model)
+        for name, provider in rt.settings.providers.items()
+        if rt.keyring.usable(name)
+        for model in provider.models
+    ]
+    snapshots = rt.limiter.snapshots(usable) if usable else {}
+    queues = {}
+    if app is not None:
+        queues = queue_lengths(app, [p.queue for p in rt.settings.providers.values()])
+    providers = []
+    for name, provider in rt.settings.providers.items():
+        entry: dict[str, Any] = {
+            "provider": name,
+            "api": provider.api,
+            "queue": provider.queue,
+            "queue_length": queues.get(provider.queue),
+            "skipped": rt.keyring.skipped.get(name),
+            "accounts": [],
+        }
+        for candidate in (c for c in usable if c.provider == name):
+            snap = snapshots[candidate]
+            seen: dict[str, dict[str, Any]] = {}
+            for key, account in zip(snap.keys, snap.accounts, strict=True):
+                if key.account in seen:  # several keys on one shared account
+                    seen[key.account]["keys"].append(key.key_id)
+                    continue
+                state, until, why = _state(account, snap.now_ms)
+                seen[key.account] = {
+                    "model": candidate.model,
+                    "account": key.account,
+                    "keys": [key.key_id],
+                    "state": state,
+                    "until": until,
+                    "why": why,
+                    "in_flight": account["in_flight"],
+                    "remaining": {
+                        ("" if b["scope"] == 1 else "model ") + b["field"]: {
+                            "remaining": max(0, int(b["avail"])),
+                            "limit": int(b["cap"]),
+                        }
+                        for b in account["buckets"]
+                    },
+                }
+            entry["accounts"].extend(seen.values())
+        providers.append(entry)
+    return {"now": _iso(rt.limiter.now_s() * 1000), "providers": providers}
+
+
+def route_report(rt: Runtime, task: str, tier: str, *, max_tokens: int | None = None) -> dict[str, Any]:
+    """The chain, its strategy, and what each link has left for a typical job right now."""
+    chain = rt.settings.chain(task, tier)
+    usable, skipped = rt.router.usable(chain)
+    max_tokens = max_tokens or rt.settings.default_max_tokens
+    costs = Costs.estimate(100, max_tokens)  # a short prompt, as a yardstick
+    share = rt.settings.tiers[tier].budget_share
+    options = {o.candidate: o for o in rt.router.options(usable, costs, share)} if usable else {}
+    links = []
+    for candidate in chain.candidates:
+        option = options.get(candidate)
+        links.append(
+            {
+                "candidate": str(candidate),
+                "usable": option is not None,
+                "skipped": skipped.get(str(candidate)),
+                "wait_s": None
+                if option is None or option.wait_s == float("inf")
+                else round(option.wait_s, 3),
+                "has_room": bool(option and option.has_room),
+                "why": option.why if option else skipped.get(str(candidate)),
+            }
+        )
+    choice = rt.router.choose(list(options.values()), chain.strategy) if options else None
+    return {
+        "task": task,
+        "tier": tier,
+        "strategy": chain.strategy,
+        "budget_share": share,
+        "priority": rt.settings.tiers[tier].priority,
+        "job": {"input_tokens": 100, "max_tokens": max_tokens},
+        "chain": links,
+        "next_job_goes_to": str(choice.candidate) if choice and choice.wait_s != float("inf") else None,
+    }
+
+
+def render_status(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"spillway status · {report['now']}", expand=False)
+    for column in ("provider", "model", "account", "state", "remaining now (limit)", "in flight", "queued"):
+        table.add_column(column, overflow="fold")
+    for p in report["providers"]:
+        queued = "-" if p["queue_length"] is None else str(p["queue_length"])
+        if p["skipped"]:
+            table.add_row(p["provider"], "-", "-", f"[dim]skipped: {p['skipped']}[/]", "", "", queued)
+            continue
+        for a in p["accounts"]:
+            colour = {"available": "green", "probing": "yellow"}.get(a["state"], "red")
+            state = f"[{colour}]{a['state']}[/]"
+            if a["until"]:
+                state += f" until {a['until']}"
+            if a["why"]:
+                state += f"\n[dim]{a['why']}[/]"
+            remaining = "  ".join(f"{k} {v['remaining']}/{v['limit']}" for k, v in a["remaining"].items())
+            keys = a["account"] if a["keys"] == [a["account"]] else f"{a['account']} ({', '.join(a['keys'])})"
+            table.add_row(
+                p["provider"], a["model"], keys, state, remaining or "no limits", str(a["in_flight"]), queued
+            )
+    console.print(table)
+
+
+def render_route(report: dict[str, Any], console: Console) -> None:
+    table = Table(
+        title=f"route {report['task']}/{report['tier']} · strategy {report['strategy']} · "
+        f"share {report['budget_share']:.0%} · priority {report['priority']}",
+    )
+    for column in ("#", "candidate", "room now", "expected wait", "why"):
+        table.add_column(column, overflow="fold")
+    for i, link in enumerate(report["chain"], 1):
+        if not link["usable"]:
+            table.add_row(str(i), link["candidate"], "[dim]skipped[/]", "-", link["skipped"] or "")
+            continue
+        wait = "never" if link["wait_s"] is None else f"{link['wait_s']:.2f}s"
+        room = "[green]yes[/]" if link["has_room"] else "[yellow]no[/]"
+        table.add_row(str(i), link["candidate"], room, wait, link["why"] or "")
+    console.print(table)
+    target = report["next_job_goes_to"]
+    console.print(
+        f"a job now goes to: [bold]{target}[/]" if target else "[red]no candidate can take a job[/]"
+    )
+    console.print(
+        f"[dim](room = expected wait ≤ {ROOM_S}s for a job of {report['job']['input_tokens']} "
+        f"input + {report['job']['max_tokens']} output tokens, counting work already queued)[/]"
+    )

@@ -1,0 +1,131 @@
+"""The limiter through real workers and the simulator: limits kept, limits learned, outages
+routed around."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from producer.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+[spillway]
+default_max_tokens = 32
+inline_wait_s = 2.0
+max_countdown_s = 20
+
+[providers.alpha]
+api = "openai"
+base_url = "https://alpha.example/v1"
+key_env = "ALPHA_KEY"
+timeout_s = 5
+limits = {{ rpm = 120, tpm = 60000, concurrency = 8 }}
+circuit = {{ failures = 3, cooldown_s = 300 }}
+[providers.alpha.models.a1]
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[providers.beta]
+api = "anthropic"
+base_url = "https://beta.example"
+key_env = "BETA_KEY"
+timeout_s = 5
+limits = {{ rpm = 60, itpm = 60000, otpm = 20000, concurrency = 8 }}
+[providers.beta.models.b1]
+input_per_mtok = 2.0
+output_per_mtok = 2.0
+
+[routes.work]
+strategy = "fastest"
+free = ["alpha:a1", "beta:b1"]
+
+[simulator]
+seed = 5
+latency_ms = {{ median = 20, p95 = 40 }}
+{simulator}
+"""
+
+
+def run_jobs(
+    tmp_path: Path,
+    redis_url: str,
+    count: int,
+    simulator: str = "",
+    faults: dict | None = None,
+    timeout_s: float = 120,
+) -> tuple[LocalStack, dict, dict, float]:
+    config = tmp_path / "limits.toml"
+    config.write_text(CONFIG.format(simulator=simulator))
+    stack = LocalStack(config, redis_url=redis_url, workdir=str(tmp_path))
+    stack.start()
+    for provider, fault in (faults or {}).items():
+        stack.set_faults(provider, fault)
+    stack.start_worker(concurrency=24, loglevel="WARNING")
+    stack.wait_for_workers()
+    with stack.applied():
+        from producer import submit
+        from workers.runtime import runtime
+
+        started = time.monotonic()
+        ids = [submit(f"job {i}: say something", task="work", tier="free").id for i in range(count)]
+        store = runtime().store
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            counts = store.count_by_status()
+            if counts.get("succeeded", 0) + counts.get("failed", 0) >= count:
+                break
+            time.sleep(0.2)
+        elapsed = time.monotonic() - started
+        jobs = store.jobs(ids)
+    return stack, store.count_by_status(), {j.id: j for j in jobs.values()}, elapsed
+
+
+def test_limits_that_match_the_provider_mean_zero_429s(tmp_path, redis_server) -> None:
+    stack, counts, jobs, elapsed = run_jobs(tmp_path, redis_server.url(6), 200)
+    try:
+        stats = stack.simulator_stats()
+    finally:
+        stack.close()
+    assert counts == {"succeeded": 200}
+    assert stats["alpha"].get("rate_limited", 0) == 0 and stats["beta"].get("rate_limited", 0) == 0
+    used = {p: sum(1 for j in jobs.values() if j.provider == p) for p in ("alpha", "beta")}
+    assert used["alpha"] > used["beta"] > 40  # both quotas used, alpha's (twice as large) more
+    # 180 requests at once, then 3 a second: the last 20 need about 7 s
+    assert elapsed < 60
+
+
+def test_a_provider_limit_lower_than_configured_is_learned(tmp_path, redis_server) -> None:
+    lower = "[simulator.providers.alpha]\nlimits = { rpm = 60, tpm = 60000, concurrency = 8 }"
+    # configured 120 + 60 a minute, really 60 + 60: alpha gets more than it can take at first
+    stack, counts, _, _ = run_jobs(tmp_path, redis_server.url(7), 150, simulator=lower)
+    try:
+        stats = stack.simulator_stats()
+        with stack.applied():
+            from workers.runtime import runtime
+            from workers.store import Attempt
+
+            with runtime().store.session() as s:
+                limited = s.query(Attempt.started_at).filter(Attempt.outcome == "rate_limited").all()
+    finally:
+        stack.close()
+    assert counts == {"succeeded": 150}
+    assert stats["alpha"].get("rate_limited", 0) <= 10  # a few at first…
+    if limited:
+        first, last = min(t for (t,) in limited), max(t for (t,) in limited)
+        assert (last - first).total_seconds() < 10  # …then they stop
+
+
+def test_a_failing_provider_opens_its_circuit_and_work_finishes_elsewhere(tmp_path, redis_server) -> None:
+    stack, counts, jobs, _ = run_jobs(tmp_path, redis_server.url(8), 60, faults={"alpha": {"error_500": 1.0}})
+    try:
+        stats = stack.simulator_stats()
+    finally:
+        stack.close()
+    assert counts == {"succeeded": 60}
+    assert {j.provider for j in jobs.values()} == {"beta"}
+    # three failures open the circuit; calls already admitted when it opened may fail too
+    assert 3 <= stats["alpha"].get("fault_error_500", 0) <= 3 + 24

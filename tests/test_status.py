@@ -1,0 +1,72 @@
+"""`spillway status` and `spillway route` explain every decision."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from producer.status import route_report, status_report
+from tests.conftest import A, add_job
+from workers.execution import run_job
+
+
+def test_status_shows_blocks_and_remaining(make_rt) -> None:
+    rt = make_rt(a_limits="rpm = 30, rpd = 100, concurrency = 4")
+    rt.sim.sim.settings.providers["a"].faults = {"rate_limit": 1.0}
+    run_job(rt, add_job(rt), A)
+    report = status_report(rt)
+    [a] = next(p for p in report["providers"] if p["provider"] == "a")["accounts"]
+    assert a["state"] == "blocked" and a["until"] and a["why"].startswith("429 (per-minute quota)")
+    assert a["remaining"]["rpm"]["limit"] == 30 and a["remaining"]["rpm"]["remaining"] == 29
+    assert a["remaining"]["rpd"] == {"remaining": 99, "limit": 100}
+    assert a["keys"] == [a["account"]] and a["in_flight"] == 0
+    assert json.dumps(report)  # the --json output
+
+
+def test_status_names_skipped_providers(make_rt) -> None:
+    rt = make_rt()
+    rt.keyring.by_provider.pop("b")
+    rt.keyring.skipped["b"] = "no key in $B_KEY (nor $B_KEY_1, _2, …)"
+    report = status_report(rt)
+    b = next(p for p in report["providers"] if p["provider"] == "b")
+    assert b["skipped"].startswith("no key in $B_KEY") and b["accounts"] == []
+
+
+def test_route_explains_where_the_next_job_goes(make_rt) -> None:
+    rt = make_rt(a_limits="rpm = 1")
+    assert route_report(rt, "chat", "free")["next_job_goes_to"] == "a:am"
+    run_job(rt, add_job(rt), A)  # a's one request a minute is spent
+    report = route_report(rt, "chat", "free")
+    a, b = report["chain"]
+    assert report["strategy"] == "ordered" and report["next_job_goes_to"] == "b:bm"
+    assert not a["has_room"] and a["why"] == "rpm busy" and 50 < a["wait_s"] <= 60
+    assert b["has_room"] and b["wait_s"] == 0
+
+
+@pytest.mark.integration
+def test_status_and_route_commands(e2e_stack) -> None:
+    env = {**os.environ, **e2e_stack.env}
+
+    def cli(*args: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-m", "producer.cli", *args, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    status = cli("status")
+    assert {p["provider"] for p in status["providers"]} == {"groq", "openai", "anthropic", "gemini"}
+    assert all(isinstance(p["queue_length"], int) for p in status["providers"])
+    route = cli("route", "--task", "chat", "--tier", "free")
+    assert [link["candidate"] for link in route["chain"]] == [
+        "groq:llama-3.3-70b-versatile",
+        "gemini:gemini-2.0-flash",
+    ]
