@@ -71,15 +71,37 @@ Outcome = Done | Requeue
 
 def summary(job: Job) -> dict[str, Any]:
     """A pure function of the job's final state, so a redelivered task returns the same value."""
+    return summary_of(
+        job.id,
+        job.status,
+        job.provider,
+        job.model,
+        job.input_tokens,
+        job.output_tokens,
+        job.cost_usd,
+        job.error_kind,
+    )
+
+
+def summary_of(
+    job_id: str,
+    status: str,
+    provider: str | None,
+    model: str | None,
+    input_tokens: int | None,
+    output_tokens: int | None,
+    cost_usd: float | None,
+    error_kind: str | None,
+) -> dict[str, Any]:
     return {
-        "job_id": job.id,
-        "status": job.status,
-        "provider": job.provider,
-        "model": job.model,
-        "input_tokens": job.input_tokens,
-        "output_tokens": job.output_tokens,
-        "cost_usd": round(job.cost_usd or 0.0, 8),
-        "error_kind": job.error_kind,
+        "job_id": job_id,
+        "status": status,
+        "provider": provider,
+        "model": model,
+        "input_tokens": input_tokens or 0,
+        "output_tokens": output_tokens or 0,
+        "cost_usd": round(cost_usd or 0.0, 8),
+        "error_kind": error_kind,
     }
 
 
@@ -210,18 +232,17 @@ class _Run:
         )
         self._settle(lease, actual=used, outcome="alive", signal=completion.signal)
         cost = rt.settings.model(candidate).cost_usd(completion.input_tokens, completion.output_tokens)
-        record = AttemptRecord(
-            provider=candidate.provider,
-            model=candidate.model,
-            outcome=SUCCEEDED,
-            started_at=started,
+        record = self._attempt(
+            SUCCEEDED,
+            called=True,
             key_id=lease.key.key_id,
+            latency_ms=latency_ms,
+            started=started,
             input_tokens=completion.input_tokens,
             output_tokens=completion.output_tokens,
             cost_usd=cost,
-            latency_ms=latency_ms,
         )
-        rt.store.finish(
+        stored = rt.store.finish(
             self.job.id,
             self.job.runs,
             record,
@@ -237,7 +258,20 @@ class _Run:
             error=None,
             error_kind=None,
         )
-        return Done(summary(rt.store.job(self.job.id)))
+        if not stored:  # another run of this job finished first: its result is the one
+            return Done(summary(rt.store.job(self.job.id)))
+        return Done(
+            summary_of(
+                self.job.id,
+                SUCCEEDED,
+                candidate.provider,
+                candidate.model,
+                completion.input_tokens,
+                completion.output_tokens,
+                cost,
+                None,
+            )
+        )
 
     def _settle(self, lease: Lease, **kwargs: Any) -> None:
         try:
@@ -348,16 +382,20 @@ class _Run:
         key_id: str | None = None,
         latency_ms: float | None = None,
         started: Any = None,
+        **usage: Any,
     ) -> AttemptRecord:
         return AttemptRecord(
             provider=self.candidate.provider,
             model=self.candidate.model,
             outcome=outcome,
             started_at=started or utcnow(),
+            task_type=self.job.task_type,
+            tier=self.job.tier,
             key_id=key_id,
             called=called,
             error=error,
             latency_ms=latency_ms,
+            **usage,
         )
 
     def _requeue(
@@ -387,7 +425,7 @@ class _Run:
         )
 
     def _fail(self, record: AttemptRecord | None, message: str, kind: str) -> Outcome:
-        self.rt.store.finish(
+        stored = self.rt.store.finish(
             self.job.id,
             self.job.runs,
             record,
@@ -397,4 +435,18 @@ class _Run:
             provider=self.candidate.provider,
             model=self.candidate.model,
         )
-        return Done(summary(self.rt.store.job(self.job.id)))
+        if not stored:
+            return Done(summary(self.rt.store.job(self.job.id)))
+        job = self.job
+        return Done(
+            summary_of(
+                job.id,
+                FAILED,
+                self.candidate.provider,
+                self.candidate.model,
+                job.input_tokens,
+                job.output_tokens,
+                job.cost_usd,
+                kind,
+            )
+        )

@@ -7,14 +7,16 @@ conditional: a job is claimed by one worker at a time (a lease), a result is wri
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, case, create_engine, delete, event, func, select, text, update
+from sqlalchemy import Engine, bindparam, case, create_engine, delete, event, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,6 +55,8 @@ class AttemptRecord:
     model: str
     outcome: str
     started_at: datetime
+    task_type: str = ""
+    tier: str = ""
     key_id: str | None = None
     called: bool = True
     error: str | None = None
@@ -72,12 +76,94 @@ class Claim:
     busy_for_s: float = 0.0
 
 
+JOBS, ATTEMPTS = Job.__table__, Attempt.__table__
+#: What `Store.finish` writes; a column not given is cleared to its default here.
+RESULT_COLUMNS = (
+    "status",
+    "provider",
+    "model",
+    "key_id",
+    "text",
+    "finish_reason",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "error",
+    "error_kind",
+)
+RESULT_DEFAULTS = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+ATTEMPT_COLUMNS = tuple(c.name for c in ATTEMPTS.columns if c.name != "id")
+
+# The hot path's statements, built once (Core, bound parameters): a worker runs them per job.
+_CLAIM = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("b_id"),
+        JOBS.c.status.in_((QUEUED, PARKED))
+        | (
+            (JOBS.c.status == RUNNING)
+            & (JOBS.c.lease_until.is_(None) | (JOBS.c.lease_until < bindparam("b_now")))
+        ),
+    )
+    .values(
+        crashes=JOBS.c.crashes + case((JOBS.c.status == RUNNING, 1), else_=0),
+        status=RUNNING,
+        runs=JOBS.c.runs + 1,
+        lease_until=bindparam("b_lease"),
+        started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
+        updated_at=bindparam("b_now"),
+    )
+)
+_FINISH = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_id"), JOBS.c.status.in_(OPEN))
+    .values(
+        {
+            **{c: bindparam(f"b_{c}") for c in RESULT_COLUMNS},
+            "calls": JOBS.c.calls + bindparam("b_calls"),
+            "updated_at": bindparam("b_now"),
+            "finished_at": bindparam("b_now"),
+            "lease_until": None,
+        }
+    )
+)
+_REQUEUE = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_id"), JOBS.c.status == RUNNING)
+    .values(
+        status=bindparam("b_status"),
+        provider=bindparam("b_provider"),
+        model=bindparam("b_model"),
+        queue=bindparam("b_queue"),
+        hops=JOBS.c.hops + bindparam("b_hops"),
+        calls=JOBS.c.calls + bindparam("b_calls"),
+        lease_until=None,
+        updated_at=bindparam("b_now"),
+        published_at=bindparam("b_now"),
+    )
+)
+
+
+def _attempt_params(job_id: str, number: int, attempt: AttemptRecord, now: datetime) -> dict[str, Any]:
+    values = {"job_id": job_id, "number": number, "finished_at": now, **attempt.__dict__}
+    return {f"b_{c}": values[c] for c in ATTEMPT_COLUMNS}
+
+
 class Store:
     def __init__(self, url: str | None = None, *, schema: str | None = None) -> None:
         self.url = url or os.environ.get("SPILLWAY_DATABASE_URL") or constants.DEFAULT_DATABASE_URL
         schema = schema or os.environ.get("SPILLWAY_DATABASE_SCHEMA") or None
         self.engine = _engine(self.url, schema)
+        # SQLite has one writer at a time and its busy handler backs off in coarse sleeps (up to
+        # 100 ms): under many threads, queueing on a lock here is an order of magnitude faster.
+        self._write_lock = threading.Lock() if self.url.startswith("sqlite") else contextlib.nullcontext()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        self._insert_attempt = (
+            insert(ATTEMPTS)
+            .values({c: bindparam(f"b_{c}") for c in ATTEMPT_COLUMNS})
+            .on_conflict_do_nothing(index_elements=["job_id", "number"])
+        )
         try:
             if schema:
                 with self.engine.begin() as conn:
@@ -89,8 +175,12 @@ class Store:
             ) from exc
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
+    def session(self, *, write: bool = True) -> Iterator[Session]:
+        if not write:
+            with self._sessions.begin() as session:
+                yield session
+            return
+        with self._write_lock, self._sessions.begin() as session:
             yield session
 
     def close(self) -> None:
@@ -108,16 +198,16 @@ class Store:
             )
 
     def job(self, job_id: str) -> Job | None:
-        with self.session() as s:
+        with self.session(write=False) as s:
             return s.get(Job, job_id)
 
     def jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
-        with self.session() as s:
+        with self.session(write=False) as s:
             found = s.scalars(select(Job).where(Job.id.in_(list(job_ids))))
             return {j.id: j for j in found}
 
     def by_idempotency_key(self, key: str) -> Job | None:
-        with self.session() as s:
+        with self.session(write=False) as s:
             return s.scalars(select(Job).where(Job.idempotency_key == key)).first()
 
     def delete_jobs(self, job_ids: Sequence[str]) -> None:
@@ -135,22 +225,9 @@ class Store:
         One conditional UPDATE decides, so two deliveries of one job never both run it.
         """
         now = utcnow()
-        takeable = (Job.status.in_((QUEUED, PARKED))) | (
-            (Job.status == RUNNING) & ((Job.lease_until.is_(None)) | (Job.lease_until < now))
-        )
+        params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
         with self.session() as s:
-            taken = s.execute(
-                update(Job)
-                .where(Job.id == job_id, takeable)
-                .values(
-                    crashes=Job.crashes + case((Job.status == RUNNING, 1), else_=0),
-                    status=RUNNING,
-                    runs=Job.runs + 1,
-                    lease_until=now + timedelta(seconds=lease_s),
-                    started_at=func.coalesce(Job.started_at, now),
-                    updated_at=now,
-                )
-            ).rowcount
+            taken = s.connection().execute(_CLAIM, params).rowcount
             job = s.get(Job, job_id, populate_existing=True)
             if job is None:
                 return Claim("missing")
@@ -170,16 +247,20 @@ class Store:
             return Claim("run", job)
 
     def finish(self, job_id: str, run: int, attempt: AttemptRecord | None, **result: Any) -> bool:
-        """Record the last attempt and the job's final state, once. False: it was final already."""
+        """Record the last attempt and the job's final state, once. False: it was final already.
+
+        `result` names columns of `RESULT_COLUMNS`; the others are cleared."""
+        unknown = set(result) - set(RESULT_COLUMNS)
+        if unknown:
+            raise TypeError(f"finish() got columns it does not write: {sorted(unknown)}")
         now = utcnow()
+        params = {f"b_{c}": result.get(c, RESULT_DEFAULTS.get(c)) for c in RESULT_COLUMNS}
+        params.update(b_id=job_id, b_now=now, b_calls=int(attempt is not None and attempt.called))
         with self.session() as s:
+            conn = s.connection()
             if attempt is not None:
-                self._add_attempt(s, job_id, run, attempt, now)
-            values = {"updated_at": now, "finished_at": now, "lease_until": None, **result}
-            if attempt is not None and attempt.called:
-                values["calls"] = Job.calls + 1
-            done = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(OPEN)).values(**values))
-            return done.rowcount == 1
+                conn.execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
+            return conn.execute(_FINISH, params).rowcount == 1
 
     def requeue(
         self,
@@ -194,56 +275,36 @@ class Store:
     ) -> bool:
         """Put a running job back in line (for another provider, or later); record the attempt."""
         now = utcnow()
-        with self.session() as s:
-            if attempt is not None:
-                self._add_attempt(s, job_id, run, attempt, now)
-            values: dict[str, Any] = {
-                "status": PARKED if parked else QUEUED,
-                "provider": provider,
-                "model": model,
-                "queue": constants.queue_name(provider),
-                "lease_until": None,
-                "updated_at": now,
-                "published_at": now,
-            }
-            if hop:
-                values["hops"] = Job.hops + 1
-            if attempt is not None and attempt.called:
-                values["calls"] = Job.calls + 1
-            done = s.execute(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(**values))
-            return done.rowcount == 1
-
-    def _add_attempt(
-        self, s: Session, job_id: str, number: int, attempt: AttemptRecord, now: datetime
-    ) -> None:
-        job = s.get(Job, job_id)
-        values = {
-            "job_id": job_id,
-            "number": number,
-            "finished_at": now,
-            "task_type": job.task_type if job else "",
-            "tier": job.tier if job else "",
-            **attempt.__dict__,
+        params = {
+            "b_id": job_id,
+            "b_now": now,
+            "b_status": PARKED if parked else QUEUED,
+            "b_provider": provider,
+            "b_model": model,
+            "b_queue": constants.queue_name(provider),
+            "b_hops": int(hop),
+            "b_calls": int(attempt is not None and attempt.called),
         }
-        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
-        s.execute(
-            insert(Attempt).values(**values).on_conflict_do_nothing(index_elements=["job_id", "number"])
-        )
+        with self.session() as s:
+            conn = s.connection()
+            if attempt is not None:
+                conn.execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
+            return conn.execute(_REQUEUE, params).rowcount == 1
 
     def attempts(self, job_id: str) -> list[Attempt]:
-        with self.session() as s:
+        with self.session(write=False) as s:
             return list(s.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)))
 
     def open_jobs(self, *, idle_for_s: float, limit: int = 10_000) -> list[Job]:
         """Queued, running or parked jobs nothing has touched for `idle_for_s` (the reconciler's)."""
         before = utcnow() - timedelta(seconds=idle_for_s)
-        with self.session() as s:
+        with self.session(write=False) as s:
             return list(
                 s.scalars(select(Job).where(Job.status.in_(OPEN), Job.updated_at < before).limit(limit))
             )
 
     def count_by_status(self, batch_id: str | None = None) -> dict[str, int]:
-        with self.session() as s:
+        with self.session(write=False) as s:
             query = select(Job.status, func.count()).group_by(Job.status)
             if batch_id is not None:
                 query = query.where(Job.batch_id == batch_id)
@@ -256,7 +317,7 @@ class Store:
             s.add(Batch(created_at=utcnow(), **values))
 
     def batch(self, batch_id: str) -> Batch | None:
-        with self.session() as s:
+        with self.session(write=False) as s:
             return s.get(Batch, batch_id)
 
     def update_batch(self, batch_id: str, **values: Any) -> None:
@@ -269,7 +330,7 @@ class Store:
 
     def batch_totals(self, batch_id: str) -> dict[str, Any]:
         """Counts by status, tokens, cost, wall time and the split over providers."""
-        with self.session() as s:
+        with self.session(write=False) as s:
             rows = s.execute(
                 select(
                     Job.status,
@@ -333,7 +394,8 @@ def _safe_url(url: str) -> str:
 
 
 def _engine(url: str, schema: str | None) -> Engine:
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    # A worker runs up to a few hundred threads: never make them queue for a connection.
+    options: dict[str, Any] = {"pool_size": 32, "max_overflow": 256}
     if schema:
         options["execution_options"] = {"schema_translate_map": {None: schema}}
     if url.startswith("sqlite"):
@@ -350,5 +412,4 @@ def _engine(url: str, schema: str | None) -> Engine:
             cursor.close()
 
         return engine
-    options.update(pool_size=20, max_overflow=40)
-    return create_engine(url, **options)
+    return create_engine(url, pool_pre_ping=True, **options)  # a restarted server is noticed

@@ -1,0 +1,93 @@
+"""`python -m bench [--quick]`: run every benchmark and print one table.
+
+Figures are measured side by side in one run on this machine; they are ratios and rates,
+never pass/fail thresholds (these machines are shared and noisy)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from workers.embedded import start_redis
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
+    parser.add_argument("--only", choices=["limiter", "overhead", "makespan"], action="append")
+    args = parser.parse_args()
+    only = set(args.only or ["limiter", "overhead", "makespan"])
+    console = Console()
+    rows: list[tuple[str, str, str]] = []
+    redis_server = start_redis()
+    try:
+        if "limiter" in only:
+            from bench import limiter_ops
+
+            with console.status("limiter decisions…"):
+                r = limiter_ops.run(redis_server.url(0), seconds=2 if args.quick else 5)
+            rows += [
+                (
+                    "limiter",
+                    "decisions/s (acquire + settle, 8 threads, 1 Redis)",
+                    f"{r['decisions_per_s']:,.0f}",
+                ),
+                (
+                    "limiter",
+                    "acquire latency p50 / p99",
+                    f"{r['acquire_p50_ms']:.2f} / {r['acquire_p99_ms']:.2f} ms",
+                ),
+            ]
+        if "overhead" in only:
+            from bench import overhead
+
+            with console.status("Spillway vs plain Celery…"), tempfile.TemporaryDirectory() as tmp:
+                r = overhead.run(Path(tmp), jobs=300 if args.quick else 1000)
+            rows += [
+                (
+                    "overhead",
+                    "Spillway submit→result, jobs/s (50 ms calls, 32 threads)",
+                    f"{r['spillway_jobs_per_s']:.0f}",
+                ),
+                (
+                    "overhead",
+                    "plain Celery task, same call/broker/pool, jobs/s",
+                    f"{r['plain_jobs_per_s']:.0f}",
+                ),
+                ("overhead", "ratio Spillway / plain", f"{r['ratio']:.2f}"),
+            ]
+        if "makespan" in only:
+            from bench import makespan
+
+            sizes = {"jobs": 600, "alpha_rpm": 300, "beta_rpm": 150} if args.quick else {}
+            with (
+                console.status("batch makespan vs the limits' minimum…"),
+                tempfile.TemporaryDirectory() as tmp,
+            ):
+                r = makespan.run(Path(tmp), **sizes)
+            rows += [
+                (
+                    "makespan",
+                    f"{r['jobs']} jobs over 2 providers: makespan / theoretical minimum",
+                    f"{r['makespan_s']:.1f}s / {r['theoretical_min_s']:.1f}s = {r['ratio']:.3f}",
+                ),
+                ("makespan", "429s from the providers", str(r["rate_limited_429s"])),
+                ("makespan", "share on the larger provider (2/3 ideal)", f"{r['alpha_share']:.2f}"),
+                ("makespan", "submitting took", f"{r['submit_s']:.1f}s"),
+            ]
+    finally:
+        redis_server.stop()
+    table = Table(title="Spillway benchmarks")
+    for column in ("area", "measure", "value"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

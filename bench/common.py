@@ -1,0 +1,26 @@
+"""Helpers the benchmarks share: a stack from a config text, and waiting on the store."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from producer.stack import LocalStack
+from workers.store import Store
+
+
+def stack_from(text: str, workdir: Path, **kwargs) -> LocalStack:
+    config = workdir / "bench.toml"
+    config.write_text(text)
+    return LocalStack(config, workdir=str(workdir), **kwargs)
+
+
+def wait_all_final(store: Store, total: int, timeout_s: float) -> float:
+    """Seconds until `total` jobs are final (monotonic clock); raises on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counts = store.count_by_status()
+        if counts.get("succeeded", 0) + counts.get("failed", 0) >= total:
+            return time.monotonic()
+        time.sleep(0.05)
+    raise TimeoutError(f"jobs not final after {timeout_s:g}s: {store.count_by_status()}")
