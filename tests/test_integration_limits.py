@@ -129,3 +129,34 @@ def test_a_failing_provider_opens_its_circuit_and_work_finishes_elsewhere(tmp_pa
     assert {j.provider for j in jobs.values()} == {"beta"}
     # three failures open the circuit; calls already admitted when it opened may fail too
     assert 3 <= stats["alpha"].get("fault_error_500", 0) <= 3 + 24
+
+
+def test_a_job_past_the_daily_quota_is_parked_with_its_chord_slot(tmp_path, redis_server) -> None:
+    config = tmp_path / "daily.toml"
+    config.write_text(
+        CONFIG.format(simulator="")
+        .replace("limits = { rpm = 120, tpm = 60000, concurrency = 8 }", "limits = { rpm = 120, rpd = 1 }")
+        .replace('free = ["alpha:a1", "beta:b1"]', 'free = ["alpha:a1"]')
+    )
+    with LocalStack(config, redis_url=redis_server.url(10), workdir=str(tmp_path)) as stack:
+        stack.start_worker(concurrency=4, loglevel="WARNING")
+        stack.wait_for_workers()
+        with stack.applied():
+            from producer import submit
+            from workers import parking
+            from workers.runtime import runtime
+
+            first = submit("the day's one request", task="work", tier="free").wait(60)
+            second = submit("one too many", task="work", tier="free")
+            deadline = time.monotonic() + 30
+            while runtime().store.job(second.id).status != "parked" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            parked = parking.parked_job_ids(runtime().redis)
+            [(member, due)] = runtime().redis.zrange(parking.parked_key(), 0, -1, withscores=True)
+            now = runtime().limiter.now_s()
+    assert first.status == "succeeded"
+    assert parked == {second.id}
+    midnight = (int(now) // 86400 + 1) * 86400
+    assert due == pytest.approx(midnight, abs=2)
+    signature = __import__("json").loads(member)["signature"]
+    assert signature["options"]["task_id"] == second.id and signature["options"]["queue"] == "llm.alpha"
