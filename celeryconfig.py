@@ -8,6 +8,8 @@ import os
 _redis = os.environ.get("SPILLWAY_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 broker_url = os.environ.get("CELERY_BROKER_URL", _redis)
+# Chords need a result backend (on Redis, workers/app.py swaps in one that does not subscribe
+# to every task a producer sends).
 result_backend = os.environ.get("CELERY_RESULT_BACKEND", _redis)
 
 # Messages carry ids only, as JSON (never pickle).

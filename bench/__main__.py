@@ -18,9 +18,9 @@ from workers.embedded import start_redis
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
-    parser.add_argument("--only", choices=["limiter", "overhead", "makespan"], action="append")
+    parser.add_argument("--only", choices=["limiter", "overhead", "makespan", "batch"], action="append")
     args = parser.parse_args()
-    only = set(args.only or ["limiter", "overhead", "makespan"])
+    only = set(args.only or ["limiter", "overhead", "makespan", "batch"])
     console = Console()
     rows: list[tuple[str, str, str]] = []
     redis_server = start_redis()
@@ -78,6 +78,29 @@ def main() -> None:
                 ("makespan", "429s from the providers", str(r["rate_limited_429s"])),
                 ("makespan", "share on the larger provider (2/3 ideal)", f"{r['alpha_share']:.2f}"),
                 ("makespan", "submitting took", f"{r['submit_s']:.1f}s"),
+            ]
+        if "batch" in only:
+            from bench import batch_large
+
+            sizes = {"items": 1200, "alpha_rpm": 400, "beta_rpm": 200} if args.quick else {}
+            with (
+                console.status("a large batch through `spillway batch`…"),
+                tempfile.TemporaryDirectory() as tmp,
+            ):
+                r = batch_large.run(Path(tmp), **sizes)
+            rows += [
+                (
+                    "batch",
+                    f"{r['items']:,} items: producer peak RSS",
+                    f"{r['producer_peak_rss_mib']:.0f} MiB",
+                ),
+                ("batch", "enqueue rate (stored + published)", f"{r['enqueue_per_s']:,.0f} jobs/s"),
+                (
+                    "batch",
+                    "end to end / theoretical minimum",
+                    f"{r['end_to_end_s']:.1f}s / {r['theoretical_min_s']:.1f}s = {r['ratio']:.3f}",
+                ),
+                ("batch", "output lines · 429s", f"{r['output_lines']:,} · {r['rate_limited_429s']}"),
             ]
     finally:
         redis_server.stop()

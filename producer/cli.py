@@ -29,6 +29,17 @@ class SpillwayGroup(click.Group):
         except TimeoutError as exc:
             err_console.print(f"[bold red]timeout:[/] {exc}", highlight=False)
             sys.exit(3)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a bug: one line for the user, the traceback only on request
+            if os.environ.get("SPILLWAY_DEBUG"):
+                raise
+            err_console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+                "(set SPILLWAY_DEBUG=1 for the traceback)",
+                highlight=False,
+            )
+            sys.exit(70)
 
 
 @click.group(cls=SpillwayGroup)
@@ -105,6 +116,55 @@ def submit(
 
 
 @main.command()
+@click.argument("input_path", metavar="IN.jsonl", required=False, type=click.Path(dir_okay=False))
+@click.option("--task", help="Task type of every line (a line may name its own).")
+@click.option("--tier", help="Tier of every line (a line may name its own).")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Where the results go (JSONL, input order)."
+)
+@click.option("--no-wait", is_flag=True, help="Print the batch id and return at once.")
+@click.option("--skip-invalid", is_flag=True, help="Send the good lines; write the bad ones as failed.")
+@click.option(
+    "--attach", "attach_id", metavar="BATCH_ID", help="Follow a running batch (and write its output)."
+)
+@click.option("--status", "status_id", metavar="BATCH_ID", help="Print a batch's summary.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+def batch(
+    input_path: str | None,
+    task: str | None,
+    tier: str | None,
+    output: str | None,
+    no_wait: bool,
+    skip_invalid: bool,
+    attach_id: str | None,
+    status_id: str | None,
+    as_json: bool,
+) -> None:
+    """Run a JSONL file as one batch; resume it by running the same command again."""
+    from producer import batchcli
+
+    if status_id:
+        batchcli.show_status(status_id, console, as_json=as_json)
+        return
+    if attach_id:
+        batchcli.follow(attach_id, output, console)
+        return
+    if not input_path or not task or not tier:
+        raise click.UsageError("give IN.jsonl with --task and --tier (or --attach / --status BATCH_ID)")
+    if not output and not no_wait:
+        raise click.UsageError("give -o OUT.jsonl for the results (or --no-wait)")
+    batchcli.run(
+        input_path,
+        task=task,
+        tier=tier,
+        output=output,
+        no_wait=no_wait,
+        skip_invalid=skip_invalid,
+        console=console,
+    )
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
 @click.option(
@@ -162,6 +222,7 @@ def route(task: str, tier: str, max_tokens: int | None, as_json: bool) -> None:
 @click.option("--hostname", "-n", help="Worker node name (Celery's -n).")
 def worker(providers: str | None, concurrency: int | None, loglevel: str, hostname: str | None) -> None:
     """Run a Celery worker on the providers' queues (threads pool)."""
+    from workers import app
     from workers.runtime import runtime
 
     rt = runtime()  # fails here, clearly, on a bad config
@@ -173,13 +234,12 @@ def worker(providers: str | None, concurrency: int | None, loglevel: str, hostna
     if not names:
         raise click.UsageError("no provider with a key to serve (set their key_env variables)")
     threads = concurrency or min(256, sum(rt.settings.providers[n].threads() for n in names))
-    queues = ",".join(rt.settings.providers[n].queue for n in names)
+    # the provider queues, and the default queue where chord callbacks (finish_batch) go
+    queues = ",".join([*(rt.settings.providers[n].queue for n in names), app.conf.task_default_queue])
     argv = ["worker", "-Q", queues, "-P", "threads", "-c", str(threads), "-l", loglevel]
     if hostname:
         argv += ["-n", hostname]
     click.echo(f"spillway worker: queues {queues}, {threads} threads", err=True)
-    from workers import app
-
     app.worker_main(argv)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -225,24 +224,23 @@ def publish(
     from workers.tasks import run_job
 
     try:
-        with run_job.app.producer_or_acquire() as producer:
-            # Many messages go out in one pipelined round trip; one goes out directly.
-            batch = producer.batch() if len(jobs) > 1 else contextlib.nullcontext()
-            with batch:
-                for job_id, candidate, tier in jobs:
-                    run_job.apply_async(
-                        kwargs={
-                            "job_id": job_id,
-                            "provider": candidate.provider,
-                            "model": candidate.model,
-                            "hop": 0,
-                        },
-                        task_id=job_id,
-                        queue=queue_name(candidate.provider),
-                        priority=rt.priority(tier),
-                        producer=producer,
-                        **(options or {"ignore_result": True}),
-                    )
+        # Many messages go out in one pipelined round trip; one goes out directly.
+        publishing = run_job.app.publishing_batch() if len(jobs) > 1 else run_job.app.producer_or_acquire()
+        with publishing as producer:
+            for job_id, candidate, tier in jobs:
+                run_job.apply_async(
+                    kwargs={
+                        "job_id": job_id,
+                        "provider": candidate.provider,
+                        "model": candidate.model,
+                        "hop": 0,
+                    },
+                    task_id=job_id,
+                    queue=queue_name(candidate.provider),
+                    priority=rt.priority(tier),
+                    producer=producer,
+                    **(options or {"ignore_result": True}),
+                )
     except Exception as exc:  # kombu/redis/amqp connection errors come in many classes
         ids = [j for j, _, _ in jobs]
         if BROKER_DOWN == "store":

@@ -128,6 +128,7 @@ circuit = {{ failures = 3, cooldown_s = 60 }}
 [providers.a.models.am]
 input_per_mtok = 1.0
 output_per_mtok = 2.0
+max_output_tokens = 4096
 
 [providers.b]
 api = "anthropic"
@@ -138,6 +139,7 @@ limits = {{ {b_limits} }}
 [providers.b.models.bm]
 input_per_mtok = 3.0
 output_per_mtok = 4.0
+max_output_tokens = 8192
 
 [routes.chat]
 free = ["a:am", "b:bm"]

@@ -34,7 +34,7 @@ def _loop(app: Any) -> None:
                 next_recover = time.monotonic() + RECOVER_EVERY_S
                 from workers import reconciler
 
-                reconciler.recover_once(rt, app, periodic=True)
+                reconciler.recover_once(rt, app)
         except SpillwayError as exc:
             log.warning("housekeeping skipped a round: %s", exc)
         except Exception:

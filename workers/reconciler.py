@@ -41,19 +41,19 @@ def recover_once(
     *,
     idle_for_s: float = 30.0,
     confirm_s: float = 1.0,
-    periodic: bool = False,
+    batch_id: str | None = None,
 ) -> Recovery:
     """Republish lost jobs (each once) and complete finished batches; see the module doc."""
     lock = f"{constants.KEY_PREFIX}:recover:lock"
     if not rt.redis.set(lock, "1", nx=True, ex=LOCK_TTL_S):
         return Recovery([], [])
     try:
-        return _recover(rt, app, idle_for_s, confirm_s)
+        return _recover(rt, app, idle_for_s, confirm_s, batch_id)
     finally:
         rt.redis.delete(lock)
 
 
-def _lost(rt: Runtime, app: Celery, idle_for_s: float) -> tuple[dict[str, Job], int]:
+def _lost(rt: Runtime, app: Celery, idle_for_s: float, batch_id: str | None) -> tuple[dict[str, Job], int]:
     now = utcnow()
     queues = [p.queue for p in rt.settings.providers.values()]
     live = message_task_ids(app, queues)
@@ -62,23 +62,23 @@ def _lost(rt: Runtime, app: Celery, idle_for_s: float) -> tuple[dict[str, Job], 
         live = set()
     parked = parking.parked_job_ids(rt.redis)
     lost, skipped = {}, 0
-    for job in rt.store.open_jobs(idle_for_s=idle_for_s):
+    for job in rt.store.open_jobs(idle_for_s=idle_for_s, batch_id=batch_id):
         lease = aware(job.lease_until)
         held = job.status == RUNNING and lease is not None and lease > now
-        if held or job.id in live or job.id in parked:
+        if held or (job.task_id or job.id) in live or job.id in parked:
             skipped += 1
             continue
         lost[job.id] = job
     return lost, skipped
 
 
-def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float) -> Recovery:
+def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float, batch_id: str | None) -> Recovery:
     from workers.tasks import run_job
 
-    first, skipped = _lost(rt, app, idle_for_s)
+    first, skipped = _lost(rt, app, idle_for_s, batch_id)
     if first and confirm_s > 0:
         time.sleep(confirm_s)
-        second, _ = _lost(rt, app, idle_for_s)
+        second, _ = _lost(rt, app, idle_for_s, batch_id)
         first = {k: v for k, v in first.items() if k in second and second[k].updated_at == v.updated_at}
     republished = []
     for job in first.values():
@@ -90,7 +90,7 @@ def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float) -> R
             continue
         run_job.apply_async(
             kwargs={"job_id": job.id, "provider": provider, "model": model, "hop": job.hops},
-            task_id=job.id,
+            task_id=job.task_id or job.id,
             queue=constants.queue_name(provider),
             priority=rt.priority(job.tier),
         )

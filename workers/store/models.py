@@ -28,7 +28,7 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     chords: Mapped[int] = mapped_column(Integer, default=0)
     callback_runs: Mapped[int] = mapped_column(Integer, default=0)
-    fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
+    fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)  # same input + output: resume
     created_at: Mapped[datetime] = mapped_column(Stamp)
     finished_at: Mapped[datetime | None] = mapped_column(Stamp)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -39,6 +39,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_spillway_jobs_batch_seq", "batch_id", "seq"),
         Index("ix_spillway_jobs_status_updated", "status", "updated_at"),
+        UniqueConstraint("batch_id", "custom_id", name="uq_spillway_job_custom_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

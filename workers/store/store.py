@@ -191,11 +191,13 @@ class Store:
     def add_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert new jobs (status queued) in one transaction."""
         now = utcnow()
+        groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+        for row in rows:  # one executemany per shape of row (bad batch lines carry other columns)
+            full = {"status": QUEUED, "created_at": now, "updated_at": now, **row}
+            groups.setdefault(frozenset(full), []).append(full)
         with self.session() as s:
-            s.execute(
-                Job.__table__.insert(),
-                [{"status": QUEUED, "created_at": now, "updated_at": now, **r} for r in rows],
-            )
+            for group in groups.values():
+                s.execute(JOBS.insert(), group)
 
     def job(self, job_id: str) -> Job | None:
         with self.session(write=False) as s:
@@ -295,13 +297,14 @@ class Store:
         with self.session(write=False) as s:
             return list(s.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)))
 
-    def open_jobs(self, *, idle_for_s: float, limit: int = 10_000) -> list[Job]:
+    def open_jobs(self, *, idle_for_s: float, batch_id: str | None = None, limit: int = 10_000) -> list[Job]:
         """Queued, running or parked jobs nothing has touched for `idle_for_s` (the reconciler's)."""
         before = utcnow() - timedelta(seconds=idle_for_s)
+        query = select(Job).where(Job.status.in_(OPEN), Job.updated_at < before)
+        if batch_id is not None:
+            query = query.where(Job.batch_id == batch_id)
         with self.session(write=False) as s:
-            return list(
-                s.scalars(select(Job).where(Job.status.in_(OPEN), Job.updated_at < before).limit(limit))
-            )
+            return list(s.scalars(query.limit(limit)))
 
     def count_by_status(self, batch_id: str | None = None) -> dict[str, int]:
         with self.session(write=False) as s:
@@ -323,6 +326,66 @@ class Store:
     def update_batch(self, batch_id: str, **values: Any) -> None:
         with self.session() as s:
             s.execute(update(Batch).where(Batch.id == batch_id).values(**values))
+
+    def batch_by_fingerprint(self, fingerprint: str) -> Batch | None:
+        with self.session(write=False) as s:
+            query = select(Batch).where(Batch.fingerprint == fingerprint).order_by(Batch.created_at.desc())
+            return s.scalars(query).first()
+
+    def batch_states(self, batch_id: str) -> dict[str, tuple[str, str]]:
+        """custom_id -> (job id, status) of a batch's jobs; bad lines as ``#line<N>``."""
+        with self.session(write=False) as s:
+            rows = s.execute(
+                select(Job.id, Job.custom_id, Job.status, Job.seq, Job.error_kind).where(
+                    Job.batch_id == batch_id
+                )
+            ).all()
+        states = {}
+        for job_id, custom_id, status, seq, kind in rows:
+            if kind == "invalid_input":
+                states[f"#line{seq}"] = ("", status)
+                if custom_id:
+                    states[custom_id] = ("", status)
+            elif custom_id:
+                states[custom_id] = (job_id, status)
+        return states
+
+    def batch_jobs(self, batch_id: str, *, after_seq: int = -1, limit: int = 1000) -> list[Job]:
+        """A page of the batch's jobs in input order."""
+        with self.session(write=False) as s:
+            query = (
+                select(Job)
+                .where(Job.batch_id == batch_id, Job.seq > after_seq)
+                .order_by(Job.seq)
+                .limit(limit)
+            )
+            return list(s.scalars(query))
+
+    def retry_job(self, job_id: str, *, task_id: str, provider: str, model: str) -> bool:
+        """A failed job goes back in line (a resumed batch); its attempts stay in the ledger."""
+        now = utcnow()
+        with self.session() as s:
+            done = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == FAILED)
+                .values(
+                    status=QUEUED,
+                    task_id=task_id,
+                    provider=provider,
+                    model=model,
+                    queue=constants.queue_name(provider),
+                    error=None,
+                    error_kind=None,
+                    text=None,
+                    finished_at=None,
+                    lease_until=None,
+                    crashes=0,
+                    hops=0,
+                    updated_at=now,
+                    published_at=now,
+                )
+            )
+            return done.rowcount == 1
 
     def count_batch_callback(self, batch_id: str) -> None:
         with self.session() as s:

@@ -1,0 +1,377 @@
+"""Batches: many jobs as Celery chords, every result back in input order, resumable.
+
+Everything is checked first and nothing is enqueued while any line is bad (unless the
+caller skips bad lines, which then end up in the output as failed). Input is read twice —
+once to check, once to enqueue in chunks — so the producer never holds the whole batch:
+each chunk is placed with one read of the limiter, stored in one transaction and published
+in one pipelined round trip as a chord of its own, whose callback records the batch summary.
+A batch with the same key (for files: the same input, output, task type and tier) is the
+same batch: running it again sends only what has not succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import chord
+
+from producer.batchfile import BadLine, BatchItem, check_item, read_jsonl, validate
+from producer.jobs import job_row
+from workers.constants import queue_name
+from workers.errors import InputError, ServiceUnavailable
+from workers.limiter import Costs
+from workers.runtime import Runtime, runtime
+from workers.store import FAILED, FINAL, OPEN, SUCCEEDED, Job, utcnow
+
+CHUNK = 500  # jobs per placement read, store transaction, publish pipeline and chord
+#: A resumed batch re-sends its stored jobs that have had no broker message for this long
+#: (the producer died between storing a chunk and publishing it).
+RESUME_IDLE_S = 2.0
+SHOWN_ERRORS = 20
+
+Source = Callable[[], Iterable[tuple[int, Any]]]
+
+
+class BatchInputError(InputError):
+    """Some lines are bad; `bad` lists every one (line number and what is wrong)."""
+
+    def __init__(self, bad: list[BadLine]) -> None:
+        self.bad = bad
+        shown = "\n".join(f"  {b}" for b in bad[:SHOWN_ERRORS])
+        more = f"\n  … and {len(bad) - SHOWN_ERRORS} more" if len(bad) > SHOWN_ERRORS else ""
+        super().__init__(
+            f"{len(bad)} bad line(s); nothing was enqueued (--skip-invalid sends the rest):\n{shown}{more}"
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    batch_id: str
+    total: int
+    by_status: dict[str, int]
+    by_provider: dict[str, int]
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    elapsed_s: float
+    jobs_per_s: float
+    tokens_per_s: float
+    finished: bool
+
+    @property
+    def succeeded(self) -> int:
+        return self.by_status.get(SUCCEEDED, 0)
+
+    @property
+    def failed(self) -> int:
+        return self.by_status.get(FAILED, 0)
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def in_flight(self) -> int:
+        return self.by_status.get("running", 0)
+
+    @property
+    def eta_s(self) -> float | None:
+        left = self.total - self.done
+        return left / self.jobs_per_s if self.jobs_per_s > 0 else None
+
+
+@dataclass
+class BatchHandle:
+    """A submitted batch. `progress()`, `wait()`, and `results()` in input order."""
+
+    id: str
+    _started: float = field(default_factory=time.monotonic)
+    _done_at_start: int | None = None
+
+    def progress(self) -> Progress:
+        rt = runtime()
+        totals = rt.store.batch_totals(self.id)
+        done = sum(totals["by_status"].get(s, 0) for s in FINAL)
+        if self._done_at_start is None:
+            self._done_at_start = done
+        elapsed = time.monotonic() - self._started
+        tokens = totals["input_tokens"] + totals["output_tokens"]
+        rate = (done - self._done_at_start) / elapsed if elapsed > 0.5 else 0.0
+        batch = rt.store.batch(self.id)
+        return Progress(
+            batch_id=self.id,
+            total=totals["total"],
+            by_status=totals["by_status"],
+            by_provider=totals["providers"],
+            input_tokens=totals["input_tokens"],
+            output_tokens=totals["output_tokens"],
+            cost_usd=totals["cost_usd"],
+            elapsed_s=elapsed,
+            jobs_per_s=rate,
+            tokens_per_s=tokens / elapsed if elapsed > 0.5 else 0.0,
+            finished=bool(batch and batch.finished_at) or not any(totals["by_status"].get(s) for s in OPEN),
+        )
+
+    def wait(self, timeout_s: float | None = None, *, every_s: float = 0.5) -> Progress:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            progress = self.progress()
+            if progress.finished:
+                return progress
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"batch {self.id}: {progress.done} of {progress.total} done after {timeout_s:g}s"
+                )
+            time.sleep(every_s)
+
+    def results(self, page: int = 1000) -> Iterator[dict[str, Any]]:
+        """One output record per input line, in input order (read from the store page by page)."""
+        store, after = runtime().store, -1
+        while True:
+            jobs = store.batch_jobs(self.id, after_seq=after, limit=page)
+            if not jobs:
+                return
+            yield from (output_record(job) for job in jobs)
+            after = jobs[-1].seq
+
+    def write(self, path: str | Path) -> int:
+        """Write the output JSONL atomically (a temporary file, then a rename); returns lines."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        count = 0
+        with open(tmp, "w", encoding="utf-8") as out:
+            for record in self.results():
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+        tmp.replace(path)
+        return count
+
+
+def output_record(job: Job) -> dict[str, Any]:
+    succeeded = job.status == SUCCEEDED
+    return {
+        "custom_id": job.custom_id or (job.request or {}).get("custom_id"),
+        "status": job.status if job.status in FINAL else "pending",
+        "provider": job.provider if succeeded else None,
+        "model": job.model if succeeded else None,
+        "text": job.text if succeeded else None,
+        "usage": {"input_tokens": job.input_tokens or 0, "output_tokens": job.output_tokens or 0},
+        "cost_usd": round(job.cost_usd or 0.0, 8),
+        "attempts": job.calls or 0,
+        "error": None if succeeded else job.error,
+    }
+
+
+def submit_batch(
+    items: Iterable[dict[str, Any]],
+    *,
+    task: str,
+    tier: str,
+    batch_key: str | None = None,
+    skip_invalid: bool = False,
+) -> BatchHandle:
+    """Submit many jobs as one batch; each item is a dict like a JSONL line::
+
+        handle = submit_batch([{"custom_id": "a", "prompt": "Hi"}], task="analysis", tier="free")
+        handle.wait()
+        for record in handle.results():
+            print(record["custom_id"], record["text"])
+
+    Items may override ``task``, ``tier``, ``max_tokens``, ``temperature``. The same
+    `batch_key` again resumes: only items not yet succeeded are sent.
+    """
+    listed = list(enumerate(items, 1))
+    return run_batch(
+        runtime(), lambda: listed, task=task, tier=tier, key=batch_key, skip_invalid=skip_invalid
+    )
+
+
+def submit_file(
+    path: str | Path, *, task: str, tier: str, output: str | Path | None = None, skip_invalid: bool = False
+) -> BatchHandle:
+    """A JSONL file as a batch; the same input, output, task and tier resume the same batch."""
+    key = fingerprint(path, output, task, tier)
+    return run_batch(
+        runtime(), lambda: read_jsonl(path), task=task, tier=tier, key=key, skip_invalid=skip_invalid
+    )
+
+
+def fingerprint(path: str | Path, output: str | Path | None, task: str, tier: str) -> str:
+    parts = [str(Path(path).resolve()), str(Path(output).resolve()) if output else "", task, tier]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def run_batch(
+    rt: Runtime, source: Source, *, task: str, tier: str, key: str | None, skip_invalid: bool
+) -> BatchHandle:
+    rt.settings.chain(task, tier)  # an unknown default task type or tier fails before anything
+    good, bad = validate(rt, source(), task, tier)
+    if bad and not skip_invalid:
+        raise BatchInputError(bad)
+    if not good and not bad:
+        raise InputError("the batch is empty")
+    batch = rt.store.batch_by_fingerprint(key) if key else None
+    batch_id = batch.id if batch else uuid.uuid4().hex
+    if batch is None:
+        rt.store.add_batch(id=batch_id, task_type=task, tier=tier, total=0, chords=0, fingerprint=key)
+    else:
+        _resend_lost(rt, batch_id)
+    enqueuer = _Enqueuer(
+        rt, batch_id, rt.store.batch_states(batch_id), chords_before=batch.chords if batch else 0
+    )
+    bad_lines = {b.line: b for b in bad}
+    for chunk in _chunks(source(), CHUNK):
+        enqueuer.add([bad_lines.get(n) or check_item(rt, n, v, task, tier) for n, v in chunk])
+    enqueuer.flush()
+    rt.store.update_batch(batch_id, total=rt.store.batch_totals(batch_id)["total"], chords=enqueuer.chords)
+    return BatchHandle(batch_id)
+
+
+class _Enqueuer:
+    """Places, stores and publishes a batch chunk by chunk, each chunk a chord of its own."""
+
+    def __init__(
+        self, rt: Runtime, batch_id: str, states: dict[str, tuple[str, str]], chords_before: int
+    ) -> None:
+        self.rt = rt
+        self.batch_id = batch_id
+        self.states = states  # custom_id -> (job id, status) of what this batch already holds
+        self.chords = chords_before
+        self.header: list[Any] = []
+        self.sent = 0
+        self.reopened = False
+
+    def add(self, items: list[BatchItem | BadLine]) -> None:
+        rows, retries, runnable = [], [], []
+        for item in items:
+            if isinstance(item, BadLine):
+                row = self._bad_row(item)
+                if row is not None:
+                    rows.append(row)
+                continue
+            known = self.states.get(item.custom_id)
+            if known and known[1] != FAILED:
+                continue  # succeeded, or still on its way: resuming skips it
+            job_id = known[0] if known else uuid.uuid4().hex
+            self.states[item.custom_id] = (job_id, "queued")
+            runnable.append((item, job_id, known is not None))
+        placed = self._place([item for item, _, _ in runnable])
+        for (item, job_id, again), candidate in zip(runnable, placed, strict=True):
+            if again:  # failed last time: the same job runs again, under a new task id
+                retries.append((job_id, item, candidate))
+                continue
+            rows.append(
+                {
+                    **job_row(job_id, item.task, item.tier, item.request, target=candidate),
+                    "batch_id": self.batch_id,
+                    "seq": item.line,
+                    "custom_id": item.custom_id,
+                }
+            )
+            self._header(job_id, job_id, candidate, item.tier)
+        if rows:
+            self.rt.store.add_jobs(rows)
+        for job_id, item, candidate in retries:
+            task_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
+            self.rt.store.retry_job(
+                job_id, task_id=task_id, provider=candidate.provider, model=candidate.model
+            )
+            self._header(job_id, task_id, candidate, item.tier)
+        if (rows or retries) and not self.reopened:
+            self.rt.store.update_batch(self.batch_id, finished_at=None, summary=None)
+            self.reopened = True
+        self.flush()  # one chord per chunk, right after it is stored: a crash loses nothing sent
+
+    def _bad_row(self, bad: BadLine) -> dict[str, Any] | None:
+        """A bad line kept as a failed job, so the output has every line in its place."""
+        marker = f"#line{bad.line}"
+        if marker in self.states:
+            return None  # written by an earlier run of this batch
+        self.states[marker] = ("", FAILED)
+        keep_id = bad.custom_id if bad.custom_id and bad.custom_id not in self.states else None
+        if keep_id:
+            self.states[keep_id] = ("", FAILED)
+        return {
+            "id": uuid.uuid4().hex,
+            "batch_id": self.batch_id,
+            "seq": bad.line,
+            "custom_id": keep_id,
+            "task_type": "-",
+            "tier": "-",
+            "status": FAILED,
+            "request": {"invalid": True, "custom_id": bad.custom_id},
+            "est_input_tokens": 0,
+            "error": f"line {bad.line}: {bad.error}",
+            "error_kind": "invalid_input",
+            "finished_at": utcnow(),
+        }
+
+    def flush(self) -> None:
+        if self.header:
+            self._publish(self.header)
+            self.header = []
+
+    def _place(self, items: list[BatchItem]) -> list[Any]:
+        """One limiter read per (task type, tier) in the chunk; each placement sees the last."""
+        out: list[Any] = [None] * len(items)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault((item.task, item.tier), []).append(i)
+        for (task, tier), indexes in groups.items():
+            costs = [
+                Costs.estimate(items[i].request.estimated_input_tokens(), items[i].request.max_tokens)
+                for i in indexes
+            ]
+            for i, candidate in zip(indexes, self.rt.router.place_many(task, tier, costs), strict=True):
+                out[i] = candidate
+        return out
+
+    def _header(self, job_id: str, task_id: str, candidate: Any, tier: str) -> None:
+        from workers.tasks import run_job
+
+        self.header.append(
+            run_job.signature(
+                kwargs={"job_id": job_id, "provider": candidate.provider, "model": candidate.model, "hop": 0},
+                task_id=task_id,
+                queue=queue_name(candidate.provider),
+                priority=self.rt.priority(tier),
+            )
+        )
+
+    def _publish(self, header: list[Any]) -> None:
+        from workers.tasks import finish_batch, run_job
+
+        callback = finish_batch.signature(kwargs={"batch_id": self.batch_id, "chunk": self.chords})
+        try:
+            with run_job.app.publishing_batch():
+                chord(header, callback).apply_async()
+        except Exception as exc:  # the broker is gone: the jobs are stored; the reconciler sends them
+            raise ServiceUnavailable(
+                f"the broker stopped answering after {self.sent} job(s) of batch {self.batch_id} were sent "
+                f"({type(exc).__name__}); the rest are stored and `spillway recover` will send them"
+            ) from exc
+        self.chords += 1
+        self.sent += len(header)
+
+
+def _resend_lost(rt: Runtime, batch_id: str) -> None:
+    """Resuming: jobs an earlier run stored but never got to publish go out again (once)."""
+    from workers import app
+    from workers.reconciler import recover_once
+
+    recover_once(rt, app, idle_for_s=RESUME_IDLE_S, confirm_s=0.5, batch_id=batch_id)
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

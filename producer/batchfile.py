@@ -1,0 +1,186 @@
+"""Batch input: JSONL lines read one at a time, each checked completely before anything runs.
+
+A line is ``{"custom_id": "...", "prompt": "..."}`` (or ``"messages"``), optionally with
+``system``, ``max_tokens``, ``temperature``, ``stop``, ``json_mode``, ``task`` and ``tier``;
+or the OpenAI Batch API line ``{"custom_id", "method": "POST", "url": "/v1/chat/completions",
+"body": {...}}``. Every problem is reported as ``line N: what is wrong``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workers.errors import InputError
+from workers.messages import ChatRequest
+from workers.runtime import Runtime
+
+ITEM_KEYS = {
+    "custom_id",
+    "prompt",
+    "messages",
+    "system",
+    "max_tokens",
+    "temperature",
+    "stop",
+    "json_mode",
+    "task",
+    "tier",
+}
+OPENAI_LINE_KEYS = {"custom_id", "method", "url", "body"}
+OPENAI_BODY_KEYS = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "stop",
+    "response_format",
+    "user",
+}
+OPENAI_URL = "/v1/chat/completions"
+MAX_CUSTOM_ID = 512
+MAX_LINE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    line: int  # 1-based line number (or position in the item list)
+    custom_id: str
+    task: str
+    tier: str
+    request: ChatRequest
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    custom_id: str | None
+    error: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.error}"
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value or BadLine) for each non-blank line; reads one line at a time."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            if len(raw) > MAX_LINE_BYTES:
+                yield number, BadLine(number, None, f"longer than {MAX_LINE_BYTES // 1024 // 1024} MiB")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, BadLine(number, None, f"not valid UTF-8 (byte {exc.start})")
+                continue
+            try:
+                yield number, json.loads(text)
+            except RecursionError:
+                yield number, BadLine(number, None, "not valid JSON: nested too deeply")
+            except ValueError as exc:
+                yield number, BadLine(number, None, f"not valid JSON ({exc})")
+
+
+def check_item(rt: Runtime, number: int, value: Any, task: str, tier: str) -> BatchItem | BadLine:
+    """One line (or item) turned into a job, or the reason it cannot be one."""
+    from producer.jobs import prepare
+
+    if isinstance(value, BadLine):
+        return value
+    if not isinstance(value, Mapping):
+        return BadLine(number, None, f"expected a JSON object, got {type(value).__name__}")
+    custom_id = value.get("custom_id")
+    if custom_id is None:
+        return BadLine(number, None, "missing custom_id")
+    if not isinstance(custom_id, str) or not custom_id.strip() or len(custom_id) > MAX_CUSTOM_ID:
+        return BadLine(
+            number,
+            None,
+            f"custom_id: expected a non-empty string of at most {MAX_CUSTOM_ID} "
+            f"characters, got {_short(custom_id)}",
+        )
+    try:
+        fields = _openai_fields(value) if "body" in value or "url" in value else _plain_fields(value)
+        item_task, item_tier = fields.pop("task", task), fields.pop("tier", tier)
+        request = prepare(rt, item_task, item_tier, **fields)
+    except InputError as exc:
+        return BadLine(number, custom_id, str(exc))
+    except RecursionError:
+        return BadLine(number, custom_id, "nested too deeply")
+    return BatchItem(number, custom_id, item_task, item_tier, request)
+
+
+def _plain_fields(value: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(value) - ITEM_KEYS)
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(ITEM_KEYS))})")
+    return {k: v for k, v in value.items() if k != "custom_id"}
+
+
+def _openai_fields(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The OpenAI Batch API line format, as OpenAI documents it."""
+    unknown = sorted(set(value) - OPENAI_LINE_KEYS)
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(unknown)} in an OpenAI batch line")
+    if value.get("method", "POST") != "POST":
+        raise InputError(f"method: only POST is supported, got {_short(value.get('method'))}")
+    if value.get("url") != OPENAI_URL:
+        raise InputError(f"url: only {OPENAI_URL} is supported, got {_short(value.get('url'))}")
+    body = value.get("body")
+    if not isinstance(body, Mapping):
+        raise InputError("body: expected a JSON object (the chat completions request)")
+    unknown = sorted(set(body) - OPENAI_BODY_KEYS)
+    if unknown:
+        raise InputError(f"body: unsupported field(s) {', '.join(unknown)}")
+    fields: dict[str, Any] = {"messages": body.get("messages")}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    for key in ("temperature", "stop"):
+        if key in body:
+            fields[key] = body[key]
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+        if kind not in ("json_object", "text"):
+            raise InputError(f"body.response_format: only json_object or text, got {_short(response_format)}")
+        fields["json_mode"] = kind == "json_object"
+    return fields
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def validate(
+    rt: Runtime,
+    numbered: Iterable[tuple[int, Any]],
+    task: str,
+    tier: str,
+) -> tuple[int, list[BadLine]]:
+    """Check every line; (count of good items, every bad line). Keeps only the custom ids."""
+    seen: dict[str, int] = {}
+    bad: list[BadLine] = []
+    good = 0
+    for number, value in numbered:
+        item = check_item(rt, number, value, task, tier)
+        if isinstance(item, BatchItem):
+            if item.custom_id in seen:
+                item = BadLine(
+                    number,
+                    item.custom_id,
+                    f"duplicate custom_id {item.custom_id!r} (first on line {seen[item.custom_id]})",
+                )
+            else:
+                seen[item.custom_id] = number
+                good += 1
+        if isinstance(item, BadLine):
+            bad.append(item)
+    return good, bad

@@ -1,0 +1,193 @@
+"""Batches over real workers and the simulator: every item comes back in order, failures
+with their errors, the chord callback runs once, and an interrupted batch resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from producer.stack import LocalStack
+from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def batch_stack(redis_server, tmp_path_factory):
+    stack = LocalStack(
+        CONFIGS / "batch.toml", redis_url=redis_server.url(11), workdir=str(tmp_path_factory.mktemp("batch"))
+    )
+    import redis
+
+    redis.Redis.from_url(redis_server.url(11)).flushdb()
+    stack.start()
+    stack.start_worker(concurrency=32, loglevel="WARNING")
+    stack.wait_for_workers()
+    yield stack
+    stack.close()
+
+
+def write_input(path: Path, count: int) -> list[str]:
+    ids = []
+    with open(path, "w") as out:
+        for i in range(count):
+            cid = f"item-{i:04d}"
+            ids.append(cid)
+            task = {"task": "flakyonly"} if i % 2 else {}
+            out.write(json.dumps({"custom_id": cid, "prompt": f"question number {i}", **task}) + "\n")
+    return ids
+
+
+def cli(stack: LocalStack, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", "batch", *args],
+        env={**os.environ, **stack.env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_300_items_with_a_flaky_provider(batch_stack, tmp_path) -> None:
+    ids = write_input(tmp_path / "in.jsonl", 300)
+    out = cli(
+        batch_stack,
+        str(tmp_path / "in.jsonl"),
+        "--task",
+        "work",
+        "--tier",
+        "free",
+        "-o",
+        str(tmp_path / "out.jsonl"),
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ids  # every item, in input order
+    failed = [x for x in lines if x["status"] == "failed"]
+    succeeded = [x for x in lines if x["status"] == "succeeded"]
+    assert len(failed) + len(succeeded) == 300 and succeeded and failed
+    assert all(x["error"] and x["text"] is None for x in failed)
+    assert all(x["error"] is None and x["text"] and x["usage"]["output_tokens"] > 0 for x in succeeded)
+    assert all(
+        x["custom_id"] in {f"item-{i:04d}" for i in range(1, 300, 2)} for x in failed
+    )  # flaky-only items
+    batch_id = out.stdout.split("batch ", 1)[1].split(":", 1)[0].strip()
+    status = json.loads(cli(batch_stack, "--status", batch_id, "--json").stdout)
+    assert status["finished"] and status["chords"] == 1 and status["callback_runs"] == 1
+    assert status["by_status"] == {"succeeded": len(succeeded), "failed": len(failed)}
+    assert status["cost_usd"] == pytest.approx(sum(x["cost_usd"] for x in lines), abs=1e-6)
+
+
+def test_resume_after_the_producer_is_killed_half_way(batch_stack, tmp_path) -> None:
+    ids = write_input(tmp_path / "in.jsonl", 300)
+    args = [str(tmp_path / "in.jsonl"), "--task", "work", "--tier", "free", "-o", str(tmp_path / "out.jsonl")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "batch", *args],
+        env={**os.environ, **batch_stack.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    with batch_stack.applied():
+        from producer.batch import fingerprint
+        from workers.runtime import runtime
+
+        store, key = runtime().store, fingerprint(args[0], args[-1], "work", "free")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            batch = store.batch_by_fingerprint(key)
+            counts = store.count_by_status(batch.id) if batch else {}
+            if counts.get("succeeded", 0) + counts.get("failed", 0) >= 60:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / "out.jsonl").exists()
+        before = {j.custom_id: (j.id, j.status, j.calls) for j in store.batch_jobs(batch.id, limit=1000)}
+        assert 60 <= sum(1 for _, status, _ in before.values() if status in ("succeeded", "failed")) < 300
+        again = cli(batch_stack, *args)
+        assert again.returncode == 0, again.stderr
+        after = {j.custom_id: (j.id, j.status, j.calls) for j in store.batch_jobs(batch.id, limit=1000)}
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ids
+    assert set(after) == set(ids) and len(after) == 300  # one job per item, no duplicates
+    for cid, (job_id, status, calls) in before.items():
+        assert after[cid][0] == job_id
+        if status == "succeeded":
+            assert after[cid] == (job_id, status, calls)  # not sent again
+
+
+def test_skip_invalid_writes_bad_lines_as_failed(batch_stack, tmp_path) -> None:
+    (tmp_path / "in.jsonl").write_text(
+        '{"custom_id": "a", "prompt": "good"}\n{"custom_id": "b", "prompt": ""}\nnot json\n'
+        '{"custom_id": "c", "prompt": "good too", "task": "flakyonly"}\n'
+    )
+    args = [str(tmp_path / "in.jsonl"), "--task", "work", "--tier", "free", "-o", str(tmp_path / "out.jsonl")]
+    refused = cli(batch_stack, *args)
+    assert refused.returncode == 2 and not (tmp_path / "out.jsonl").exists()
+    assert "2 bad line(s); nothing was enqueued" in refused.stderr
+    assert "line 2: prompt: is empty" in refused.stderr and "line 3: not valid JSON" in refused.stderr
+    ok = cli(batch_stack, *args, "--skip-invalid")
+    assert ok.returncode == 0, ok.stderr
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(x["custom_id"], x["status"]) for x in lines][:3] == [
+        ("a", "succeeded"),
+        ("b", "failed"),
+        (None, "failed"),
+    ]
+    assert lines[1]["error"] == "line 2: prompt: is empty" and lines[2]["error"].startswith(
+        "line 3: not valid JSON"
+    )
+    assert lines[3]["custom_id"] == "c"
+
+
+def test_no_wait_then_attach(batch_stack, tmp_path) -> None:
+    write_input(tmp_path / "in.jsonl", 40)
+    started = cli(batch_stack, str(tmp_path / "in.jsonl"), "--task", "work", "--tier", "free", "--no-wait")
+    assert started.returncode == 0, started.stderr
+    batch_id = started.stdout.strip().splitlines()[-1]
+    attached = cli(batch_stack, "--attach", batch_id, "-o", str(tmp_path / "out.jsonl"))
+    assert attached.returncode == 0, attached.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 40
+
+
+def test_resume_after_a_crash_while_enqueueing(batch_stack, monkeypatch) -> None:
+    """The first run dies after one chunk went out; the second sends only the rest."""
+    import producer.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "CHUNK", 25)
+    items = [{"custom_id": f"k-{i}", "prompt": f"crash test {i}"} for i in range(100)]
+    with batch_stack.applied():
+        from producer import submit_batch
+        from workers.runtime import runtime
+
+        class Crash(Exception):
+            pass
+
+        calls = {"n": 0}
+        real_add = batch_module._Enqueuer.add
+
+        def dying_add(self, chunk):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Crash("producer killed")
+            return real_add(self, chunk)
+
+        monkeypatch.setattr(batch_module._Enqueuer, "add", dying_add)
+        with pytest.raises(Crash):
+            submit_batch(items, task="work", tier="free", batch_key="crash-test")
+        monkeypatch.setattr(batch_module._Enqueuer, "add", real_add)
+        handle = submit_batch(items, task="work", tier="free", batch_key="crash-test")
+        handle.wait(120)
+        records = list(handle.results())
+        states = runtime().store.batch_states(handle.id)
+    assert [r["custom_id"] for r in records] == [f"k-{i}" for i in range(100)]
+    assert len(states) == 100
