@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import chord
 
 from producer.batchfile import BadLine, BatchItem, check_item, read_jsonl, validate
 from producer.jobs import job_row
+from workers import cache
+from workers.config import Candidate
 from workers.constants import queue_name
 from workers.errors import InputError, ServiceUnavailable
 from workers.limiter import Costs
@@ -264,6 +267,7 @@ class _Enqueuer:
             job_id = known[0] if known else uuid.uuid4().hex
             self.states[item.custom_id] = (job_id, "queued")
             runnable.append((item, job_id, known is not None))
+        runnable = self._answer_from_cache(runnable, rows)
         placed = self._place([item for item, _, _ in runnable])
         for (item, job_id, again), candidate in zip(runnable, placed, strict=True):
             if again:  # failed last time: the same job runs again, under a new task id
@@ -290,6 +294,39 @@ class _Enqueuer:
             self.rt.store.update_batch(self.batch_id, finished_at=None, summary=None)
             self.reopened = True
         self.flush()  # one chord per chunk, right after it is stored: a crash loses nothing sent
+
+    def _answer_from_cache(self, runnable: list[Any], rows: list[dict[str, Any]]) -> list[Any]:
+        """Items of caching routes whose exact request was answered lately are done now."""
+        keys: dict[int, str] = {}
+        for i, (item, _, again) in enumerate(runnable):
+            chain = self.rt.settings.chain(item.task, item.tier)
+            if chain.cache_ttl_s and not again:
+                keys[i] = cache.cache_key(chain, item.task, item.tier, item.request)
+        if not keys:
+            return runnable
+        try:
+            answers = dict(zip(keys, cache.lookup_many(self.rt.redis, list(keys.values())), strict=True))
+        except redis.RedisError:
+            return runnable
+        rest = []
+        for i, (item, job_id, again) in enumerate(runnable):
+            answer = answers.get(i)
+            if answer is None:
+                rest.append((item, job_id, again))
+                continue
+            target = Candidate(answer.provider, answer.model)
+            rows.append(
+                {
+                    **job_row(job_id, item.task, item.tier, item.request, target=target),
+                    **answer.result_columns(),
+                    "status": SUCCEEDED,
+                    "finished_at": utcnow(),
+                    "batch_id": self.batch_id,
+                    "seq": item.line,
+                    "custom_id": item.custom_id,
+                }
+            )
+        return rest
 
     def _bad_row(self, bad: BadLine) -> dict[str, Any] | None:
         """A bad line kept as a failed job, so the output has every line in its place."""

@@ -199,6 +199,28 @@ def status(as_json: bool, watch: bool, every_s: float) -> None:
 
 
 @main.command()
+@click.option("--since", help="A date (2026-11-01), a time, or 24h / 7d / 2w back from now.")
+@click.option(
+    "--by",
+    "by",
+    default="model",
+    show_default=True,
+    type=click.Choice(["provider", "model", "key", "task", "tier", "day"]),
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def usage(since: str | None, by: str, as_json: bool) -> None:
+    """Requests, tokens, cost, failures, re-routes and latency, from the store."""
+    from producer.usage import parse_since, render_usage, usage_report
+    from workers.store import Store
+
+    report = usage_report(Store(), since=parse_since(since), by=by)
+    if as_json:
+        _print_json(report)
+    else:
+        render_usage(report, console)
+
+
+@main.command()
 @click.option("--task", required=True)
 @click.option("--tier", required=True)
 @click.option("--max-tokens", type=int, help="Size the yardstick job (default: the config's).")
@@ -268,6 +290,44 @@ def simulate(config_path: str | None, port: int | None) -> None:
         pass
     finally:
         server.server_close()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--insecure-no-auth", is_flag=True, help="Serve without a token (local experiments only).")
+def serve(host: str, port: int, insecure_no_auth: bool) -> None:
+    """HTTP: /metrics, /v1/status, /v1/usage, POST /v1/jobs, GET /v1/jobs/{id} (bearer token)."""
+    from producer.serve import serve as run_server
+    from workers import app
+    from workers.errors import ConfigError
+    from workers.runtime import runtime
+
+    token = os.environ.get("SPILLWAY_API_TOKEN") or None
+    if token is None and not insecure_no_auth:
+        raise ConfigError("spillway serve needs $SPILLWAY_API_TOKEN (clients send it as a bearer token)")
+    run_server(runtime(), app, host=host, port=port, token=token)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
+    """Flower on Spillway's app (basic auth from $FLOWER_BASIC_AUTH, user:password)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+    ]
+    if os.environ.get("FLOWER_BASIC_AUTH"):
+        argv.append(f"--basic-auth={os.environ['FLOWER_BASIC_AUTH']}")
+    os.execv(sys.executable, [*argv, *flower_args])
 
 
 @main.command()

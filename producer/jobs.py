@@ -6,69 +6,29 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import redis
 from sqlalchemy.exc import IntegrityError
 
+from workers import cache, callbacks
+from workers.cache import CachedAnswer
 from workers.config import Candidate
 from workers.constants import queue_name
 from workers.errors import InputError, ServiceUnavailable
 from workers.limiter import Costs
 from workers.messages import ChatRequest, build_request
+from workers.results import JobResult
 from workers.runtime import Runtime, runtime
-from workers.store import FINAL, Job, utcnow
+from workers.store import SUCCEEDED, utcnow
 
 log = logging.getLogger("spillway.producer")
 
 #: What `submit` does when the broker is down: "fail" (nothing is stored) or "store" (the
 #: job is kept and the reconciler publishes it once the broker is back).
 BROKER_DOWN = os.environ.get("SPILLWAY_SUBMIT_WHEN_BROKER_DOWN", "fail")
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """A job as the store knows it; `spillway submit --json` prints these fields."""
-
-    job_id: str
-    status: str
-    provider: str | None
-    model: str | None
-    text: str | None
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    attempts: int
-    error: str | None
-    finish_reason: str | None = None
-    custom_id: str | None = None
-    cached: bool = False
-
-    @classmethod
-    def from_job(cls, job: Job) -> JobResult:
-        return cls(
-            job_id=job.id,
-            status=job.status,
-            provider=job.provider,
-            model=job.model,
-            text=job.text,
-            input_tokens=job.input_tokens or 0,
-            output_tokens=job.output_tokens or 0,
-            cost_usd=round(job.cost_usd or 0.0, 8),
-            attempts=job.calls or 0,
-            error=job.error,
-            finish_reason=job.finish_reason,
-            custom_id=job.custom_id,
-            cached=bool(job.cached),
-        )
-
-    @property
-    def done(self) -> bool:
-        return self.status in FINAL
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -144,6 +104,16 @@ def submit(
     )
     if callback_url is not None:
         _check_url(callback_url)
+        callbacks.secret()  # signing needs it: fail now, not when the result is ready
+    extra = {
+        "preferred_provider": preferred_provider,
+        "idempotency_key": idempotency_key,
+        "callback_url": callback_url,
+        "deadline_s": deadline_s,
+    }
+    answer = cached_answer(rt, task, tier, request)
+    if answer is not None:
+        return _store_cached(rt, task, tier, request, answer, **extra)
     costs = Costs.estimate(request.estimated_input_tokens(), request.max_tokens)
     placement = rt.router.place(task, tier, costs, preferred=preferred_provider)
     job_id = uuid.uuid4().hex
@@ -166,6 +136,43 @@ def submit(
             raise
         return JobHandle(existing.id)  # a concurrent submit with the same key won
     publish(rt, [(job_id, placement.candidate, tier)])
+    return JobHandle(job_id)
+
+
+def cached_answer(rt: Runtime, task: str, tier: str, request: ChatRequest) -> CachedAnswer | None:
+    """The route's cached answer to this exact request, if the route caches and one is there."""
+    chain = rt.settings.chain(task, tier)
+    if not chain.cache_ttl_s:
+        return None
+    try:
+        return cache.lookup(rt.redis, cache.cache_key(chain, task, tier, request))
+    except redis.RedisError:
+        return None
+
+
+def _store_cached(
+    rt: Runtime, task: str, tier: str, request: ChatRequest, answer: CachedAnswer, **extra: Any
+) -> JobHandle:
+    """A cache hit is a job that is done when it is stored: no message, no quota."""
+    job_id = uuid.uuid4().hex
+    target = Candidate(answer.provider, answer.model)
+    row = {
+        **job_row(job_id, task, tier, request, target=target, **extra),
+        **answer.result_columns(),
+        "status": SUCCEEDED,
+        "finished_at": utcnow(),
+    }
+    try:
+        rt.store.add_jobs([row])
+    except IntegrityError:
+        existing = rt.store.by_idempotency_key(extra.get("idempotency_key") or "")
+        if existing is None:
+            raise
+        return JobHandle(existing.id)
+    if extra.get("callback_url"):
+        from workers.tasks import deliver_callback
+
+        deliver_callback.apply_async(args=[job_id])
     return JobHandle(job_id)
 
 

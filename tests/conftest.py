@@ -101,7 +101,11 @@ def e2e_stack(redis_server: EmbeddedRedis):
     """Simulator + one real worker on every provider of configs/e2e.toml (session-wide)."""
     from producer.stack import LocalStack
 
-    stack = LocalStack(CONFIGS / "e2e.toml", redis_url=redis_server.url(2))
+    stack = LocalStack(
+        CONFIGS / "e2e.toml",
+        redis_url=redis_server.url(2),
+        extra_env={"SPILLWAY_CALLBACK_SECRET": "whsec-test-0123456789"},
+    )
     redis.Redis.from_url(redis_server.url(2)).flushdb()
     stack.start()
     stack.start_worker(concurrency=16)

@@ -120,7 +120,8 @@ class Candidate:
 class Chain:
     candidates: tuple[Candidate, ...]
     strategy: str = "ordered"
-    cache_ttl_s: float | None = None
+    cache_ttl_s: float | None = None  # answers cached this long (exact-match), or no cache
+    cache_across_tiers: bool = False  # a cached answer may serve another tier of the route
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,7 @@ def _routes(
     for task, t in table.subtables():
         strategy = _strategy(t, "strategy", "ordered")
         cache_ttl_s = t.pop_number("cache_ttl_s", None, minimum=1)
+        across = t.pop_bool("cache_across_tiers", False)
         chains = {}
         for tier in t.names():
             path = key_path(t.path, tier)
@@ -360,11 +362,12 @@ def _routes(
                     _candidates(sub, "chain", names, providers),
                     _strategy(sub, "strategy", strategy),
                     sub.pop_number("cache_ttl_s", cache_ttl_s, minimum=1),
+                    across,
                 )
                 sub.done(known=("chain", "strategy", "cache_ttl_s"))
             else:
                 names = _str_list(t, tier, value)
-                chains[tier] = Chain(_candidates(t, tier, names, providers), strategy, cache_ttl_s)
+                chains[tier] = Chain(_candidates(t, tier, names, providers), strategy, cache_ttl_s, across)
         if not chains:
             raise ConfigError(f"{t.source}: {t.path}: a route needs a chain for at least one tier")
         routes[task] = chains

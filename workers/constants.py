@@ -13,6 +13,7 @@ QUEUE_PREFIX = "llm."
 #: Celery task names, as Flower shows them.
 RUN_JOB_TASK = "spillway.run_job"
 FINISH_BATCH_TASK = "spillway.finish_batch"
+DELIVER_CALLBACK_TASK = "spillway.deliver_callback"
 
 DEFAULT_CONFIG_FILE = "spillway.toml"
 DEFAULT_DATABASE_URL = "sqlite:///spillway.db"

@@ -16,16 +16,21 @@ It never raises for a provider error, so a chord's callback always runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from workers import constants
-from workers.config import Candidate
+import redis
+
+from workers import cache, constants
+from workers.alerts import quota_crossed
+from workers.config import Candidate, Chain
 from workers.errors import (
     AuthError,
     FinalError,
+    InputError,
     NoRouteError,
     Overloaded,
     ProviderError,
@@ -49,9 +54,11 @@ QUOTA_BLOCK_S = 86_400.0
 
 @dataclass(frozen=True)
 class Done:
-    """The job is final; `summary` is what the task returns (small, same on every redelivery)."""
+    """The job is final; `summary` is what the task returns (small, same on every redelivery).
+    `notify`: this run made it final and its submitter asked for a callback."""
 
     summary: dict[str, Any]
+    notify: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,20 @@ def lease_seconds(rt: Runtime, provider: str) -> float:
     return timeout + rt.settings.inline_wait_s + constants.LEASE_MARGIN_S
 
 
+def _chain(rt: Runtime, job: Job) -> Chain | None:
+    try:
+        return rt.settings.chain(job.task_type, job.tier)
+    except InputError:  # the config changed since the job was submitted
+        return None
+
+
+def _cached(rt: Runtime, key: str) -> cache.CachedAnswer | None:
+    try:
+        return cache.lookup(rt.redis, key)
+    except redis.RedisError:
+        return None  # a cache that does not answer is a miss
+
+
 def _priority(rt: Runtime, job: Job) -> int:
     return rt.priority(job.tier) if job.tier in rt.settings.tiers else 5
 
@@ -126,7 +147,7 @@ def run_job(rt: Runtime, job_id: str, candidate: Candidate, hop: int = 0) -> Out
     if claim.state == "poison":
         log.error("job %s failed: %s", job_id, job.error)
     if claim.state in ("final", "poison"):
-        return Done(summary(job))
+        return Done(summary(job), notify=claim.state == "poison" and bool(job.callback_url))
     if claim.state == "busy":  # another delivery of this job is running it right now
         wait_s = min(claim.busy_for_s + 1, rt.settings.max_countdown_s)
         return Requeue(candidate, hop, _priority(rt, job), countdown_s=wait_s)
@@ -144,6 +165,9 @@ class _Run:
         self.request = ChatRequest.from_json(job.request)
         self.costs = Costs.estimate(job.est_input_tokens, self.request.max_tokens)
         self.share = rt.settings.tiers[job.tier].budget_share if job.tier in rt.settings.tiers else 1.0
+        self.chain = _chain(rt, job)
+        ttl = self.chain.cache_ttl_s if self.chain else None
+        self.cache_key = cache.cache_key(self.chain, job.task_type, job.tier, self.request) if ttl else None
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -151,6 +175,10 @@ class _Run:
         rt, candidate = self.rt, self.candidate
         if not self._servable(candidate):
             return self._move_on(Denied(NEVER_S, f"never:{candidate.provider} is not usable here", 0))
+        if self.cache_key is not None:
+            answer = _cached(rt, self.cache_key)
+            if answer is not None:
+                return self._answer_from_cache(answer)
         give_up_at = time.monotonic() + rt.settings.inline_wait_s
         dequeue: Costs | None = self.costs
         while True:
@@ -168,6 +196,8 @@ class _Run:
                 return self._requeue(None, candidate, countdown_s=5.0, hop=False)
             dequeue = None
             if isinstance(grant, Lease):
+                if grant.crossed:
+                    quota_crossed(grant)
                 return self._call(grant)
             if not grant.never and grant.wait_s <= give_up_at - time.monotonic():
                 time.sleep(max(grant.wait_s, 0.005))
@@ -260,8 +290,15 @@ class _Run:
         )
         if not stored:  # another run of this job finished first: its result is the one
             return Done(summary(rt.store.job(self.job.id)))
+        if self.cache_key is not None and completion.finish_reason != "error":
+            answer = cache.CachedAnswer(
+                candidate.provider, candidate.model, completion.text, completion.finish_reason
+            )
+            with contextlib.suppress(redis.RedisError):
+                cache.store(rt.redis, self.cache_key, answer, self.chain.cache_ttl_s)
         return Done(
-            summary_of(
+            notify=bool(self.job.callback_url),
+            summary=summary_of(
                 self.job.id,
                 SUCCEEDED,
                 candidate.provider,
@@ -270,7 +307,7 @@ class _Run:
                 completion.output_tokens,
                 cost,
                 None,
-            )
+            ),
         )
 
     def _settle(self, lease: Lease, **kwargs: Any) -> None:
@@ -364,6 +401,18 @@ class _Run:
             return self._requeue(record, best.candidate, countdown_s=wait_s, hop=True)
         return self._requeue(record, best.candidate, park_until_s=rt.limiter.now_s() + wait_s, hop=True)
 
+    def _answer_from_cache(self, answer: cache.CachedAnswer) -> Outcome:
+        """An identical request was answered lately: no quota spent, no call made."""
+        stored = self.rt.store.finish(
+            self.job.id, self.job.runs, None, status=SUCCEEDED, **answer.result_columns()
+        )
+        if not stored:
+            return Done(summary(self.rt.store.job(self.job.id)))
+        return Done(
+            summary_of(self.job.id, SUCCEEDED, answer.provider, answer.model, 0, 0, 0.0, None),
+            notify=bool(self.job.callback_url),
+        )
+
     def _count_queued(self, target: Candidate) -> None:
         """The job waits in `target`'s queue again: placement must see it there."""
         try:
@@ -407,6 +456,8 @@ class _Run:
         park_until_s: float | None = None,
         hop: bool,
     ) -> Outcome:
+        if record is not None:
+            record = replace(record, moved_to=target.provider)
         self.rt.store.requeue(
             self.job.id,
             self.job.runs,
@@ -437,16 +488,7 @@ class _Run:
         )
         if not stored:
             return Done(summary(self.rt.store.job(self.job.id)))
-        job = self.job
-        return Done(
-            summary_of(
-                job.id,
-                FAILED,
-                self.candidate.provider,
-                self.candidate.model,
-                job.input_tokens,
-                job.output_tokens,
-                job.cost_usd,
-                kind,
-            )
+        summary_now = summary_of(
+            self.job.id, FAILED, self.candidate.provider, self.candidate.model, 0, 0, 0.0, kind
         )
+        return Done(summary_now, notify=bool(self.job.callback_url))

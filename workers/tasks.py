@@ -6,17 +6,22 @@ never see a prompt or a key.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from celery import Task
 from celery.exceptions import Retry
 
-from workers import batches, execution, parking
+from workers import batches, callbacks, execution, parking
 from workers.app import app
 from workers.config import Candidate
-from workers.constants import FINISH_BATCH_TASK, RUN_JOB_TASK, queue_name
+from workers.constants import DELIVER_CALLBACK_TASK, FINISH_BATCH_TASK, RUN_JOB_TASK, queue_name
+from workers.results import JobResult
 from workers.runtime import runtime
+
+log = logging.getLogger("spillway.tasks")
 
 
 @app.task(bind=True, name=RUN_JOB_TASK, max_retries=None)
@@ -25,6 +30,8 @@ def run_job(self: Task, job_id: str, provider: str, model: str, hop: int = 0) ->
     rt = runtime()
     outcome = execution.run_job(rt, job_id, Candidate(provider, model), hop)
     if isinstance(outcome, execution.Done):
+        if outcome.notify:
+            deliver_callback.apply_async(args=[job_id])
         return outcome.summary
     target = outcome.candidate
     kwargs = {"job_id": job_id, "provider": target.provider, "model": target.model, "hop": outcome.hop}
@@ -42,6 +49,26 @@ def run_job(self: Task, job_id: str, provider: str, model: str, hop: int = 0) ->
         max_retries=None,
         priority=outcome.priority,
     )
+
+
+@app.task(bind=True, name=DELIVER_CALLBACK_TASK, max_retries=callbacks.MAX_DELIVERIES, ignore_result=True)
+def deliver_callback(self: Task, job_id: str) -> None:
+    """POST a final job's result to its callback_url, signed; back off while the backend is down."""
+    rt = runtime()
+    job = rt.store.job(job_id)
+    if job is None or not job.callback_url:
+        return
+    payload = JobResult.from_job(job).to_json()
+    try:
+        callbacks.deliver(job.callback_url, job_id, payload, rt.http)
+    except httpx.HTTPError as exc:
+        delivery = self.request.retries
+        if delivery >= callbacks.MAX_DELIVERIES:
+            log.error(
+                "callback for job %s given up after %d tries (%s)", job_id, delivery + 1, type(exc).__name__
+            )
+            return
+        raise self.retry(countdown=callbacks.backoff_s(delivery), exc=None) from None
 
 
 @app.task(name=FINISH_BATCH_TASK)

@@ -78,6 +78,7 @@ class Lease:
     model: str
     key: ApiKey
     now_ms: int
+    crossed: tuple[str, ...] = ()  # daily quotas this debit took past 90%: "rpd:901:1000"
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,10 @@ class Limiter:
         }
         result = self._run(self._acquire, redis_keys, spec)
         if result[0] == 1:
-            return Lease(lease_id, candidate.provider, candidate.model, keys[result[1] - 1], result[2])
+            crossed = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in result[3] or ())
+            return Lease(
+                lease_id, candidate.provider, candidate.model, keys[result[1] - 1], result[2], crossed
+            )
         why = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
         return Denied(result[1] / 1000, why, result[3])
 

@@ -94,8 +94,9 @@ class Attempt(Base):
     key_id: Mapped[str | None] = mapped_column(String(32))
     task_type: Mapped[str] = mapped_column(String(64))
     tier: Mapped[str] = mapped_column(String(64))
-    outcome: Mapped[str] = mapped_column(String(32))  # succeeded | <error kind> | rerouted | cached
+    outcome: Mapped[str] = mapped_column(String(32))  # succeeded | <error kind> | rerouted
     called: Mapped[bool] = mapped_column(default=True)  # False: re-routed before any HTTP call
+    moved_to: Mapped[str | None] = mapped_column(String(64))  # the provider the job went to next
     error: Mapped[str | None] = mapped_column(Text)
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)

@@ -64,6 +64,7 @@ class AttemptRecord:
     output_tokens: int = 0
     cost_usd: float = 0.0
     latency_ms: float | None = None
+    moved_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,9 @@ RESULT_COLUMNS = (
     "cost_usd",
     "error",
     "error_kind",
+    "cached",
 )
-RESULT_DEFAULTS = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+RESULT_DEFAULTS = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "cached": False}
 ATTEMPT_COLUMNS = tuple(c.name for c in ATTEMPTS.columns if c.name != "id")
 
 # The hot path's statements, built once (Core, bound parameters): a worker runs them per job.

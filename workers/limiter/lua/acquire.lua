@@ -8,7 +8,9 @@
 -- ARGV[1]  JSON {offset_ms, day_shift_ms, lease_id, lease_ttl_ms, probe_ttl_ms, share,
 --                costs = {requests, tokens, input, output}, dequeue = {field: amount} | null,
 --                accounts = [{key_id, concurrency, buckets = [bucket spec, ...]}]}
--- Returns  {1, account index (1-based), now_ms}   the lease is taken
+-- Returns  {1, account index (1-based), now_ms, crossed}   the lease is taken; `crossed` lists
+--                                                 "field:used:limit" of daily quotas this debit
+--                                                 took past ALERT_AT (90%) — once per window
 --          {0, wait_ms, why, now_ms}              nothing admits now; earliest retry in wait_ms
 --                                                 (why "never:<reason>" when waiting cannot help)
 
@@ -89,13 +91,18 @@ end
 local acct = spec.accounts[best]
 local base = 3 + (best - 1) * 4
 local scopes = {KEYS[base + 1], KEYS[base + 2]}
-local charges = {}
+local ALERT_AT = 0.9
+local charges, crossed = {}, {}
 for _, b in ipairs(acct.buckets) do
   local key = scopes[b[1]]
   local avail, cap = bucket_now(key, b, now, window)
   local cost = spec.costs[b[6]]
   bucket_set(key, b, now, window, avail - cost, cap)
   charges[#charges + 1] = {b[1], b[2], b[3], b[4], b[5], b[6], cost, window}
+  local used_before, used_after = cap - avail, cap - avail + cost
+  if b[3] == 1 and used_before < ALERT_AT * cap and used_after >= ALERT_AT * cap then
+    crossed[#crossed + 1] = b[2] .. ':' .. used_after .. ':' .. cap
+  end
 end
 for s = 1, 2 do keep(scopes[s], KEEP_MS) end
 local expires = now + spec.lease_ttl_ms
@@ -105,4 +112,4 @@ if best_probe then
   redis.call('HSET', KEYS[base + 4], 'probe_until', num(now + spec.probe_ttl_ms))
 end
 redis.call('SET', KEYS[3], cjson.encode({charges = charges, probe = best_probe}), 'PX', spec.lease_ttl_ms)
-return {1, best, now}
+return {1, best, now, crossed}

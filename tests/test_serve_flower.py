@@ -1,0 +1,121 @@
+"""The HTTP service and Flower, as real processes against a real worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from workers.embedded import free_port
+
+pytestmark = pytest.mark.integration
+TOKEN = "test-token-5e1f"
+
+
+def start(argv: list[str], env: dict[str, str], url: str, timeout_s: float = 60) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{argv[3:5]} exited: {proc.stderr.read()[-2000:]}")
+        try:
+            httpx.get(url, timeout=1)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"{url} did not answer")
+
+
+@pytest.fixture(scope="module")
+def api(e2e_stack):
+    port = free_port()
+    env = {**os.environ, **e2e_stack.env, "SPILLWAY_API_TOKEN": TOKEN}
+    proc = start([sys.executable, "-m", "producer.cli", "serve", "--port", str(port)], env,
+                 f"http://127.0.0.1:{port}/metrics")
+    yield httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_every_route_needs_the_token(api) -> None:
+    for path in ("/metrics", "/v1/status", "/v1/usage", "/v1/jobs/" + "0" * 32):
+        answer = httpx.get(str(api.base_url) + path, headers={"Authorization": "Bearer wrong"})
+        assert answer.status_code == 401 and answer.json()["error"]["message"] == "missing or wrong bearer token"
+
+
+def test_submit_and_read_a_job_over_http(api) -> None:
+    created = api.post("/v1/jobs", json={"prompt": "hello over http", "task": "chat", "tier": "pro"})
+    assert created.status_code == 202
+    job_id = created.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while (job := api.get(f"/v1/jobs/{job_id}").json())["status"] != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job["text"] and job["provider"] == "openai" and job["output_tokens"] > 0
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b"{not json", 400, "the body is not valid JSON"),
+    (b"[1, 2]", 400, "the body must be a JSON object"),
+    (b'{"prompt": "x", "task": "chat", "tier": "pro", "colour": "red"}', 400, "unknown field(s): colour"),
+    (b'{"prompt": "x", "task": "chat", "tier": "gold"}', 422, "unknown tier 'gold'"),
+    (b'{"prompt": "x", "tier": "pro"}', 422, "task: is required"),
+    (b'{"prompt": "", "task": "chat", "tier": "pro"}', 422, "prompt: is empty"),
+    (b'{"prompt": "x", "task": "chat", "tier": "pro", "max_tokens": -1}', 422, "max_tokens: expected a positive integer"),
+])
+def test_bad_bodies_get_clear_4xx(api, body: bytes, status: int, message: str) -> None:
+    answer = api.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status
+    assert message in answer.json()["error"]["message"]
+
+
+def test_unknown_job_and_path(api) -> None:
+    assert api.get("/v1/jobs/" + "f" * 32).status_code == 404
+    assert api.get("/v2/nothing").status_code == 404
+
+
+def test_status_usage_and_metrics(api) -> None:
+    status = api.get("/v1/status").json()
+    assert {p["provider"] for p in status["providers"]} >= {"groq", "openai"}
+    usage = api.get("/v1/usage", params={"by": "provider", "since": "1h"}).json()
+    assert usage["by"] == "provider" and "total" in usage
+    metrics = api.get("/metrics").text
+    assert 'spillway_queue_length{queue="llm.groq"}' in metrics
+    assert "spillway_budget_remaining{" in metrics and 'spillway_jobs{status="succeeded"}' in metrics
+
+
+def test_flower_shows_the_tasks_by_name_with_ids_and_no_prompt(e2e_stack) -> None:
+    port = free_port()
+    env = {**os.environ, **e2e_stack.env, "FLOWER_BASIC_AUTH": "ops:flower-test-pass"}
+    proc = start([sys.executable, "-m", "producer.cli", "flower", "--port", str(port)], env,
+                 f"http://127.0.0.1:{port}/healthcheck")
+    auth = ("ops", "flower-test-pass")
+    try:
+        secret_prompt = "flower must not see this prompt 7f3e"
+        with e2e_stack.applied():
+            from producer import submit
+
+            handle = submit(secret_prompt, task="chat", tier="free")
+            handle.wait(60)
+        deadline = time.monotonic() + 30
+        task = None
+        while time.monotonic() < deadline:
+            tasks = httpx.get(f"http://127.0.0.1:{port}/api/tasks", auth=auth, timeout=5).json()
+            task = tasks.get(handle.id)
+            if task and task.get("state") == "SUCCESS":
+                break
+            time.sleep(0.3)
+        page = httpx.get(f"http://127.0.0.1:{port}/task/{handle.id}", auth=auth, timeout=5).text
+        anonymous = httpx.get(f"http://127.0.0.1:{port}/api/tasks", timeout=5).status_code
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert task is not None and task["name"] == "spillway.run_job" and task["state"] == "SUCCESS"
+    assert handle.id in task["kwargs"] and "groq" in task["kwargs"] and "llama-3.3-70b-versatile" in task["kwargs"]
+    assert secret_prompt not in str(task) and secret_prompt not in page
+    assert anonymous == 401
