@@ -18,9 +18,11 @@ from workers.embedded import start_redis
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
-    parser.add_argument("--only", choices=["limiter", "overhead", "makespan", "batch"], action="append")
+    parser.add_argument(
+        "--only", choices=["limiter", "submit", "overhead", "makespan", "batch"], action="append"
+    )
     args = parser.parse_args()
-    only = set(args.only or ["limiter", "overhead", "makespan", "batch"])
+    only = set(args.only or ["limiter", "submit", "overhead", "makespan", "batch"])
     console = Console()
     rows: list[tuple[str, str, str]] = []
     redis_server = start_redis()
@@ -41,6 +43,18 @@ def main() -> None:
                     "acquire latency p50 / p99",
                     f"{r['acquire_p50_ms']:.2f} / {r['acquire_p99_ms']:.2f} ms",
                 ),
+            ]
+        if "submit" in only:
+            from bench import submit_latency
+
+            with console.status("submit latency…"), tempfile.TemporaryDirectory() as tmp:
+                r = submit_latency.run(Path(tmp), jobs=300 if args.quick else 1000)
+            rows += [
+                (
+                    "submit",
+                    "producer.submit, stored + published: p50 / p99",
+                    f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms ({r['per_s']:.0f}/s, one thread)",
+                )
             ]
         if "overhead" in only:
             from bench import overhead

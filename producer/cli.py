@@ -273,13 +273,14 @@ def worker(providers: str | None, concurrency: int | None, loglevel: str, hostna
     help="Config file (default: $SPILLWAY_CONFIG or spillway.toml).",
 )
 @click.option("--port", type=int, help="Port (default: [simulator] port, 8900; 0 picks a free one).")
-def simulate(config_path: str | None, port: int | None) -> None:
+@click.option("--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 inside a container).")
+def simulate(config_path: str | None, port: int | None, host: str | None) -> None:
     """Serve the configured providers from the built-in simulator on 127.0.0.1."""
     from workers.config import load_settings
     from workers.simulator import SimServer, sim_settings
 
     settings = load_settings(config_path)
-    server = SimServer(sim_settings(settings, port=port))
+    server = SimServer(sim_settings(settings, port=port, host=host))
     click.echo(f"spillway simulator listening on {server.url}", err=False)
     sys.stdout.flush()
     for name, provider in server.sim.settings.providers.items():
@@ -290,6 +291,38 @@ def simulate(config_path: str | None, port: int | None) -> None:
         pass
     finally:
         server.server_close()
+
+
+@main.command()
+@click.option(
+    "--idle",
+    "idle_s",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Only jobs nothing has touched for this many seconds.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def recover(idle_s: float, as_json: bool) -> None:
+    """Publish again the jobs the store has but the broker lost (each once); finish their batches."""
+    from workers import app
+    from workers.reconciler import recover_once
+    from workers.runtime import runtime
+
+    result = recover_once(runtime(), app, idle_for_s=idle_s)
+    if as_json:
+        _print_json(
+            {
+                "republished": result.republished,
+                "batches_completed": result.batches_completed,
+                "alive": result.skipped_live,
+            }
+        )
+        return
+    console.print(
+        f"republished {len(result.republished)} job(s); {result.skipped_live} open job(s) are "
+        f"alive (queued, running or parked); {len(result.batches_completed)} batch(es) completed"
+    )
 
 
 @main.command()

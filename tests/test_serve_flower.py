@@ -17,8 +17,9 @@ TOKEN = "test-token-5e1f"
 
 
 def start(argv: list[str], env: dict[str, str], url: str, timeout_s: float = 60) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -36,9 +37,14 @@ def start(argv: list[str], env: dict[str, str], url: str, timeout_s: float = 60)
 def api(e2e_stack):
     port = free_port()
     env = {**os.environ, **e2e_stack.env, "SPILLWAY_API_TOKEN": TOKEN}
-    proc = start([sys.executable, "-m", "producer.cli", "serve", "--port", str(port)], env,
-                 f"http://127.0.0.1:{port}/metrics")
-    yield httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    proc = start(
+        [sys.executable, "-m", "producer.cli", "serve", "--port", str(port)],
+        env,
+        f"http://127.0.0.1:{port}/metrics",
+    )
+    yield httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    )
     proc.terminate()
     proc.wait(10)
 
@@ -46,7 +52,9 @@ def api(e2e_stack):
 def test_every_route_needs_the_token(api) -> None:
     for path in ("/metrics", "/v1/status", "/v1/usage", "/v1/jobs/" + "0" * 32):
         answer = httpx.get(str(api.base_url) + path, headers={"Authorization": "Bearer wrong"})
-        assert answer.status_code == 401 and answer.json()["error"]["message"] == "missing or wrong bearer token"
+        assert (
+            answer.status_code == 401 and answer.json()["error"]["message"] == "missing or wrong bearer token"
+        )
 
 
 def test_submit_and_read_a_job_over_http(api) -> None:
@@ -54,20 +62,29 @@ def test_submit_and_read_a_job_over_http(api) -> None:
     assert created.status_code == 202
     job_id = created.json()["job_id"]
     deadline = time.monotonic() + 60
-    while (job := api.get(f"/v1/jobs/{job_id}").json())["status"] != "succeeded" and time.monotonic() < deadline:
+    while (job := api.get(f"/v1/jobs/{job_id}").json())[
+        "status"
+    ] != "succeeded" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert job["text"] and job["provider"] == "openai" and job["output_tokens"] > 0
 
 
-@pytest.mark.parametrize(("body", "status", "message"), [
-    (b"{not json", 400, "the body is not valid JSON"),
-    (b"[1, 2]", 400, "the body must be a JSON object"),
-    (b'{"prompt": "x", "task": "chat", "tier": "pro", "colour": "red"}', 400, "unknown field(s): colour"),
-    (b'{"prompt": "x", "task": "chat", "tier": "gold"}', 422, "unknown tier 'gold'"),
-    (b'{"prompt": "x", "tier": "pro"}', 422, "task: is required"),
-    (b'{"prompt": "", "task": "chat", "tier": "pro"}', 422, "prompt: is empty"),
-    (b'{"prompt": "x", "task": "chat", "tier": "pro", "max_tokens": -1}', 422, "max_tokens: expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "the body is not valid JSON"),
+        (b"[1, 2]", 400, "the body must be a JSON object"),
+        (b'{"prompt": "x", "task": "chat", "tier": "pro", "colour": "red"}', 400, "unknown field(s): colour"),
+        (b'{"prompt": "x", "task": "chat", "tier": "gold"}', 422, "unknown tier 'gold'"),
+        (b'{"prompt": "x", "tier": "pro"}', 422, "task: is required"),
+        (b'{"prompt": "", "task": "chat", "tier": "pro"}', 422, "prompt: is empty"),
+        (
+            b'{"prompt": "x", "task": "chat", "tier": "pro", "max_tokens": -1}',
+            422,
+            "max_tokens: expected a positive integer",
+        ),
+    ],
+)
 def test_bad_bodies_get_clear_4xx(api, body: bytes, status: int, message: str) -> None:
     answer = api.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
     assert answer.status_code == status
@@ -92,8 +109,11 @@ def test_status_usage_and_metrics(api) -> None:
 def test_flower_shows_the_tasks_by_name_with_ids_and_no_prompt(e2e_stack) -> None:
     port = free_port()
     env = {**os.environ, **e2e_stack.env, "FLOWER_BASIC_AUTH": "ops:flower-test-pass"}
-    proc = start([sys.executable, "-m", "producer.cli", "flower", "--port", str(port)], env,
-                 f"http://127.0.0.1:{port}/healthcheck")
+    proc = start(
+        [sys.executable, "-m", "producer.cli", "flower", "--port", str(port)],
+        env,
+        f"http://127.0.0.1:{port}/healthcheck",
+    )
     auth = ("ops", "flower-test-pass")
     try:
         secret_prompt = "flower must not see this prompt 7f3e"
@@ -116,6 +136,10 @@ def test_flower_shows_the_tasks_by_name_with_ids_and_no_prompt(e2e_stack) -> Non
         proc.terminate()
         proc.wait(10)
     assert task is not None and task["name"] == "spillway.run_job" and task["state"] == "SUCCESS"
-    assert handle.id in task["kwargs"] and "groq" in task["kwargs"] and "llama-3.3-70b-versatile" in task["kwargs"]
+    assert (
+        handle.id in task["kwargs"]
+        and "groq" in task["kwargs"]
+        and "llama-3.3-70b-versatile" in task["kwargs"]
+    )
     assert secret_prompt not in str(task) and secret_prompt not in page
     assert anonymous == 401

@@ -88,12 +88,15 @@ def _limits(t: Table, default: Limits) -> Limits:
     return Limits(**values)
 
 
-def sim_settings(settings: Settings, *, port: int | None = None) -> SimSettings:
-    """Every configured provider, simulated with its configured limits unless told otherwise."""
+def sim_settings(settings: Settings, *, port: int | None = None, host: str | None = None) -> SimSettings:
+    """Every configured provider, simulated with its configured limits unless told otherwise.
+
+    The config may only name a loopback host; `host` (``spillway simulate --host``, for a
+    container) is taken as given."""
     root = Table(settings.simulator, "simulator", settings.source)
-    host = root.pop_str("host", "127.0.0.1")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise root.error("host", "the simulator only listens on loopback", host)
+    config_host = root.pop_str("host", "127.0.0.1")
+    if config_host not in ("127.0.0.1", "localhost", "::1"):
+        raise root.error("host", "the simulator only listens on loopback", config_host)
     config_port = root.pop_int("port", 8900, minimum=0)
     seed = root.pop_int("seed", None, minimum=0)
     latency = _latency(root.pop_table("latency_ms"), Latency())
@@ -126,4 +129,4 @@ def sim_settings(settings: Settings, *, port: int | None = None) -> SimSettings:
             hang_s=t.pop_number("hang_s", base.hang_s, minimum=0.1),
         )
         t.done(known=("limits", "latency_ms", "faults", "reject_keys", "hang_s"))
-    return SimSettings(host, config_port if port is None else port, seed, providers)
+    return SimSettings(host or config_host, config_port if port is None else port, seed, providers)
