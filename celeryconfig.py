@@ -34,6 +34,9 @@ task_track_started = True
 # Priority lists ``llm.groq``, ``llm.groq:3``... (0 runs first); Flower reads the same options.
 broker_transport_options = {
     "visibility_timeout": int(os.environ.get("SPILLWAY_VISIBILITY_TIMEOUT_S", "900")),
+    # how often workers look for unacked messages of dead workers (one cheap ZRANGE a sweep)
+    "unacked_restore_interval": int(os.environ.get("SPILLWAY_UNACKED_RESTORE_S", "10")),
+    "unacked_restore_throttle": 1,
     "priority_steps": list(range(10)),
     "sep": ":",
     "queue_order_strategy": os.environ.get("SPILLWAY_QUEUE_ORDER", "round_robin"),

@@ -26,9 +26,11 @@ from workers.store import SUCCEEDED, utcnow
 
 log = logging.getLogger("spillway.producer")
 
-#: What `submit` does when the broker is down: "fail" (nothing is stored) or "store" (the
-#: job is kept and the reconciler publishes it once the broker is back).
-BROKER_DOWN = os.environ.get("SPILLWAY_SUBMIT_WHEN_BROKER_DOWN", "fail")
+
+def keep_when_broker_down() -> bool:
+    """``SPILLWAY_SUBMIT_WHEN_BROKER_DOWN``: "fail" (the default: nothing is stored) or "store"
+    (the job is kept and the reconciler publishes it once Redis or the broker is back)."""
+    return os.environ.get("SPILLWAY_SUBMIT_WHEN_BROKER_DOWN", "fail") == "store"
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,12 @@ def submit(
     if answer is not None:
         return _store_cached(rt, task, tier, request, answer, **extra)
     costs = Costs.estimate(request.estimated_input_tokens(), request.max_tokens)
-    placement = rt.router.place(task, tier, costs, preferred=preferred_provider)
+    try:
+        target = rt.router.place(task, tier, costs, preferred=preferred_provider).candidate
+    except ServiceUnavailable:
+        if not keep_when_broker_down():
+            raise
+        target = rt.router.candidates(task, tier)[0]  # Redis is down: the reconciler sends it later
     job_id = uuid.uuid4().hex
     row = job_row(
         job_id,
@@ -126,7 +133,7 @@ def submit(
         idempotency_key=idempotency_key,
         callback_url=callback_url,
         deadline_s=deadline_s,
-        target=placement.candidate,
+        target=target,
     )
     try:
         rt.store.add_jobs([row])
@@ -135,7 +142,7 @@ def submit(
         if existing is None:
             raise
         return JobHandle(existing.id)  # a concurrent submit with the same key won
-    publish(rt, [(job_id, placement.candidate, tier)])
+    publish(rt, [(job_id, target, tier)])
     return JobHandle(job_id)
 
 
@@ -250,7 +257,7 @@ def publish(
                 )
     except Exception as exc:  # kombu/redis/amqp connection errors come in many classes
         ids = [j for j, _, _ in jobs]
-        if BROKER_DOWN == "store":
+        if keep_when_broker_down():
             log.warning("broker down: %d job(s) stored; the reconciler will publish them", len(ids))
             return
         rt.store.delete_jobs(ids)

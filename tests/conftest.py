@@ -208,3 +208,31 @@ def add_job(
 def snapshot(rt: Runtime, c: Candidate) -> dict:
     """The first account of a candidate as the limiter sees it now."""
     return rt.limiter.snapshots([c])[c].accounts[0]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The fault suite's table: faults injected, jobs submitted, lost, charged twice, bad inputs."""
+    from tests.faultkit import FULL, LEDGER
+
+    if not LEDGER.rows:
+        return
+    mode = "full" if FULL else "quick (SPILLWAY_FAULTS=full for the long version)"
+    lines = [
+        f"fault suite — {mode}",
+        f"{'scenario':<44}{'faults':>8}{'jobs':>8}{'lost':>6}{'charged 2x':>12}{'bad inputs':>12}{'rejected ok':>13}",
+    ]
+    for r in LEDGER.rows:
+        lines.append(
+            f"{r.scenario:<44}{r.faults:>8}{r.submitted:>8}{r.lost:>6}{r.charged_twice:>12}"
+            f"{r.bad_inputs:>12}{r.rejected_cleanly:>13}"
+        )
+    total = [
+        sum(getattr(r, k) for r in LEDGER.rows)
+        for k in ("faults", "submitted", "lost", "charged_twice", "bad_inputs", "rejected_cleanly")
+    ]
+    lines.append(
+        f"{'total':<44}{total[0]:>8}{total[1]:>8}{total[2]:>6}{total[3]:>12}{total[4]:>12}{total[5]:>13}"
+    )
+    terminalreporter.write_sep("=", "faults")
+    for line in lines:
+        terminalreporter.write_line(line)

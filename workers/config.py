@@ -142,6 +142,7 @@ class Settings:
     max_crashes: int = constants.MAX_CRASHES
     inline_wait_s: float = constants.INLINE_WAIT_S
     max_countdown_s: float = constants.MAX_COUNTDOWN_S
+    lease_margin_s: float = constants.LEASE_MARGIN_S
     simulator: dict[str, Any] = field(default_factory=dict)
 
     def chain(self, task: str, tier: str) -> Chain:
@@ -207,6 +208,7 @@ def _general(t: Table) -> dict[str, Any]:
         "max_crashes": t.pop_int("max_crashes", constants.MAX_CRASHES),
         "inline_wait_s": t.pop_number("inline_wait_s", constants.INLINE_WAIT_S, maximum=30),
         "max_countdown_s": t.pop_number("max_countdown_s", constants.MAX_COUNTDOWN_S, minimum=1),
+        "lease_margin_s": t.pop_number("lease_margin_s", constants.LEASE_MARGIN_S, minimum=0.5),
     }
     t.done(known=tuple(out))
     return out

@@ -32,6 +32,15 @@ class EmbeddedRedis:
     _stop: Any = field(default=None, repr=False)
     _tmp: Any = field(default=None, repr=False)
 
+    def restart(self) -> None:
+        """Stop and start again on the same port, empty (it keeps nothing on disk)."""
+        if self.kind != "server":
+            raise ServiceUnavailable("only a private redis-server can be restarted")
+        binary = shutil.which("redis-server") or "redis-server"
+        self.stop()
+        fresh = _start_server(binary, int(self.address.rsplit(":", 1)[1]))
+        self._stop, self._tmp = fresh._stop, fresh._tmp
+
     def url(self, db: int = 0) -> str:
         if self.kind == "server":
             return f"redis://{self.address}/{db}"

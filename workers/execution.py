@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from workers import cache, constants
+from workers import cache
 from workers.alerts import quota_crossed
 from workers.config import Candidate, Chain
 from workers.errors import (
@@ -115,7 +115,7 @@ def summary_of(
 def lease_seconds(rt: Runtime, provider: str) -> float:
     config = rt.settings.providers.get(provider)
     timeout = config.timeout_s + config.connect_timeout_s if config else 60.0
-    return timeout + rt.settings.inline_wait_s + constants.LEASE_MARGIN_S
+    return timeout + rt.settings.inline_wait_s + rt.settings.lease_margin_s
 
 
 def _chain(rt: Runtime, job: Job) -> Chain | None:

@@ -20,6 +20,8 @@ log = logging.getLogger("spillway.housekeeping")
 
 PARKED_EVERY_S = float(os.environ.get("SPILLWAY_PARKED_EVERY_S", "2"))
 RECOVER_EVERY_S = float(os.environ.get("SPILLWAY_RECOVER_EVERY_S", "60"))
+#: A job nothing touched for this long, with no broker message, counts as lost.
+RECOVER_IDLE_S = float(os.environ.get("SPILLWAY_RECOVER_IDLE_S", "30"))
 
 _stop = threading.Event()
 
@@ -34,7 +36,7 @@ def _loop(app: Any) -> None:
                 next_recover = time.monotonic() + RECOVER_EVERY_S
                 from workers import reconciler
 
-                reconciler.recover_once(rt, app)
+                reconciler.recover_once(rt, app, idle_for_s=RECOVER_IDLE_S)
         except SpillwayError as exc:
             log.warning("housekeeping skipped a round: %s", exc)
         except Exception:

@@ -217,7 +217,7 @@ class Limiter:
             "day_shift_ms": self._day_shift_ms(provider),
             "lease_id": lease_id,
             "lease_ttl_ms": int(lease_ttl_s * 1000),
-            "probe_ttl_ms": int((provider.timeout_s + constants.LEASE_MARGIN_S) * 1000),
+            "probe_ttl_ms": int((provider.timeout_s + self.settings.lease_margin_s) * 1000),
             "share": share,
             "costs": costs.as_dict(),
             "dequeue": self._pending_fields(candidate.model, dequeue) if dequeue else None,

@@ -1,0 +1,119 @@
+"""Workers SIGKILLed mid-call: every job ends succeeded or failed, none is lost or stored twice,
+each successful call is charged once, the chord callback runs once; a job that kills its
+worker every time is failed after a bounded number of redeliveries."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from producer.stack import LocalStack
+from tests.conftest import CONFIGS
+from tests.faultkit import LEDGER, Row, all_final, audit, size, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+#: Dead workers' messages come back within seconds (the visibility timeout stays above the
+#: longest call plus the longest countdown of this config).
+FAST_RECOVERY = {
+    "SPILLWAY_VISIBILITY_TIMEOUT_S": "6",
+    "SPILLWAY_UNACKED_RESTORE_S": "1",
+    "SPILLWAY_RECOVER_EVERY_S": "3",
+    "SPILLWAY_RECOVER_IDLE_S": "8",
+}
+
+
+def make_stack(tmp_path, redis_url: str, config_text: str | None = None) -> LocalStack:
+    config = tmp_path / "faults.toml"
+    config.write_text(config_text or (CONFIGS / "faults.toml").read_text())
+    redis.Redis.from_url(redis_url).flushdb()
+    return LocalStack(config, redis_url=redis_url, workdir=str(tmp_path), extra_env=FAST_RECOVERY)
+
+
+def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
+    jobs, kills = size(300, 1000), size(3, 6)
+    stack = make_stack(tmp_path, redis_server.url(13))
+    try:
+        stack.start()
+        worker = stack.start_worker(concurrency=16, loglevel="WARNING")
+        stack.wait_for_workers()
+        with stack.applied():
+            from producer import submit_batch
+            from workers.runtime import runtime
+
+            store = runtime().store
+            handle = submit_batch(
+                [{"custom_id": f"k{i}", "prompt": f"kill test {i}"} for i in range(jobs)],
+                task="work",
+                tier="free",
+            )
+            ids = [j.id for j in store.batch_jobs(handle.id, limit=jobs + 1)]
+            step = jobs // (kills + 2)
+            for k in range(1, kills + 1):
+                wait_until(lambda k=k: handle.progress().done >= k * step, timeout_s=60, every_s=0.05)
+                stack.kill_worker(worker)  # SIGKILL, calls in flight
+                worker = stack.start_worker(concurrency=16, loglevel="WARNING")
+            assert wait_until(all_final(store, ids), timeout_s=240), store.count_by_status(handle.id)
+            wait_until(lambda: store.batch(handle.id).finished_at is not None, timeout_s=30)
+            result, batch = audit(store, ids), store.batch(handle.id)
+    finally:
+        stack.close()
+    LEDGER.add(
+        Row(
+            "worker SIGKILLed mid-batch",
+            faults=kills,
+            submitted=jobs,
+            lost=result.lost,
+            charged_twice=result.charged_twice,
+        )
+    )
+    assert result.lost == 0 and result.charged_twice == 0 and result.ledger_mismatch == 0
+    assert batch.finished_at is not None and batch.summary["total"] == jobs
+    assert batch.callback_runs == batch.chords  # one callback per chord, each run once
+
+
+def test_a_job_that_kills_its_worker_every_time_is_failed(tmp_path, redis_server) -> None:
+    crashes = size(2, 3)
+    text = (CONFIGS / "faults.toml").read_text().replace("max_crashes = 3", f"max_crashes = {crashes}")
+    stack = make_stack(tmp_path, redis_server.url(14), text)
+    kills = 0
+    try:
+        stack.start()
+        worker = stack.start_worker(concurrency=4, loglevel="WARNING")
+        stack.wait_for_workers()
+        with stack.applied():
+            from producer import submit
+            from workers.runtime import runtime
+
+            store = runtime().store
+            job_id = submit("this prompt takes its worker down", task="poison", tier="free").id
+            seen_runs = 0
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                job = store.job(job_id)
+                if job.status in ("succeeded", "failed"):
+                    break
+                if job.status == "running" and job.runs > seen_runs:  # a new run has it: kill that worker
+                    seen_runs = job.runs
+                    stack.kill_worker(worker)
+                    kills += 1
+                    worker = stack.start_worker(concurrency=4, loglevel="WARNING")
+                time.sleep(0.05)
+            job = store.job(job_id)
+    finally:
+        stack.close()
+    LEDGER.add(
+        Row(
+            "poison job kills its worker",
+            faults=kills,
+            submitted=1,
+            lost=int(job.status not in ("succeeded", "failed")),
+        )
+    )
+    assert job.status == "failed" and job.error_kind == "poison"
+    assert job.error == (
+        f"the worker running this job died {crashes} times; it is failed so it cannot take more workers down"
+    )
+    assert kills == crashes
