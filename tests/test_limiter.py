@@ -120,7 +120,9 @@ def test_block_extends_never_shortens(redis_client: redis.Redis) -> None:
     lim = make(redis_client, "rpm = 100")
     leases = [take(lim) for _ in range(3)]  # three calls in flight, each answered 429
     for lease, block_s, expected in zip(leases, (10, 5, 20), (10, 10, 20), strict=True):
-        until = lim.settle(lease, actual=Costs(1), outcome="alive", block_s=block_s, block_why="429 minute")
+        until = lim.settle(
+            lease, actual=Costs(1), outcome="alive", block_s=block_s, block_why="429 minute"
+        ).blocked_until_s
         denied = take(lim)
         assert isinstance(denied, Denied) and denied.why == "blocked: 429 minute"
         assert denied.wait_s == pytest.approx(expected, abs=0.5)
@@ -200,7 +202,8 @@ def test_keys_rotate_by_room_and_a_disabled_key_is_skipped(redis_client: redis.R
     used = [take(lim).key.key_id for _ in range(6)]
     assert len(set(used)) == 2 and used[0] != used[1]  # the fuller account goes next
     bad = take(lim)
-    lim.settle(bad, actual=Costs(0), outcome="alive", disable_why="rejected (HTTP 401)")
+    assert lim.settle(bad, actual=Costs(0), outcome="alive", disable_why="rejected (HTTP 401)").newly_disabled
+    assert not lim.settle(bad, actual=Costs(0), outcome="alive", disable_why="again").newly_disabled
     others = {take(lim).key.key_id for _ in range(2)}
     assert others == {k.key_id for k in lim.keyring.keys("p")} - {bad.key.key_id}
     denied = take(lim)

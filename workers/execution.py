@@ -39,7 +39,7 @@ from workers.errors import (
     RetryableError,
     ServiceUnavailable,
 )
-from workers.limiter import Costs, Denied, Lease
+from workers.limiter import Costs, Denied, Lease, Settled
 from workers.limiter.limiter import NEVER_S
 from workers.messages import ChatRequest
 from workers.providers.transport import complete
@@ -310,11 +310,12 @@ class _Run:
             ),
         )
 
-    def _settle(self, lease: Lease, **kwargs: Any) -> None:
+    def _settle(self, lease: Lease, **kwargs: Any) -> Settled | None:
         try:
-            self.rt.limiter.settle(lease, **kwargs)
+            return self.rt.limiter.settle(lease, **kwargs)
         except ServiceUnavailable as exc:  # the lease expires on its own; the result still counts
             log.warning("could not settle lease of job %s: %s", self.job.id, exc)
+            return None
 
     def _after_error(self, lease: Lease, exc: ProviderError, started: Any, latency_ms: float) -> Outcome:
         """Tell the limiter what the error means, record the attempt, decide where to go."""
@@ -345,18 +346,19 @@ class _Run:
                 block_why=f"billing quota exhausted ({exc.message[:80]})",
             )
         elif isinstance(exc, AuthError):
-            log.error(
-                "%s key %s disabled: the provider rejected it (%s)",
-                lease.provider,
-                lease.key.key_id,
-                exc.status,
-            )
-            self._settle(
+            settled = self._settle(
                 lease,
                 actual=nothing,
                 outcome="alive",
                 disable_why=f"rejected by the provider (HTTP {exc.status})",
             )
+            if settled is not None and settled.newly_disabled:  # one line per key, however many calls
+                log.error(
+                    "%s key %s disabled: the provider rejected it (%s)",
+                    lease.provider,
+                    lease.key.key_id,
+                    exc.status,
+                )
         elif isinstance(exc, RetryableError):  # 5xx, 529/503, timeouts, resets, malformed bodies
             self._settle(lease, actual=one_request, outcome="failed", signal=signal)
         else:

@@ -82,6 +82,12 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Settled:
+    blocked_until_s: float  # 0 if the account is not blocked
+    newly_disabled: bool  # this settle disabled the key (the first of its rejected calls)
+
+
+@dataclass(frozen=True)
 class Denied:
     """Nothing admits the job now; `wait_s` until the earliest account could (`never`: none will)."""
 
@@ -243,11 +249,8 @@ class Limiter:
         block_why: str = "",
         block_account: bool = False,
         disable_why: str | None = None,
-    ) -> float:
-        """Charge real usage and release the lease (once); apply what the provider said.
-
-        Returns the absolute time (s) the account is blocked until, 0 if it is not.
-        """
+    ) -> Settled:
+        """Charge real usage and release the lease (once); apply what the provider said."""
         candidate = Candidate(lease.provider, lease.model)
         provider = self.settings.providers[lease.provider]
         redis_keys = [
@@ -276,7 +279,7 @@ class Limiter:
             "observe": self.observations(candidate, signal) if signal else [],
         }
         result = self._run(self._settle, redis_keys, spec)
-        return result[1] / 1000
+        return Settled(blocked_until_s=result[1] / 1000, newly_disabled=bool(result[3]))
 
     def observations(self, candidate: Candidate, signal: RateLimitSignal) -> list[list[Any]]:
         """Each window the provider reported, matched to the configured bucket it describes."""

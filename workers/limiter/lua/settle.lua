@@ -11,7 +11,8 @@
 --               block = {scope, ms, why} | null     (extends a block, never shortens it),
 --               disable = {key_id, why} | null,
 --               observe = [{bucket spec..., remaining, limit}] }
--- Returns {lease settled now (1) or before (0), blocked_until_ms, now_ms}
+-- Returns {lease settled now (1) or before (0), blocked_until_ms, now_ms,
+--          1 if this call disabled the key (0 if it was disabled already or not asked)}
 
 local spec = cjson.decode(ARGV[1])
 local now = now_ms(spec.offset_ms)
@@ -65,8 +66,9 @@ if type(spec.block) == 'table' then
   keep(key, blocked_until - now + KEEP_MS)
 end
 
+local newly_disabled = 0
 if type(spec.disable) == 'table' then
-  redis.call('HSET', KEYS[6], spec.disable.key_id, spec.disable.why)
+  newly_disabled = redis.call('HSETNX', KEYS[6], spec.disable.key_id, spec.disable.why)
 end
 
 for _, o in ipairs(spec.observe or {}) do
@@ -87,4 +89,4 @@ for _, o in ipairs(spec.observe or {}) do
   keep(key, KEEP_MS)
 end
 
-return {settled, math.floor(blocked_until), now}
+return {settled, math.floor(blocked_until), now, newly_disabled}

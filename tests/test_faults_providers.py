@@ -1,0 +1,104 @@
+"""Provider outages: 500s, 503s, timeouts or reset connections for a while — the circuit
+opens, jobs finish on the other providers of their chains, and the provider is used again
+after the cooldown. A provider whose every key is invalid is disabled, one line per key."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.faultkit import FULL, LEDGER, Row, all_final, audit, size, wait_until
+from tests.test_faults_workers import make_stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+FAULTS = ["error_500", "error_503", "timeout", "reset"] if FULL else ["error_500", "timeout"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_provider_outage_is_routed_around_then_healed(tmp_path, redis_server, fault: str) -> None:
+    outage_s = 60 if FULL else 4
+    stack = make_stack(tmp_path, redis_server.url(15))
+    try:
+        stack.start()
+        stack.start_worker(concurrency=16, loglevel="WARNING")
+        stack.wait_for_workers()
+        with stack.applied():
+            from producer import submit
+            from workers.runtime import runtime
+
+            store = runtime().store
+            stack.set_faults("alpha", {fault: 1.0})
+            during, started = [], time.monotonic()
+            while time.monotonic() - started < outage_s:  # bounded by time, a few jobs a tick
+                during += [
+                    submit(f"outage {len(during) + i}", task="work", tier="free").id for i in range(10)
+                ]
+                time.sleep(0.5)
+            failed_calls = stack.simulator_stats()["alpha"].get(f"fault_{fault}", 0)
+            stack.set_faults("alpha", {})
+            assert wait_until(all_final(store, during), timeout_s=120), store.count_by_status()
+            time.sleep(3.5)  # the circuit's cooldown
+            after = [submit(f"healed {i}", task="work", tier="free").id for i in range(20)]
+            assert wait_until(all_final(store, after), timeout_s=60)
+            outage, healed = audit(store, during), audit(store, after)
+            jobs = store.jobs(during + after)
+    finally:
+        stack.close()
+    LEDGER.add(
+        Row(
+            f"provider outage: {fault}",
+            faults=failed_calls,
+            submitted=len(during) + len(after),
+            lost=outage.lost + healed.lost,
+            charged_twice=outage.charged_twice + healed.charged_twice,
+        )
+    )
+    assert outage.lost == healed.lost == 0 and outage.charged_twice == healed.charged_twice == 0
+    assert all(jobs[j].status == "succeeded" and jobs[j].provider == "beta" for j in during)
+    # three failures in a row open the circuit: only calls already admitted fail after that
+    assert 3 <= failed_calls <= 3 + 16
+    assert any(jobs[j].provider == "alpha" for j in after)  # used again after the cooldown
+
+
+def test_a_provider_with_every_key_invalid_is_disabled(tmp_path, redis_server) -> None:
+    from tests.conftest import CONFIGS
+
+    text = (CONFIGS / "faults.toml").read_text() + '\n[simulator.providers.alpha]\nreject_keys = ["*"]\n'
+    stack = make_stack(tmp_path, redis_server.url(15), text)
+    stack.keys_per_provider = {"alpha": 2}
+    jobs = size(30, 100)
+    try:
+        stack.start()
+        stack.start_worker(concurrency=8, loglevel="INFO")
+        stack.wait_for_workers()
+        with stack.applied():
+            from producer import submit
+            from producer.status import status_report
+            from workers.runtime import runtime
+
+            store = runtime().store
+            ids = [submit(f"bad keys {i}", task="work", tier="free").id for i in range(jobs)]
+            assert wait_until(all_final(store, ids), timeout_s=120)
+            result = audit(store, ids)
+            states = {
+                a["state"]
+                for p in status_report(runtime())["providers"]
+                if p["provider"] == "alpha"
+                for a in p["accounts"]
+            }
+        log = (stack.workdir / "worker0.log").read_text()
+    finally:
+        stack.close()
+    LEDGER.add(
+        Row(
+            "every key of a provider invalid",
+            faults=2,
+            submitted=jobs,
+            lost=result.lost,
+            charged_twice=result.charged_twice,
+        )
+    )
+    assert result.lost == 0 and states == {"disabled"}
+    disabled = [line for line in log.splitlines() if "disabled: the provider rejected it" in line]
+    assert len(disabled) == 2 and all("alpha key k" in line for line in disabled)
