@@ -182,6 +182,11 @@ def parse_settings(text: str, source: str, *, simulator_url: str | None = None) 
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    return settings_from_data(data, source, simulator_url=simulator_url)
+
+
+def settings_from_data(data: dict[str, Any], source: str, *, simulator_url: str | None = None) -> Settings:
+    """The parsed TOML document, checked key by key."""
     root = Table(data, "", source)
     general = _general(root.pop_table("spillway"))
     providers = _providers(root.pop_table("providers", required=True), simulator_url)
