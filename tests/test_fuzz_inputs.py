@@ -27,16 +27,31 @@ EXAMPLES = size(60, 600)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 junk = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-10**12, max_value=10**12),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40), st.binary(max_size=8),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**12), max_value=10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+    st.binary(max_size=8),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
 )
 weird_text = st.one_of(
-    st.just(""), st.just("   \n\t"), st.just("\ud800 lone surrogate"), st.just("x" * (MAX_PROMPT_CHARS + 1)),
-    st.text(max_size=200), st.just("nested " + "[" * 2000),
+    st.just(""),
+    st.just("   \n\t"),
+    st.just("\ud800 lone surrogate"),
+    st.just("x" * (MAX_PROMPT_CHARS + 1)),
+    st.text(max_size=200),
+    st.just("nested " + "[" * 2000),
 )
-nested = st.recursive(st.integers(), lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
-    st.sampled_from(["role", "content", "x"]), inner, max_size=2), max_leaves=20)
+nested = st.recursive(
+    st.integers(),
+    lambda inner: (
+        st.lists(inner, max_size=2)
+        | st.dictionaries(st.sampled_from(["role", "content", "x"]), inner, max_size=2)
+    ),
+    max_leaves=20,
+)
 
 
 class Tally:
@@ -57,9 +72,12 @@ def quiet_stack(redis_server, tmp_path_factory):
     from producer.stack import LocalStack
 
     redis.Redis.from_url(redis_server.url(3)).flushdb()
-    stack = LocalStack(CONFIGS / "e2e.toml", redis_url=redis_server.url(3),
-                       workdir=str(tmp_path_factory.mktemp("fuzz")),
-                       extra_env={"SPILLWAY_CALLBACK_SECRET": "whsec-fuzz"})
+    stack = LocalStack(
+        CONFIGS / "e2e.toml",
+        redis_url=redis_server.url(3),
+        workdir=str(tmp_path_factory.mktemp("fuzz")),
+        extra_env={"SPILLWAY_CALLBACK_SECRET": "whsec-fuzz"},
+    )
     stack.start(simulator=False)
     with stack.applied():
         yield stack
@@ -72,12 +90,32 @@ def api_tally() -> Tally:
 
 
 @FUZZ
-@given(prompt=st.one_of(junk, weird_text), task=st.one_of(junk, st.sampled_from(["chat", "gemini", "poetry"])),
-       tier=st.one_of(junk, st.sampled_from(["free", "pro", "gold"])), max_tokens=st.one_of(st.none(), junk),
-       temperature=st.one_of(st.none(), junk), messages=st.one_of(st.none(), nested, junk),
-       extra=st.dictionaries(st.sampled_from(["stop", "json_mode", "preferred_provider", "idempotency_key",
-                                              "callback_url", "deadline_s", "system"]), junk, max_size=2))
-def test_python_api(quiet_stack, api_tally, prompt, task, tier, max_tokens, temperature, messages, extra) -> None:
+@given(
+    prompt=st.one_of(junk, weird_text),
+    task=st.one_of(junk, st.sampled_from(["chat", "gemini", "poetry"])),
+    tier=st.one_of(junk, st.sampled_from(["free", "pro", "gold"])),
+    max_tokens=st.one_of(st.none(), junk),
+    temperature=st.one_of(st.none(), junk),
+    messages=st.one_of(st.none(), nested, junk),
+    extra=st.dictionaries(
+        st.sampled_from(
+            [
+                "stop",
+                "json_mode",
+                "preferred_provider",
+                "idempotency_key",
+                "callback_url",
+                "deadline_s",
+                "system",
+            ]
+        ),
+        junk,
+        max_size=2,
+    ),
+)
+def test_python_api(
+    quiet_stack, api_tally, prompt, task, tier, max_tokens, temperature, messages, extra
+) -> None:
     from producer import submit
     from workers.runtime import runtime
 
@@ -86,8 +124,15 @@ def test_python_api(quiet_stack, api_tally, prompt, task, tier, max_tokens, temp
     if messages is not None:
         prompt = None
     try:
-        handle = submit(prompt, messages=messages, task=task, tier=tier, max_tokens=max_tokens,
-                        temperature=temperature, **extra)
+        handle = submit(
+            prompt,
+            messages=messages,
+            task=task,
+            tier=tier,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            **extra,
+        )
     except SpillwayError as exc:
         assert str(exc) and "Traceback" not in str(exc)
         assert sum(store.count_by_status().values()) == before  # nothing half-stored
@@ -103,8 +148,12 @@ def cli_tally() -> Tally:
 
 
 @FUZZ
-@given(task=st.text(max_size=12), tier=st.text(max_size=12), prompt=weird_text,
-       max_tokens=st.one_of(st.just(None), st.text(max_size=6), st.integers(-5, 10**7).map(str)))
+@given(
+    task=st.text(max_size=12),
+    tier=st.text(max_size=12),
+    prompt=weird_text,
+    max_tokens=st.one_of(st.just(None), st.text(max_size=6), st.integers(-5, 10**7).map(str)),
+)
 def test_cli(quiet_stack, cli_tally, task, tier, prompt, max_tokens) -> None:
     args = ["submit", "--task", task, "--tier", tier, "--prompt", prompt]
     if max_tokens is not None:
@@ -124,9 +173,21 @@ def batch_tally() -> Tally:
 
 
 @FUZZ
-@given(value=st.one_of(junk, nested, st.fixed_dictionaries({"custom_id": junk, "prompt": st.one_of(junk, weird_text)}),
-                       st.fixed_dictionaries({"custom_id": st.text(min_size=1, max_size=5), "method": junk,
-                                              "url": junk, "body": st.one_of(junk, nested)})))
+@given(
+    value=st.one_of(
+        junk,
+        nested,
+        st.fixed_dictionaries({"custom_id": junk, "prompt": st.one_of(junk, weird_text)}),
+        st.fixed_dictionaries(
+            {
+                "custom_id": st.text(min_size=1, max_size=5),
+                "method": junk,
+                "url": junk,
+                "body": st.one_of(junk, nested),
+            }
+        ),
+    )
+)
 def test_batch_lines(quiet_stack, batch_tally, value) -> None:
     from workers.runtime import runtime
 
@@ -141,8 +202,14 @@ def test_batch_file_with_raw_garbage(quiet_stack, tmp_path) -> None:
     from producer import batch as batch_module
     from producer.batch import BatchInputError
 
-    lines = [b"\xff\xfe\x00", b"{" * 10000, b"null", b'{"custom_id": "a", "prompt": "ok"}',
-             b'{"custom_id": "a", "prompt": "dup"}', json.dumps({"custom_id": "b", "prompt": "x" * 10}).encode()]
+    lines = [
+        b"\xff\xfe\x00",
+        b"{" * 10000,
+        b"null",
+        b'{"custom_id": "a", "prompt": "ok"}',
+        b'{"custom_id": "a", "prompt": "dup"}',
+        json.dumps({"custom_id": "b", "prompt": "x" * 10}).encode(),
+    ]
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines))
     with pytest.raises(BatchInputError) as info:
         batch_module.submit_file(tmp_path / "in.jsonl", task="chat", tier="free")
@@ -169,8 +236,13 @@ def config_tally() -> Tally:
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(st.sampled_from(PATHS), st.one_of(junk, st.just("__delete__"), st.just("__add__"))),
-                      min_size=1, max_size=4))
+@given(
+    edits=st.lists(
+        st.tuples(st.sampled_from(PATHS), st.one_of(junk, st.just("__delete__"), st.just("__add__"))),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_config_with_every_kind_of_mistake(config_tally, edits) -> None:
     data = copy.deepcopy(BASE_CONFIG)
     for path, value in edits:
