@@ -48,6 +48,9 @@ def main() -> None:
     """Spillway: a distributed task queue for LLM calls."""
 
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, ensure_ascii=False, default=str))
 
@@ -70,7 +73,7 @@ def _print_json(data: Any) -> None:
     show_default=True,
     help="Seconds to wait with --wait.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def submit(
     task: str,
     tier: str,
@@ -128,7 +131,7 @@ def submit(
     "--attach", "attach_id", metavar="BATCH_ID", help="Follow a running batch (and write its output)."
 )
 @click.option("--status", "status_id", metavar="BATCH_ID", help="Print a batch's summary.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@json_option
 def batch(
     input_path: str | None,
     task: str | None,
@@ -165,7 +168,7 @@ def batch(
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
 @click.option(
     "--every", "every_s", type=float, default=2.0, show_default=True, help="Seconds between refreshes."
@@ -207,7 +210,7 @@ def status(as_json: bool, watch: bool, every_s: float) -> None:
     show_default=True,
     type=click.Choice(["provider", "model", "key", "task", "tier", "day"]),
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def usage(since: str | None, by: str, as_json: bool) -> None:
     """Requests, tokens, cost, failures, re-routes and latency, from the store."""
     from producer.usage import parse_since, render_usage, usage_report
@@ -224,7 +227,7 @@ def usage(since: str | None, by: str, as_json: bool) -> None:
 @click.option("--task", required=True)
 @click.option("--tier", required=True)
 @click.option("--max-tokens", type=int, help="Size the yardstick job (default: the config's).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def route(task: str, tier: str, max_tokens: int | None, as_json: bool) -> None:
     """The chain for a task type and tier, and what each link has left right now."""
     from producer.status import render_route, route_report
@@ -302,7 +305,7 @@ def simulate(config_path: str | None, port: int | None, host: str | None) -> Non
     show_default=True,
     help="Only jobs nothing has touched for this many seconds.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def recover(idle_s: float, as_json: bool) -> None:
     """Publish again the jobs the store has but the broker lost (each once); finish their batches."""
     from workers import app

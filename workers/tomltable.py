@@ -49,9 +49,6 @@ class Table:
     def error(self, key: str, expected: str, got: object = _MISSING) -> ConfigError:
         return self._error_at(key_path(self.path, key), expected, got)
 
-    def has(self, key: str) -> bool:
-        return key in self._data
-
     def names(self) -> list[str]:
         return list(self._data)
 

@@ -218,11 +218,6 @@ class Store:
         with self.session() as s:
             s.execute(delete(Job).where(Job.id.in_(list(job_ids))))
 
-    def mark_published(self, job_ids: Sequence[str]) -> None:
-        now = utcnow()
-        with self.session() as s:
-            s.execute(update(Job).where(Job.id.in_(list(job_ids))).values(published_at=now, updated_at=now))
-
     def claim(self, job_id: str, *, lease_s: float, max_crashes: int) -> Claim:
         """Take the job for one run. A job whose lease ran out was held by a worker that died.
 
