@@ -120,14 +120,31 @@ def test_flower_shows_the_tasks_by_name_with_ids_and_no_prompt(e2e_stack) -> Non
         with e2e_stack.applied():
             from producer import submit
 
+            # Flower learns of tasks from events it receives while connected: wait until it does
+            def flower_sees(job_id: str) -> bool:
+                return job_id in httpx.get(f"http://127.0.0.1:{port}/api/tasks", auth=auth, timeout=5).json()
+
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                warm = submit("warm up", task="chat", tier="free")
+                warm.wait(60)
+                time.sleep(0.5)
+                if flower_sees(warm.id):
+                    break
             handle = submit(secret_prompt, task="chat", tier="free")
             handle.wait(60)
+            e2e_stack.set_faults("groq", {"rate_limit": 1.0})  # free goes to groq first: 429, then gemini
+            try:
+                rerouted = submit("rerouted by a 429", task="chat", tier="free")
+                rerouted_result = rerouted.wait(60)
+            finally:
+                e2e_stack.set_faults("groq", {})
         deadline = time.monotonic() + 30
         task = None
         while time.monotonic() < deadline:
             tasks = httpx.get(f"http://127.0.0.1:{port}/api/tasks", auth=auth, timeout=5).json()
-            task = tasks.get(handle.id)
-            if task and task.get("state") == "SUCCESS":
+            task, retried = tasks.get(handle.id), tasks.get(rerouted.id)
+            if task and task.get("state") == "SUCCESS" and retried and retried.get("state") == "SUCCESS":
                 break
             time.sleep(0.3)
         page = httpx.get(f"http://127.0.0.1:{port}/task/{handle.id}", auth=auth, timeout=5).text
@@ -143,3 +160,6 @@ def test_flower_shows_the_tasks_by_name_with_ids_and_no_prompt(e2e_stack) -> Non
     )
     assert secret_prompt not in str(task) and secret_prompt not in page
     assert anonymous == 401
+    # the 429 shows as a retry of the same task (same id), which then succeeded on its own terms
+    assert rerouted_result.status == "succeeded" and rerouted_result.provider == "gemini"
+    assert retried["retries"] >= 1 and "hop" in retried["kwargs"]

@@ -70,3 +70,22 @@ def test_status_and_route_commands(e2e_stack) -> None:
         "groq:llama-3.3-70b-versatile",
         "gemini:gemini-2.0-flash",
     ]
+
+
+@pytest.mark.integration
+def test_status_watch_refreshes_until_interrupted(e2e_stack) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "status", "--watch", "--every", "0.2"],
+        env={**os.environ, **e2e_stack.env, "COLUMNS": "160"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "spillway status" in out and "groq" in out and "Traceback" not in err
