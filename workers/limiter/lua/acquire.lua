@@ -23,7 +23,7 @@ local NEVER = 1e15
 if type(spec.dequeue) == 'table' then
   for field, amount in pairs(spec.dequeue) do
     local left = hnum(KEYS[2], field, 0) - amount
-    if left <= 0 then redis.call('HDEL', KEYS[2], field) else redis.call('HSET', KEYS[2], field, num(left)) end
+    if left <= 0 then hdel(KEYS[2], field) else hset(KEYS[2], field, num(left)) end
   end
 end
 
@@ -40,13 +40,13 @@ for i, acct in ipairs(spec.accounts) do
     if w > wait then wait, why = w, reason end
   end
 
-  if redis.call('HEXISTS', KEYS[1], acct.key_id) == 1 then
-    worse(NEVER, 'never:key disabled: ' .. redis.call('HGET', KEYS[1], acct.key_id))
+  if hget(KEYS[1], acct.key_id) then
+    worse(NEVER, 'never:key disabled: ' .. hget(KEYS[1], acct.key_id))
   end
   for s = 1, 2 do
     local until_ms = hnum(scopes[s], 'blocked_until', 0)
     if until_ms > now then
-      worse(until_ms - now, 'blocked: ' .. (redis.call('HGET', scopes[s], 'blocked_why') or '?'))
+      worse(until_ms - now, 'blocked: ' .. (hget(scopes[s], 'blocked_why') or '?'))
     end
   end
   local open_until = hnum(state, 'open_until', 0)
@@ -109,7 +109,7 @@ local expires = now + spec.lease_ttl_ms
 redis.call('ZADD', KEYS[base + 3], expires, spec.lease_id)
 keep(KEYS[base + 3], spec.lease_ttl_ms)
 if best_probe then
-  redis.call('HSET', KEYS[base + 4], 'probe_until', num(now + spec.probe_ttl_ms))
+  hset(KEYS[base + 4], 'probe_until', num(now + spec.probe_ttl_ms))
 end
 redis.call('SET', KEYS[3], cjson.encode({charges = charges, probe = best_probe}), 'PX', spec.lease_ttl_ms)
 return {1, best, now, crossed}

@@ -22,10 +22,44 @@ local function num(x)
   return string.format('%.17g', x)
 end
 
+-- Each hash is read once per script (HGETALL) and served from memory after that; every write
+-- goes through hset/hdel/hincr, which forget the copy so the next read sees the write.
+local loaded = {}
+
+local function hash(key)
+  local h = loaded[key]
+  if h == nil then
+    h = {}
+    local flat = redis.call('HGETALL', key)
+    for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+    loaded[key] = h
+  end
+  return h
+end
+
+local function hget(key, field)
+  return hash(key)[field]
+end
+
 local function hnum(key, field, default)
-  local v = redis.call('HGET', key, field)
+  local v = hash(key)[field]
   if v then return tonumber(v) end
   return default
+end
+
+local function hset(key, ...)
+  loaded[key] = nil
+  return redis.call('HSET', key, ...)
+end
+
+local function hdel(key, ...)
+  loaded[key] = nil
+  return redis.call('HDEL', key, ...)
+end
+
+local function hincr(key, field, by)
+  loaded[key] = nil
+  return redis.call('HINCRBY', key, field, by)
 end
 
 -- Keep a key at least `ms` longer (never shortens a longer TTL).
@@ -60,11 +94,11 @@ end
 local function bucket_set(key, b, now, window, avail, cap)
   local field = b[2]
   if b[3] == 0 then
-    redis.call('HSET', key, field .. ':l', num(avail), field .. ':t', num(now))
+    hset(key, field .. ':l', num(avail), field .. ':t', num(now))
   else
     local used = cap - avail
     if used < 0 then used = 0 end
-    redis.call('HSET', key, field .. ':u', num(used), field .. ':w', num(window))
+    hset(key, field .. ':u', num(used), field .. ':w', num(window))
   end
 end
 

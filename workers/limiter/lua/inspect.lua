@@ -19,12 +19,12 @@ for i, acct in ipairs(spec.accounts) do
   local base = 2 + (i - 1) * 4
   local scopes = {KEYS[base + 1], KEYS[base + 2]}
   local info = {buckets = {}, blocked_until = 0, blocked_why = ''}
-  info.disabled = redis.call('HGET', KEYS[1], acct.key_id) or ''
+  info.disabled = hget(KEYS[1], acct.key_id) or ''
   for s = 1, 2 do
     local until_ms = hnum(scopes[s], 'blocked_until', 0)
     if until_ms > info.blocked_until then
       info.blocked_until = until_ms
-      info.blocked_why = redis.call('HGET', scopes[s], 'blocked_why') or ''
+      info.blocked_why = hget(scopes[s], 'blocked_why') or ''
     end
   end
   info.open_until = hnum(KEYS[base + 4], 'open_until', 0)

@@ -41,16 +41,16 @@ if raw then
 
   local state = KEYS[5]
   if spec.outcome == 'alive' then
-    redis.call('HDEL', state, 'fails', 'open_until', 'probe_until')
+    hdel(state, 'fails', 'open_until', 'probe_until')
   elseif spec.outcome == 'failed' then
-    local fails = redis.call('HINCRBY', state, 'fails', 1)
+    local fails = hincr(state, 'fails', 1)
     if lease.probe or fails >= spec.circuit.failures then
-      redis.call('HSET', state, 'open_until', num(now + spec.circuit.cooldown_ms))
-      redis.call('HDEL', state, 'probe_until')
+      hset(state, 'open_until', num(now + spec.circuit.cooldown_ms))
+      hdel(state, 'probe_until')
     end
     keep(state, spec.circuit.cooldown_ms + KEEP_MS)
   elseif lease.probe then
-    redis.call('HDEL', state, 'probe_until')
+    hdel(state, 'probe_until')
   end
 end
 
@@ -60,7 +60,7 @@ if type(spec.block) == 'table' then
   local until_ms = now + spec.block.ms
   blocked_until = hnum(key, 'blocked_until', 0)
   if until_ms > blocked_until then
-    redis.call('HSET', key, 'blocked_until', num(until_ms), 'blocked_why', spec.block.why)
+    hset(key, 'blocked_until', num(until_ms), 'blocked_why', spec.block.why)
     blocked_until = until_ms
   end
   keep(key, blocked_until - now + KEEP_MS)
@@ -76,9 +76,9 @@ for _, o in ipairs(spec.observe or {}) do
   local limit = o[8]
   if type(limit) == 'number' and limit > 0 then
     if limit < o[4] then
-      redis.call('HSET', key, o[2] .. ':cap', num(limit))
+      hset(key, o[2] .. ':cap', num(limit))
     else
-      redis.call('HDEL', key, o[2] .. ':cap')
+      hdel(key, o[2] .. ':cap')
     end
   end
   local remaining = o[7]
