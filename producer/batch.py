@@ -27,7 +27,7 @@ from celery import chord
 
 from producer.batchfile import BadLine, BatchItem, check_item, read_jsonl, validate
 from producer.jobs import job_row
-from workers import cache
+from workers import batches, cache
 from workers.config import Candidate
 from workers.constants import queue_name
 from workers.errors import InputError, ServiceUnavailable
@@ -254,6 +254,7 @@ class _Enqueuer:
         self.reopened = False
 
     def add(self, items: list[BatchItem | BadLine]) -> None:
+        self.chord_id = uuid.uuid4().hex  # this chunk's chord: its group id, recorded on each job
         rows, retries, runnable = [], [], []
         for item in items:
             if isinstance(item, BadLine):
@@ -276,20 +277,20 @@ class _Enqueuer:
             rows.append(
                 {
                     **job_row(job_id, item.task, item.tier, item.request, target=candidate),
+                    **self._header(job_id, job_id, candidate, item.tier),
                     "batch_id": self.batch_id,
                     "seq": item.line,
                     "custom_id": item.custom_id,
                 }
             )
-            self._header(job_id, job_id, candidate, item.tier)
         if rows:
             self.rt.store.add_jobs(rows)
         for job_id, item, candidate in retries:
             task_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
+            place = self._header(job_id, task_id, candidate, item.tier)
             self.rt.store.retry_job(
-                job_id, task_id=task_id, provider=candidate.provider, model=candidate.model
+                job_id, task_id=task_id, provider=candidate.provider, model=candidate.model, chord=place
             )
-            self._header(job_id, task_id, candidate, item.tier)
         if (rows or retries) and not self.reopened:
             self.rt.store.update_batch(self.batch_id, finished_at=None, summary=None)
             self.reopened = True
@@ -372,9 +373,11 @@ class _Enqueuer:
                 out[i] = candidate
         return out
 
-    def _header(self, job_id: str, task_id: str, candidate: Any, tier: str) -> None:
+    def _header(self, job_id: str, task_id: str, candidate: Any, tier: str) -> dict[str, Any]:
+        """Add the job to this chunk's chord; returns its place there, for the store."""
         from workers.tasks import run_job
 
+        place = {"chord_id": self.chord_id, "chord_index": len(self.header), "chord_chunk": self.chords}
         self.header.append(
             run_job.signature(
                 kwargs={"job_id": job_id, "provider": candidate.provider, "model": candidate.model, "hop": 0},
@@ -383,14 +386,18 @@ class _Enqueuer:
                 priority=self.rt.priority(tier),
             )
         )
+        return place
 
     def _publish(self, header: list[Any]) -> None:
-        from workers.tasks import finish_batch, run_job
+        from workers.tasks import run_job
 
-        callback = finish_batch.signature(kwargs={"batch_id": self.batch_id, "chunk": self.chords})
+        # The group id is ours (recorded on every job), so the reconciler can put a lost job back
+        # into its chord; the callback is rebuilt from the batch id and the chunk number.
+        callback = batches.chord_callback(self.batch_id, self.chords, self.chord_id)
         try:
             with run_job.app.publishing_batch():
-                chord(header, callback).apply_async()
+                # a chord's own task_id becomes its header group's id; the callback keeps its own
+                chord(header, callback, task_id=self.chord_id).apply_async(task_id=callback.id)
         except Exception as exc:  # the broker is gone: the jobs are stored; the reconciler sends them
             raise ServiceUnavailable(
                 f"the broker stopped answering after {self.sent} job(s) of batch {self.batch_id} were sent "

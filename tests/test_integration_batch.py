@@ -191,3 +191,39 @@ def test_resume_after_a_crash_while_enqueueing(batch_stack, monkeypatch) -> None
         states = runtime().store.batch_states(handle.id)
     assert [r["custom_id"] for r in records] == [f"k-{i}" for i in range(100)]
     assert len(states) == 100
+
+
+def test_a_lost_batch_message_is_sent_again_into_its_chord(redis_server, tmp_path) -> None:
+    """The broker loses one message (a worker killed between BRPOP and its unacked record can do
+    that): the reconciler sends the job again as a member of its chord, so the callback runs."""
+    import redis
+
+    url = redis_server.url(7)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    stack = LocalStack(CONFIGS / "batch.toml", redis_url=url, workdir=str(tmp_path))
+    try:
+        stack.start()
+        with stack.applied():
+            from producer import submit_batch
+            from workers import app
+            from workers.reconciler import recover_once
+            from workers.runtime import runtime
+
+            items = [{"custom_id": f"l{i}", "prompt": f"lost {i}", "task": "flakyonly"} for i in range(10)]
+            handle = submit_batch(items, task="work", tier="free")
+            queues = [q for q in client.scan_iter("llm.*")]
+            lost = json.loads(client.rpop(queues[0]))["headers"]["id"]  # the broker loses one message
+            recovery = recover_once(runtime(), app, idle_for_s=0, confirm_s=0.2)
+            stack.set_faults("flaky", {})
+            stack.start_worker(concurrency=8, loglevel="WARNING")
+            progress = handle.wait(120)
+            deadline = time.monotonic() + 30
+            while runtime().store.batch(handle.id).callback_runs < 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            batch = runtime().store.batch(handle.id)
+    finally:
+        stack.close()
+    assert recovery.republished == [lost.split("-")[0]]
+    assert progress.finished and progress.total == 10
+    assert batch.callback_runs == 1 and batch.chords == 1 and batch.summary["total"] == 10

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from celery import Celery
 from sqlalchemy import select, update
 
-from workers import constants, parking
+from workers import batches, constants, parking
 from workers.broker import message_task_ids
 from workers.runtime import Runtime
 from workers.store import OPEN, QUEUED, RUNNING, Batch, Job, aware, utcnow
@@ -92,6 +92,7 @@ def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float, batc
             kwargs={"job_id": job.id, "provider": provider, "model": model, "hop": job.hops},
             task_id=job.task_id or job.id,
             queue=constants.queue_name(provider),
+            **batches.chord_options(job),  # a batch job counts toward its chord again
             priority=rt.priority(job.tier),
         )
         republished.append(job.id)

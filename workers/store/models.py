@@ -55,6 +55,10 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(256), unique=True)
     callback_url: Mapped[str | None] = mapped_column(Text)
     task_id: Mapped[str | None] = mapped_column(String(64))
+    # A batch job's place in its chord, so a republished message still counts toward it.
+    chord_id: Mapped[str | None] = mapped_column(String(64))
+    chord_index: Mapped[int | None] = mapped_column(Integer)
+    chord_chunk: Mapped[int | None] = mapped_column(Integer)
     queue: Mapped[str | None] = mapped_column(String(80))
     provider: Mapped[str | None] = mapped_column(String(64))
     model: Mapped[str | None] = mapped_column(String(128))

@@ -358,7 +358,9 @@ class Store:
             )
             return list(s.scalars(query))
 
-    def retry_job(self, job_id: str, *, task_id: str, provider: str, model: str) -> bool:
+    def retry_job(
+        self, job_id: str, *, task_id: str, provider: str, model: str, chord: dict[str, Any]
+    ) -> bool:
         """A failed job goes back in line (a resumed batch); its attempts stay in the ledger."""
         now = utcnow()
         with self.session() as s:
@@ -368,6 +370,7 @@ class Store:
                 .values(
                     status=QUEUED,
                     task_id=task_id,
+                    **chord,
                     provider=provider,
                     model=model,
                     queue=constants.queue_name(provider),
