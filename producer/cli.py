@@ -245,8 +245,11 @@ def route(task: str, tier: str, max_tokens: int | None, as_json: bool) -> None:
 @click.option("--concurrency", "-c", type=int, help="Threads (default: from the providers' limits).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", help="Worker node name (Celery's -n).")
-def worker(providers: str | None, concurrency: int | None, loglevel: str, hostname: str | None) -> None:
-    """Run a Celery worker on the providers' queues (threads pool)."""
+@click.option("--no-supervise", is_flag=True, help="Run Celery in this process (no restart if it dies).")
+def worker(
+    providers: str | None, concurrency: int | None, loglevel: str, hostname: str | None, no_supervise: bool
+) -> None:
+    """Run a Celery worker on the providers' queues (threads pool), restarted if it dies."""
     from workers import app
     from workers.runtime import runtime
 
@@ -264,8 +267,28 @@ def worker(providers: str | None, concurrency: int | None, loglevel: str, hostna
     argv = ["worker", "-Q", queues, "-P", "threads", "-c", str(threads), "-l", loglevel]
     if hostname:
         argv += ["-n", hostname]
+    if not no_supervise:
+        from producer.supervise import supervise
+
+        child = [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "worker",
+            "--no-supervise",
+            "-c",
+            str(threads),
+            "-l",
+            loglevel,
+            "--providers",
+            ",".join(names),
+            *(["-n", hostname] if hostname else []),
+        ]
+        sys.exit(supervise(child))
     click.echo(f"spillway worker: queues {queues}, {threads} threads", err=True)
-    app.worker_main(argv)
+    # app.start, not app.worker_main: the latter drops the exit code ("Unrecoverable error" → 0),
+    # and the supervisor needs it to know the worker died rather than stopped.
+    sys.exit(app.start(argv) or 0)
 
 
 @main.command()

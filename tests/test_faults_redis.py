@@ -68,7 +68,7 @@ def test_redis_restarted_empty_mid_batch(tmp_path) -> None:
             )
             assert cli.returncode == 0, cli.stderr
             republished = json.loads(cli.stdout)["republished"]
-            assert wait_until(all_final(store, ids), timeout_s=300), store.count_by_status(handle.id)
+            assert wait_until(all_final(store, ids), timeout_s=200), store.count_by_status(handle.id)
             assert wait_until(lambda: store.batch(handle.id).finished_at is not None, timeout_s=30)
             result = audit(store, ids)
             limited = _rate_limited_since(store, restarted_at)

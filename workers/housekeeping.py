@@ -1,5 +1,6 @@
-"""Work every worker does in the background: publish parked jobs that are due, and run the
-reconciler now and then. Runs in one daemon thread per worker process."""
+"""Work every worker does in the background: publish parked jobs that are due, run the
+reconciler now and then, and end the process if its consumer is stuck (the watchdog). Runs in
+one daemon thread per worker process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from workers import parking
+from workers import parking, watchdog
 from workers.errors import SpillwayError
 from workers.logs import install_redaction
 from workers.runtime import runtime
@@ -26,10 +27,12 @@ RECOVER_IDLE_S = float(os.environ.get("SPILLWAY_RECOVER_IDLE_S", "30"))
 _stop = threading.Event()
 
 
-def _loop(app: Any) -> None:
+def _loop(app: Any, queues: list[str]) -> None:
     next_recover = time.monotonic() + RECOVER_EVERY_S
+    dog = watchdog.Watchdog(app, queues)
     while not _stop.wait(PARKED_EVERY_S):
         try:
+            dog.check()
             rt = runtime()
             parking.release_due(rt.redis, app, rt.limiter.now_s())
             if RECOVER_EVERY_S > 0 and time.monotonic() >= next_recover:
@@ -51,7 +54,9 @@ def _start(sender: Any = None, **_: Any) -> None:
         log.error("spillway cannot run jobs here: %s", exc)
     _stop.clear()
     app = sender.app if sender is not None else None
-    threading.Thread(target=_loop, args=(app,), name="spillway-housekeeping", daemon=True).start()
+    queues = [q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", [])]
+    log.info("housekeeping started; the watchdog watches %s", ",".join(queues) or "no queue")
+    threading.Thread(target=_loop, args=(app, queues), name="spillway-housekeeping", daemon=True).start()
 
 
 @worker_shutdown.connect

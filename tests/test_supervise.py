@@ -1,0 +1,137 @@
+"""`spillway worker` restarts its Celery worker when it dies on its own, passes a requested stop
+on without restarting, and the watchdog ends a worker that stopped consuming while messages
+wait."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from producer.stack import LocalStack
+from tests.conftest import CONFIGS
+from tests.faultkit import wait_until
+
+
+def _supervisor(tmp_path: Path, child_code: str, pause_s: float = 0.01) -> subprocess.Popen[str]:
+    """A supervisor (in a process of its own: it installs signal handlers) over a tiny child."""
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(child_code))
+    code = (
+        "import sys, producer.supervise as s\n"
+        f"s.RESTART_PAUSE_S = {pause_s}\n"
+        f"sys.exit(s.supervise([sys.executable, {str(child)!r}]))\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_a_child_that_keeps_dying_is_restarted_then_given_up(tmp_path) -> None:
+    starts = tmp_path / "starts"
+    proc = _supervisor(
+        tmp_path,
+        f"""
+        with open({str(starts)!r}, "a") as f:
+            f.write("x")
+        raise SystemExit(3)
+        """,
+    )
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3
+    assert len(starts.read_text()) == 6  # the first start and five restarts within a minute
+    assert err.count("the worker exited with code 3; starting it again") == 5
+    assert "6 deaths within a minute; giving up" in err
+
+
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_a_requested_stop_reaches_the_child_as_a_warm_shutdown_and_ends_everything(tmp_path, sent) -> None:
+    got, starts = tmp_path / "got", tmp_path / "starts"
+    proc = _supervisor(
+        tmp_path,
+        f"""
+        import signal, sys, time
+        with open({str(starts)!r}, "a") as f:
+            f.write("x")
+        def on(signum, _):
+            open({str(got)!r}, "w").write(signal.Signals(signum).name)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, on)
+        signal.signal(signal.SIGINT, on)
+        for _ in range(600):
+            time.sleep(0.1)
+        """,
+    )
+    assert wait_until(starts.exists, timeout_s=20)
+    time.sleep(0.3)  # the child's handlers are in place
+    os.kill(proc.pid, sent)  # the supervisor only, as `kill` would
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert got.read_text() == "SIGTERM"  # never a second SIGINT: Celery reads that as cold shutdown
+    assert starts.read_text() == "x" and "starting it again" not in err
+
+
+@pytest.mark.integration
+def test_a_celery_worker_killed_under_its_supervisor_is_started_again(redis_server, tmp_path) -> None:
+    url = redis_server.url(5)
+    redis.Redis.from_url(url).flushdb()
+    with LocalStack(CONFIGS / "e2e.toml", redis_url=url, workdir=str(tmp_path)) as stack:
+        supervisor = stack.start_worker(concurrency=4, loglevel="WARNING")
+        stack.wait_for_workers()
+        [child] = psutil.Process(supervisor.pid).children()
+        os.kill(child.pid, signal.SIGKILL)  # the Celery worker dies; its supervisor does not
+
+        def replaced() -> bool:
+            kids = psutil.Process(supervisor.pid).children()
+            return bool(kids) and kids[0].pid != child.pid
+
+        assert wait_until(replaced, timeout_s=30)
+        stack.wait_for_workers(count=1)
+        with stack.applied():
+            from producer import submit
+
+            result = submit("after a restart", task="chat", tier="free").wait(60)
+        log = (stack.workdir / "worker0.log").read_text()
+    assert result.status == "succeeded"
+    assert "the worker was killed by SIGKILL; starting it again" in log
+
+
+@pytest.mark.integration
+def test_the_watchdog_sees_a_worker_that_ignores_waiting_messages(
+    redis_server, tmp_path, monkeypatch
+) -> None:
+    from workers import watchdog
+
+    url = redis_server.url(6)
+    redis.Redis.from_url(url).flushdb()
+    stack = LocalStack(CONFIGS / "e2e.toml", redis_url=url, workdir=str(tmp_path))
+    stack.start(simulator=False)
+    try:
+        with stack.applied():
+            from producer import submit
+            from workers import app
+
+            submit("nobody consumes this", task="chat", tier="free")  # waits in llm.groq
+            dog = watchdog.Watchdog(app, ["llm.groq", "llm.gemini"])
+            now = time.monotonic()
+            monkeypatch.setattr(watchdog, "_last_start", now - watchdog.STUCK_S - 5)
+            assert dog.stuck_for_s(now) == 0.0  # messages just seen: they may have just arrived
+            later = now + watchdog.GRACE_S
+            assert dog.stuck_for_s(later) > watchdog.STUCK_S  # still waiting, still idle: stuck
+            monkeypatch.setattr(watchdog.state, "active_requests", {"busy"})
+            assert dog.stuck_for_s(later) == 0.0  # a thread is busy: not stuck
+            monkeypatch.setattr(watchdog.state, "active_requests", set())
+            assert dog.stuck_for_s(later + 1) == 0.0  # the wait starts over after a busy moment
+            assert watchdog.Watchdog(app, ["llm.openai"]).stuck_for_s(later) == 0.0  # nothing waits there
+            monkeypatch.setattr(watchdog, "_last_start", later)
+            assert dog.stuck_for_s(later + watchdog.GRACE_S) == 0.0  # a task started just now
+    finally:
+        stack.close()
