@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from producer.batch import BatchHandle, submit_file
 from producer.batch import Progress as BatchProgress
+from producer.live import closed_line
 from workers.errors import InputError
 from workers.runtime import runtime
 
@@ -52,7 +53,7 @@ def follow(batch_id: str, output: str | None, console: Console, handle: BatchHan
     runtime().store.complete_batch(batch_id)  # the summary, even if a chord callback was lost
     if output:
         lines = handle.write(output)
-        console.print(f"wrote {lines} lines to {output}", highlight=False)
+        console.print(f"wrote {lines} lines to {output}", highlight=False, soft_wrap=True)
     _print_summary(final, console)
 
 
@@ -64,7 +65,7 @@ def _watch(handle: BatchHandle, console: Console) -> BatchProgress:
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
+    with closed_line(console), Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("batch", total=None, detail="")
         while True:
             p = handle.progress()

@@ -190,7 +190,9 @@ def status(as_json: bool, watch: bool, every_s: float) -> None:
 
     from rich.live import Live
 
-    with Live(console=console, auto_refresh=False) as live:
+    from producer.live import closed_line
+
+    with closed_line(console), Live(console=console, auto_refresh=False) as live:
         try:
             while True:
                 with console.capture() as capture:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from producer.live import closed_line
 from producer.stack import LocalStack
 from workers.redisconn import answers
 
@@ -86,7 +87,7 @@ def _run(console: Console, stack: LocalStack, job_count: int) -> None:
         task, tier, prompt = DEMO_JOBS[i % len(DEMO_JOBS)]
         handles.append((task, tier, submit(f"{prompt} (#{i + 1})", task=task, tier=tier, max_tokens=64)))
     started = time.monotonic()
-    with Live(console=console, refresh_per_second=8) as live:
+    with closed_line(console), Live(console=console, refresh_per_second=8) as live:
         while True:
             results = [(task, tier, get(h.id)) for task, tier, h in handles]
             live.update(_table(results, time.monotonic() - started, console.width))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,25 @@ def stack_redis_version(url: str) -> str:
     import redis
 
     return redis.Redis.from_url(url).info("server")["redis_version"]
+
+
+def test_spillway_demo_runs_every_job_and_keeps_its_store(tmp_path) -> None:
+    """The README's first command, as a user runs it: no keys, no Redis of theirs, output piped."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPILLWAY_", "CELERY_"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "demo"],
+        env={**env, "PYTHONPATH": str(Path(__file__).parent.parent), "COLUMNS": "80"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "a private redis-server" in out.stdout or "an embedded Redis" in out.stdout
+    assert any(line.startswith("12/12 succeeded") for line in lines), out.stdout  # on a line of its own
+    assert any(line.startswith("by provider: ") for line in lines)
+    assert (tmp_path / "spillway-demo.db").exists()
 
 
 def test_celery_cli_sees_the_app_and_its_tasks(e2e_stack) -> None:

@@ -70,6 +70,7 @@ def test_300_items_with_a_flaky_provider(batch_stack, tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [x["custom_id"] for x in lines] == ids  # every item, in input order
+    assert f"wrote 300 lines to {tmp_path / 'out.jsonl'}" in out.stdout.splitlines()  # a line of its own
     failed = [x for x in lines if x["status"] == "failed"]
     succeeded = [x for x in lines if x["status"] == "succeeded"]
     assert len(failed) + len(succeeded) == 300 and succeeded and failed
