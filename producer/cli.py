@@ -288,6 +288,9 @@ def worker(
         ]
         sys.exit(supervise(child))
     click.echo(f"spillway worker: queues {queues}, {threads} threads", err=True)
+    # The keyring logged these before Celery set up logging, where nobody sees them.
+    for name, why in rt.keyring.skipped.items():
+        click.echo(f"spillway worker: provider {name} skipped: {why}", err=True)
     # app.start, not app.worker_main: the latter drops the exit code ("Unrecoverable error" → 0),
     # and the supervisor needs it to know the worker died rather than stopped.
     sys.exit(app.start(argv) or 0)

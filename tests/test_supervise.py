@@ -1,6 +1,6 @@
-"""`spillway worker` restarts its Celery worker when it dies on its own, passes a requested stop
-on without restarting, and the watchdog ends a worker that stopped consuming while messages
-wait."""
+"""`spillway worker`: it says which providers it skips, restarts its Celery worker when it dies
+on its own, passes a requested stop on without restarting, and the watchdog ends a worker that
+stopped consuming while messages wait."""
 
 from __future__ import annotations
 
@@ -77,6 +77,25 @@ def test_a_requested_stop_reaches_the_child_as_a_warm_shutdown_and_ends_everythi
     assert proc.returncode == 0
     assert got.read_text() == "SIGTERM"  # never a second SIGINT: Celery reads that as cold shutdown
     assert starts.read_text() == "x" and "starting it again" not in err
+
+
+@pytest.mark.integration
+def test_a_provider_without_a_key_is_skipped_with_one_line(redis_server, tmp_path) -> None:
+    url = redis_server.url(7)
+    redis.Redis.from_url(url).flushdb()
+    stack = LocalStack(CONFIGS / "e2e.toml", redis_url=url, workdir=str(tmp_path))
+    try:
+        stack.start(simulator=False)
+        stack.start_worker(concurrency=2, loglevel="INFO", extra_env={"OPENAI_API_KEY": ""})
+        stack.wait_for_workers()
+        log = (stack.workdir / "worker0.log").read_text()
+    finally:
+        stack.close()
+    skipped = [line for line in log.splitlines() if "skipped" in line]
+    assert skipped == [
+        "spillway worker: provider openai skipped: no key in $OPENAI_API_KEY (nor $OPENAI_API_KEY_1, _2, …)"
+    ]
+    assert "llm.openai" not in log.split("threads", 1)[0]  # not among the queues it serves
 
 
 @pytest.mark.integration
