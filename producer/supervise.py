@@ -50,6 +50,8 @@ def supervise(argv: list[str]) -> int:
     recent: deque[float] = deque(maxlen=RESTARTS_PER_MINUTE)
     while True:
         child = subprocess.Popen(argv)
+        if stopping:  # the stop came while this child was starting: `forward` saw the old one
+            child.send_signal(signal.SIGTERM)
         code = child.wait()
         status = 128 - code if code < 0 else code
         if stopping or code == 0:
