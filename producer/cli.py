@@ -291,9 +291,12 @@ def worker(
     # The keyring logged these before Celery set up logging, where nobody sees them.
     for name, why in rt.keyring.skipped.items():
         click.echo(f"spillway worker: provider {name} skipped: {why}", err=True)
-    # app.start, not app.worker_main: the latter drops the exit code ("Unrecoverable error" → 0),
-    # and the supervisor needs it to know the worker died rather than stopped.
-    sys.exit(app.start(argv) or 0)
+    # Celery's own command in standalone mode: it exits with the worker's exit code. app.start
+    # and app.worker_main return None even after an "Unrecoverable error" (click returns the
+    # code instead of raising), and the supervisor would take a broken worker for a stopped one.
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.main(args=["-A", "workers", *argv], prog_name="celery", auto_envvar_prefix="CELERY")
 
 
 @main.command()

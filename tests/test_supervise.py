@@ -99,6 +99,42 @@ def test_a_provider_without_a_key_is_skipped_with_one_line(redis_server, tmp_pat
 
 
 @pytest.mark.integration
+def test_a_worker_that_gives_up_exits_with_a_failure_for_its_supervisor(redis_server, tmp_path) -> None:
+    """Celery's "Unrecoverable error" (as when the Redis broker vanishes while threads ack,
+    celery/celery#8030) must end the process non-zero, or the supervisor takes it for a stop
+    asked for. Here the consumer raises as it starts: Celery's own handling does the rest."""
+    url = redis_server.url(8)
+    redis.Redis.from_url(url).flushdb()
+    stack = LocalStack(CONFIGS / "e2e.toml", redis_url=url, workdir=str(tmp_path))
+    stack.start(simulator=False)
+    code = textwrap.dedent(
+        """
+        from celery.worker.consumer.consumer import Consumer
+        from producer.cli import main
+
+        def broken(self):
+            raise RuntimeError("the broker connection broke")
+
+        Consumer.start = broken
+        main(["worker", "--no-supervise", "-c", "2", "-l", "INFO"])
+        """
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, **stack.env},
+            cwd=Path(__file__).parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        stack.close()
+    assert "Unrecoverable error: RuntimeError('the broker connection broke')" in out.stdout + out.stderr
+    assert out.returncode == 1
+
+
+@pytest.mark.integration
 def test_a_celery_worker_killed_under_its_supervisor_is_started_again(redis_server, tmp_path) -> None:
     url = redis_server.url(5)
     redis.Redis.from_url(url).flushdb()
