@@ -37,6 +37,10 @@ broker_transport_options = {
     # how often workers look for unacked messages of dead workers (one cheap ZRANGE a sweep)
     "unacked_restore_interval": int(os.environ.get("SPILLWAY_UNACKED_RESTORE_S", "10")),
     "unacked_restore_throttle": 1,
+    # A worker restores those messages under a Redis lock; one SIGKILLed while holding it
+    # (kombu's default: 300 s) would stop every worker restoring for five minutes. Restoring
+    # is safe without it (each message moves in a WATCH transaction): keep it short.
+    "unacked_mutex_expire": int(os.environ.get("SPILLWAY_UNACKED_MUTEX_S", "30")),
     "priority_steps": list(range(10)),
     "sep": ":",
     "queue_order_strategy": os.environ.get("SPILLWAY_QUEUE_ORDER", "round_robin"),

@@ -55,6 +55,7 @@ def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
                 wait_until(lambda k=k: handle.progress().done >= k * step, timeout_s=60, every_s=0.05)
                 stack.kill_worker(worker)  # SIGKILL, calls in flight
                 worker = stack.start_worker(concurrency=16, loglevel="WARNING")
+            leak_restore_mutex()  # and one of them died restoring the others' messages
             assert wait_until(all_final(store, ids), timeout_s=240), store.count_by_status(handle.id)
             wait_until(lambda: store.batch(handle.id).finished_at is not None, timeout_s=30)
             result, batch = audit(store, ids), store.batch(handle.id)
@@ -72,6 +73,17 @@ def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
     assert result.lost == 0 and result.charged_twice == 0 and result.ledger_mismatch == 0
     assert batch.finished_at is not None and batch.summary["total"] == jobs
     assert batch.callback_runs == batch.chords  # one callback per chord, each run once
+
+
+def leak_restore_mutex() -> None:
+    """Leave kombu's restore lock as a worker SIGKILLed while restoring dead workers' messages
+    leaves it: taken, never released, expiring after the configured `unacked_mutex_expire`."""
+    from workers import app
+
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        lock = channel.client.lock(channel.unacked_mutex_key, timeout=channel.unacked_mutex_expire)
+        assert lock.acquire(blocking=True, blocking_timeout=10)
 
 
 def test_a_job_that_kills_its_worker_every_time_is_failed(tmp_path, redis_server) -> None:
