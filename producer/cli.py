@@ -264,11 +264,6 @@ def worker(
     if not names:
         raise click.UsageError("no provider with a key to serve (set their key_env variables)")
     threads = concurrency or min(256, sum(rt.settings.providers[n].threads() for n in names))
-    # the provider queues, and the default queue where chord callbacks (finish_batch) go
-    queues = ",".join([*(rt.settings.providers[n].queue for n in names), app.conf.task_default_queue])
-    argv = ["worker", "-Q", queues, "-P", "threads", "-c", str(threads), "-l", loglevel]
-    if hostname:
-        argv += ["-n", hostname]
     if not no_supervise:
         from producer.supervise import supervise
 
@@ -287,6 +282,11 @@ def worker(
             *(["-n", hostname] if hostname else []),
         ]
         sys.exit(supervise(child))
+    # the provider queues, and the default queue where chord callbacks (finish_batch) go
+    queues = ",".join([*(rt.settings.providers[n].queue for n in names), app.conf.task_default_queue])
+    argv = ["worker", "-Q", queues, "-P", "threads", "-c", str(threads), "-l", loglevel]
+    if hostname:
+        argv += ["-n", hostname]
     click.echo(f"spillway worker: queues {queues}, {threads} threads", err=True)
     # The keyring logged these before Celery set up logging, where nobody sees them.
     for name, why in rt.keyring.skipped.items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -28,15 +27,13 @@ STUCK_S = float(os.environ.get("SPILLWAY_STUCK_S", "120"))
 GRACE_S = 10.0
 EXIT_STUCK = 75  # EX_TEMPFAIL: try again
 
-_last_start = time.monotonic()
-_lock = threading.Lock()
+_last_start = time.monotonic()  # set by every task thread; one float, so no lock needed
 
 
 @task_prerun.connect
 def _task_started(**_: Any) -> None:
     global _last_start
-    with _lock:
-        _last_start = time.monotonic()
+    _last_start = time.monotonic()
 
 
 class Watchdog:
