@@ -1,8 +1,8 @@
 """`spillway worker` keeps its Celery worker running: the worker runs as a child process and is
 started again if it dies on its own.
 
-A threads-pool worker on the Redis broker can go quiet or die for good after the broker
-vanishes (celery/celery#8030, #8091); the watchdog (`workers/watchdog.py`) turns the quiet
+A threads-pool worker on the Redis broker can die ("Unrecoverable error") or go quiet for good
+(celery/celery#8030, #8091) after the broker vanishes; the watchdog (`workers/watchdog.py`) turns the quiet
 case into an exit. A restarted worker reconnects, and the messages the dead one held come
 back (unacked restore, or the reconciler). A stop asked for (SIGTERM, SIGINT, SIGQUIT) is
 passed on and ends the supervisor too; a worker that keeps dying is given up after a few tries

@@ -100,9 +100,9 @@ def test_a_provider_without_a_key_is_skipped_with_one_line(redis_server, tmp_pat
 
 @pytest.mark.integration
 def test_a_worker_that_gives_up_exits_with_a_failure_for_its_supervisor(redis_server, tmp_path) -> None:
-    """Celery's "Unrecoverable error" (as when the Redis broker vanishes while threads ack,
-    celery/celery#8030) must end the process non-zero, or the supervisor takes it for a stop
-    asked for. Here the consumer raises as it starts: Celery's own handling does the rest."""
+    """Celery's "Unrecoverable error" (as when the Redis broker vanishes while threads ack) must
+    end the process non-zero, or the supervisor takes it for a stop asked for. Here the consumer
+    raises as it starts: Celery's own handling does the rest."""
     url = redis_server.url(8)
     redis.Redis.from_url(url).flushdb()
     stack = LocalStack(CONFIGS / "e2e.toml", redis_url=url, workdir=str(tmp_path))
