@@ -6,9 +6,12 @@ import threading
 import uuid
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 
-from workers.store import FAILED, SUCCEEDED, AttemptRecord, Job, Store, utcnow
+from workers.errors import InputError
+from workers.store import FAILED, SUCCEEDED, AttemptRecord, DuplicateJob, Job, Store, utcnow
 
 
 def new_job(store: Store, **extra: object) -> str:
@@ -148,3 +151,84 @@ def test_batch_summary_is_written_once_when_every_job_is_final(store: Store) -> 
     assert summary["input_tokens"] == 3 and summary["cost_usd"] == 0.5
     assert store.complete_batch("b") is None  # once
     assert store.batch("b").summary["total"] == 2
+
+
+def test_take_for_republish_wins_once_and_only_for_an_untouched_open_job(store: Store) -> None:
+    job_id = new_job(store)
+    seen = store.job(job_id)
+    results: list[bool] = []
+    barrier = threading.Barrier(6)
+
+    def take() -> None:
+        barrier.wait()
+        results.append(store.take_for_republish(seen))
+
+    threads = [threading.Thread(target=take) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 5 + [True]
+    job = store.job(job_id)
+    assert job.status == "queued" and job.published_at is not None
+    assert store.take_for_republish(job) is True  # a fresh look may take it again
+    store.claim(job_id, lease_s=30, max_crashes=3)
+    store.finish(job_id, 1, None, status=SUCCEEDED)
+    assert store.take_for_republish(store.job(job_id)) is False  # final: never republished
+
+
+def test_unfinished_batch_ids(store: Store) -> None:
+    assert store.unfinished_batch_ids() == []
+    for batch_id in ("b1", "b2"):
+        store.add_batch(id=batch_id, task_type="chat", tier="free", total=1, chords=1)
+    job_id = new_job(store, batch_id="b1")
+    store.claim(job_id, lease_s=30, max_crashes=3)
+    store.finish(job_id, 1, None, status=SUCCEEDED)
+    assert sorted(store.unfinished_batch_ids()) == ["b1", "b2"]
+    assert store.complete_batch("b1") is not None
+    assert store.unfinished_batch_ids() == ["b2"]
+
+
+def test_a_taken_unique_key_raises_duplicate_job_and_stores_nothing(store: Store) -> None:
+    first = new_job(store, idempotency_key="k-1")
+    with pytest.raises(DuplicateJob):
+        new_job(store, idempotency_key="k-1")
+    assert store.by_idempotency_key("k-1").id == first
+    new_job(store, batch_id="b", custom_id="c")
+    with pytest.raises(DuplicateJob):
+        new_job(store, batch_id="b", custom_id="c")
+    with pytest.raises(DuplicateJob):
+        store.add_jobs([{**_row(store.job(first)), "idempotency_key": "k-2"}])  # same id
+    assert store.by_idempotency_key("k-2") is None
+    assert sum(store.count_by_status().values()) == 2
+    with pytest.raises(IntegrityError) as broken:  # another constraint is not a duplicate
+        store.add_jobs([{"id": uuid.uuid4().hex, "tier": "free", "request": {}, "est_input_tokens": 1}])
+    assert not isinstance(broken.value, DuplicateJob)
+
+
+def _row(job: Job) -> dict[str, object]:
+    return {c: getattr(job, c) for c in ("id", "task_type", "tier", "request", "est_input_tokens")}
+
+
+def test_usage_report_and_created_span_through_the_store(store: Store) -> None:
+    assert store.created_span() == (None, None)
+    a, b = new_job(store), new_job(store)
+    store.claim(a, lease_s=30, max_crashes=3)
+    store.finish(
+        a, 1, attempt(input_tokens=3, output_tokens=4, cost_usd=0.25, latency_ms=12.0), status=SUCCEEDED
+    )
+    store.claim(b, lease_s=30, max_crashes=3)
+    store.requeue(b, 1, attempt("rate_limited", moved_to="gemini"), provider="gemini", model="g")
+    report = store.usage_report(by="provider")
+    assert report["by"] == "provider" and report["since"] is None
+    (groq,) = report["groups"]
+    assert groq["provider"] == "groq"
+    assert (groq["requests"], groq["failures"], groq["reroutes"]) == (2, 1, 1)
+    assert (groq["input_tokens"], groq["output_tokens"], groq["cost_usd"]) == (3, 4, 0.25)
+    assert groq["latency_p50_ms"] == 12.0
+    assert report["total"]["requests"] == 2 and report["total"]["cost_usd"] == 0.25
+    assert store.usage_report(since=utcnow() + timedelta(hours=1))["groups"] == []
+    with pytest.raises(InputError, match="--by: expected one of"):
+        store.usage_report(by="colour")
+    first, last = store.created_span()
+    assert first is not None and last is not None and first <= last and first.tzinfo is not None

@@ -1,7 +1,9 @@
 """The SQL store (SQLAlchemy 2.0): jobs, attempts and batches."""
 
+from workers.store.engine import aware, utcnow
+from workers.store.jobs import AttemptRecord, Claim, DuplicateJob
 from workers.store.models import FAILED, FINAL, OPEN, PARKED, QUEUED, RUNNING, SUCCEEDED, Attempt, Batch, Job
-from workers.store.store import AttemptRecord, Claim, Store, aware, utcnow
+from workers.store.store import Store
 
 __all__ = [
     "FAILED",
@@ -15,6 +17,7 @@ __all__ = [
     "AttemptRecord",
     "Batch",
     "Claim",
+    "DuplicateJob",
     "Job",
     "Store",
     "aware",

@@ -1,0 +1,96 @@
+"""The store's connection: which database (URL and schema), its engine, pragmas and sessions.
+
+SQLite by default, PostgreSQL by URL. `Database` is the base every part of the `Store` builds on:
+it creates the tables and hands out sessions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.errors import ServiceUnavailable
+from workers.store.models import Base
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back without a zone; everything stored is UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+class Database:
+    """The engine and its sessions; the tables are created (and the schema) on the way in."""
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        self.url = url  # `Env.database_url`: $SPILLWAY_DATABASE_URL
+        self.engine = _engine(self.url, schema)
+        # SQLite has one writer at a time and its busy handler backs off in coarse sleeps (up to
+        # 100 ms): under many threads, queueing on a lock here is an order of magnitude faster.
+        self._write_lock = threading.Lock() if self.url.startswith("sqlite") else contextlib.nullcontext()
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            if schema:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise ServiceUnavailable(
+                f"the store at {_safe_url(self.url)} is unreachable: {exc.orig}"
+            ) from exc
+
+    @contextmanager
+    def session(self, *, write: bool = True) -> Iterator[Session]:
+        if not write:
+            with self._sessions.begin() as session:
+                yield session
+            return
+        with self._write_lock, self._sessions.begin() as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split(":", 1)[0] + "://…"
+
+
+def _engine(url: str, schema: str | None) -> Engine:
+    # A worker runs up to a few hundred threads: never make them queue for a connection.
+    options: dict[str, Any] = {"pool_size": 32, "max_overflow": 256}
+    if schema:
+        options["execution_options"] = {"schema_translate_map": {None: schema}}
+    if url.startswith("sqlite"):
+        options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        engine = create_engine(url, **options)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, **options)  # a restarted server is noticed

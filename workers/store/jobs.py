@@ -1,0 +1,281 @@
+"""The job hot path: store jobs, claim one for a run, write its result once, put it back in line.
+
+Every write that a redelivered task could repeat is conditional: a job is claimed by one worker
+at a time (a lease), a result is written once (only while the job is open), and an attempt is
+keyed by (job id, attempt number). The statements a worker runs per job are built once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import cached_property
+from typing import Any
+
+from sqlalchemy import Insert, bindparam, case, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from workers import constants
+from workers.errors import SpillwayError
+from workers.store.engine import Database, aware, utcnow
+from workers.store.models import FAILED, FINAL, OPEN, PARKED, QUEUED, RUNNING, Attempt, Job
+
+
+class DuplicateJob(SpillwayError):
+    """`Store.add_jobs` broke a unique key: that idempotency key (or id, or batch custom_id) is taken."""
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    provider: str
+    model: str
+    outcome: str
+    started_at: datetime
+    task_type: str = ""
+    tier: str = ""
+    key_id: str | None = None
+    called: bool = True
+    error: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float | None = None
+    moved_to: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `Store.claim` found: ``run`` (yours now), ``final``, ``busy`` (another worker has
+    it), ``poison`` (failed just now: its workers kept dying) or ``missing``."""
+
+    state: str
+    job: Job | None = None
+    busy_for_s: float = 0.0
+
+
+JOBS, ATTEMPTS = Job.__table__, Attempt.__table__
+#: What `Store.finish` writes; a column not given is cleared to its default here.
+RESULT_COLUMNS = (
+    "status",
+    "provider",
+    "model",
+    "key_id",
+    "text",
+    "finish_reason",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "error",
+    "error_kind",
+    "cached",
+)
+RESULT_DEFAULTS = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "cached": False}
+ATTEMPT_COLUMNS = tuple(c.name for c in ATTEMPTS.columns if c.name != "id")
+
+# The hot path's statements, built once (Core, bound parameters): a worker runs them per job.
+_CLAIM = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("b_id"),
+        JOBS.c.status.in_((QUEUED, PARKED))
+        | (
+            (JOBS.c.status == RUNNING)
+            & (JOBS.c.lease_until.is_(None) | (JOBS.c.lease_until < bindparam("b_now")))
+        ),
+    )
+    .values(
+        crashes=JOBS.c.crashes + case((JOBS.c.status == RUNNING, 1), else_=0),
+        status=RUNNING,
+        runs=JOBS.c.runs + 1,
+        lease_until=bindparam("b_lease"),
+        started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
+        updated_at=bindparam("b_now"),
+    )
+)
+_FINISH = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_id"), JOBS.c.status.in_(OPEN))
+    .values(
+        {
+            **{c: bindparam(f"b_{c}") for c in RESULT_COLUMNS},
+            "calls": JOBS.c.calls + bindparam("b_calls"),
+            "updated_at": bindparam("b_now"),
+            "finished_at": bindparam("b_now"),
+            "lease_until": None,
+        }
+    )
+)
+_REQUEUE = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_id"), JOBS.c.status == RUNNING)
+    .values(
+        status=bindparam("b_status"),
+        provider=bindparam("b_provider"),
+        model=bindparam("b_model"),
+        queue=bindparam("b_queue"),
+        hops=JOBS.c.hops + bindparam("b_hops"),
+        calls=JOBS.c.calls + bindparam("b_calls"),
+        lease_until=None,
+        updated_at=bindparam("b_now"),
+        published_at=bindparam("b_now"),
+    )
+)
+
+
+def _attempt_params(job_id: str, number: int, attempt: AttemptRecord, now: datetime) -> dict[str, Any]:
+    values = {"job_id": job_id, "number": number, "finished_at": now, **attempt.__dict__}
+    return {f"b_{c}": values[c] for c in ATTEMPT_COLUMNS}
+
+
+class JobStore(Database):
+    """Jobs and their attempts, one at a time: what workers, the producer and the reconciler use."""
+
+    def add_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert new jobs (status queued) in one transaction; `DuplicateJob` if a key is taken."""
+        now = utcnow()
+        groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+        for row in rows:  # one executemany per shape of row (bad batch lines carry other columns)
+            full = {"status": QUEUED, "created_at": now, "updated_at": now, **row}
+            groups.setdefault(frozenset(full), []).append(full)
+        try:
+            with self.session() as s:
+                for group in groups.values():
+                    s.execute(JOBS.insert(), group)
+        except IntegrityError as exc:
+            if _is_duplicate(exc):
+                raise DuplicateJob(f"a job with the same unique key exists: {exc.orig}") from exc
+            raise
+
+    def job(self, job_id: str) -> Job | None:
+        with self.session(write=False) as s:
+            return s.get(Job, job_id)
+
+    def jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        with self.session(write=False) as s:
+            found = s.scalars(select(Job).where(Job.id.in_(list(job_ids))))
+            return {j.id: j for j in found}
+
+    def by_idempotency_key(self, key: str) -> Job | None:
+        with self.session(write=False) as s:
+            return s.scalars(select(Job).where(Job.idempotency_key == key)).first()
+
+    def delete_jobs(self, job_ids: Sequence[str]) -> None:
+        with self.session() as s:
+            s.execute(delete(Job).where(Job.id.in_(list(job_ids))))
+
+    def claim(self, job_id: str, *, lease_s: float, max_crashes: int) -> Claim:
+        """Take the job for one run. A job whose lease ran out was held by a worker that died.
+
+        One conditional UPDATE decides, so two deliveries of one job never both run it.
+        """
+        now = utcnow()
+        params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
+        with self.session() as s:
+            taken = s.connection().execute(_CLAIM, params).rowcount
+            job = s.get(Job, job_id, populate_existing=True)
+            if job is None:
+                return Claim("missing")
+            if not taken:
+                if job.status in FINAL:
+                    return Claim("final", job)
+                lease = aware(job.lease_until) or now
+                return Claim("busy", job, max(0.0, (lease - now).total_seconds()))
+            if job.crashes >= max_crashes:
+                job.status, job.error_kind, job.finished_at = FAILED, "poison", now
+                job.error = (
+                    f"the worker running this job died {job.crashes} times; "
+                    "it is failed so it cannot take more workers down"
+                )
+                job.lease_until = None
+                return Claim("poison", job)
+            return Claim("run", job)
+
+    def finish(self, job_id: str, run: int, attempt: AttemptRecord | None, **result: Any) -> bool:
+        """Record the last attempt and the job's final state, once. False: it was final already.
+
+        `result` names columns of `RESULT_COLUMNS`; the others are cleared."""
+        unknown = set(result) - set(RESULT_COLUMNS)
+        if unknown:
+            raise TypeError(f"finish() got columns it does not write: {sorted(unknown)}")
+        now = utcnow()
+        params = {f"b_{c}": result.get(c, RESULT_DEFAULTS.get(c)) for c in RESULT_COLUMNS}
+        params.update(b_id=job_id, b_now=now, b_calls=int(attempt is not None and attempt.called))
+        with self.session() as s:
+            conn = s.connection()
+            if attempt is not None:
+                conn.execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
+            return conn.execute(_FINISH, params).rowcount == 1
+
+    def requeue(
+        self,
+        job_id: str,
+        run: int,
+        attempt: AttemptRecord | None,
+        *,
+        provider: str,
+        model: str,
+        parked: bool = False,
+        hop: bool = True,
+    ) -> bool:
+        """Put a running job back in line (for another provider, or later); record the attempt."""
+        now = utcnow()
+        params = {
+            "b_id": job_id,
+            "b_now": now,
+            "b_status": PARKED if parked else QUEUED,
+            "b_provider": provider,
+            "b_model": model,
+            "b_queue": constants.queue_name(provider),
+            "b_hops": int(hop),
+            "b_calls": int(attempt is not None and attempt.called),
+        }
+        with self.session() as s:
+            conn = s.connection()
+            if attempt is not None:
+                conn.execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
+            return conn.execute(_REQUEUE, params).rowcount == 1
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        with self.session(write=False) as s:
+            return list(s.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)))
+
+    def open_jobs(self, *, idle_for_s: float, batch_id: str | None = None, limit: int = 10_000) -> list[Job]:
+        """Queued, running or parked jobs nothing has touched for `idle_for_s` (the reconciler's)."""
+        before = utcnow() - timedelta(seconds=idle_for_s)
+        query = select(Job).where(Job.status.in_(OPEN), Job.updated_at < before)
+        if batch_id is not None:
+            query = query.where(Job.batch_id == batch_id)
+        with self.session(write=False) as s:
+            return list(s.scalars(query.limit(limit)))
+
+    def take_for_republish(self, job: Job) -> bool:
+        """Claim the republish of a lost job: only if nobody touched it since `job` was read."""
+        now = utcnow()
+        with self.session() as s:
+            done = s.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status.in_(OPEN), Job.updated_at == job.updated_at)
+                .values(status=QUEUED, lease_until=None, updated_at=now, published_at=now)
+            )
+        return done.rowcount == 1
+
+    @cached_property
+    def _insert_attempt(self) -> Insert:
+        """Record an attempt unless (job, number) is there; built once (the upsert is per dialect)."""
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        return (
+            insert(ATTEMPTS)
+            .values({c: bindparam(f"b_{c}") for c in ATTEMPT_COLUMNS})
+            .on_conflict_do_nothing(index_elements=["job_id", "number"])
+        )
+
+
+def _is_duplicate(exc: IntegrityError) -> bool:
+    """A unique (or primary) key was broken, not another constraint."""
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)  # PostgreSQL
+    if code is not None:
+        return code == "23505"
+    name = getattr(exc.orig, "sqlite_errorname", "")  # SQLite
+    return name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY")

@@ -1,0 +1,131 @@
+"""Reports: read-only sums and counts over the jobs and the ledger of attempts.
+
+`usage_report` is `spillway usage`: requests, tokens, dollars, failures, re-routes and latency,
+from the attempts (every provider call is one), grouped as asked; cached answers apart.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, func, select
+
+from workers.errors import InputError
+from workers.store.engine import Database, aware
+from workers.store.models import SUCCEEDED, Attempt, Job
+
+GROUPINGS = ("provider", "model", "key", "task", "tier", "day")
+
+
+def check_grouping(by: str) -> None:
+    """InputError unless `by` is one of `GROUPINGS`."""
+    if by not in GROUPINGS:
+        raise InputError(f"--by: expected one of {', '.join(GROUPINGS)}, got {by!r}")
+
+
+class ReportStore(Database):
+    """Questions about many jobs at once; nothing here writes."""
+
+    def count_by_status(self, batch_id: str | None = None) -> dict[str, int]:
+        with self.session(write=False) as s:
+            query = select(Job.status, func.count()).group_by(Job.status)
+            if batch_id is not None:
+                query = query.where(Job.batch_id == batch_id)
+            return dict(s.execute(query).all())
+
+    def created_span(self) -> tuple[datetime | None, datetime | None]:
+        """When the first and the last job were stored (None, None: no jobs)."""
+        with self.session(write=False) as s:
+            first, last = s.execute(select(func.min(Job.created_at), func.max(Job.created_at))).one()
+        return aware(first), aware(last)
+
+    def usage_report(self, *, since: datetime | None = None, by: str = "model") -> dict[str, Any]:
+        """Usage per group of `by` (one of `GROUPINGS`) since `since`, with a total."""
+        keys = _keys(by, Attempt)
+        called = Attempt.called.is_(True)
+        totals = select(
+            *keys,
+            func.sum(case((called, 1), else_=0)),
+            func.sum(Attempt.input_tokens),
+            func.sum(Attempt.output_tokens),
+            func.sum(Attempt.cost_usd),
+            func.sum(case((called & (Attempt.outcome != SUCCEEDED), 1), else_=0)),
+            func.sum(
+                case((Attempt.moved_to.is_not(None) & (Attempt.moved_to != Attempt.provider), 1), else_=0)
+            ),
+        ).group_by(*keys)
+        latencies = select(*keys, Attempt.latency_ms).where(called, Attempt.latency_ms.is_not(None))
+        cached = select(*_keys(by, Job), func.count()).where(Job.cached.is_(True)).group_by(*_keys(by, Job))
+        if since is not None:
+            totals = totals.where(Attempt.started_at >= since)
+            latencies = latencies.where(Attempt.started_at >= since)
+            cached = cached.where(Job.finished_at >= since)
+        n = len(keys)
+        rows: dict[str, dict[str, Any]] = {}
+        with self.session(write=False) as s:
+            for row in s.execute(totals):
+                requests, tin, tout, cost, failures, reroutes = row[n:]
+                rows[_name(row[:n])] = {
+                    "requests": int(requests or 0),
+                    "input_tokens": int(tin or 0),
+                    "output_tokens": int(tout or 0),
+                    "cost_usd": round(float(cost or 0.0), 6),
+                    "failures": int(failures or 0),
+                    "reroutes": int(reroutes or 0),
+                    "cached": 0,
+                    "latency_ms": [],
+                }
+            for row in s.execute(latencies):
+                rows[_name(row[:n])]["latency_ms"].append(row[n])
+            for row in s.execute(cached):
+                entry = rows.setdefault(
+                    _name(row[:n]),
+                    {
+                        "requests": 0,
+                        "input_tokens": 0,
+                        "output_tokens": 0,
+                        "cost_usd": 0.0,
+                        "failures": 0,
+                        "reroutes": 0,
+                        "cached": 0,
+                        "latency_ms": [],
+                    },
+                )
+                entry["cached"] = int(row[n])
+        groups = []
+        for name in sorted(rows):
+            entry = rows[name]
+            samples = sorted(entry.pop("latency_ms"))
+            entry["latency_p50_ms"] = _percentile(samples, 0.50)
+            entry["latency_p95_ms"] = _percentile(samples, 0.95)
+            groups.append({by: name, **entry})
+        total = {
+            k: sum(g[k] for g in groups)
+            for k in ("requests", "input_tokens", "output_tokens", "failures", "reroutes", "cached")
+        }
+        total["cost_usd"] = round(sum(g["cost_usd"] for g in groups), 6)
+        return {"by": by, "since": since.isoformat() if since else None, "groups": groups, "total": total}
+
+
+def _keys(by: str, table: Any) -> list[Any]:
+    check_grouping(by)
+    columns = {
+        "provider": [table.provider],
+        "model": [table.provider, table.model],
+        "key": [table.provider, table.key_id],
+        "task": [table.task_type],
+        "tier": [table.tier],
+        "day": [func.date(table.started_at if table is Attempt else table.finished_at)],
+    }
+    return columns[by]
+
+
+def _name(values: tuple[Any, ...]) -> str:
+    return "/".join("-" if v is None else str(v) for v in values)
+
+
+def _percentile(samples: list[float], q: float) -> float | None:
+    if not samples:
+        return None
+    return round(samples[min(len(samples) - 1, int(q * len(samples)))], 1)
