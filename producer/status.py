@@ -12,7 +12,7 @@ from rich.table import Table
 
 from workers.broker import queue_lengths
 from workers.config import Candidate
-from workers.limiter import Costs
+from workers.limiter import AccountState, Costs, Scope
 from workers.runtime import Runtime
 from workers.strategies import ROOM_S
 
@@ -21,15 +21,15 @@ def _iso(ms: float) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _state(account: dict[str, Any], now_ms: int) -> tuple[str, str | None, str]:
+def _state(account: AccountState, now_ms: int) -> tuple[str, str | None, str]:
     """(state, until, why) of one account."""
-    if account["disabled"]:
-        return "disabled", None, account["disabled"]
-    if account["blocked_until"] > now_ms:
-        return "blocked", _iso(account["blocked_until"]), account["blocked_why"]
-    if account["open_until"] > now_ms:
-        return "circuit_open", _iso(account["open_until"]), f"{int(account['fails'])} failures in a row"
-    if account["open_until"] > 0:
+    if account.disabled:
+        return "disabled", None, account.disabled
+    if account.blocked_until_ms > now_ms:
+        return "blocked", _iso(account.blocked_until_ms), account.blocked_why
+    if account.open_until_ms > now_ms:
+        return "circuit_open", _iso(account.open_until_ms), f"{account.fails} failures in a row"
+    if account.open_until_ms > 0:
         return "probing", None, "circuit half-open: one call tests the provider"
     return "available", None, ""
 
@@ -59,25 +59,25 @@ def status_report(rt: Runtime, app: Celery | None = None) -> dict[str, Any]:
         for candidate in (c for c in usable if c.provider == name):
             snap = snapshots[candidate]
             seen: dict[str, dict[str, Any]] = {}
-            for key, account in zip(snap.keys, snap.accounts, strict=True):
-                if key.account in seen:  # several keys on one shared account
-                    seen[key.account]["keys"].append(key.key_id)
+            for account in snap.accounts:
+                if account.account in seen:  # several keys on one shared account
+                    seen[account.account]["keys"].append(account.key_id)
                     continue
                 state, until, why = _state(account, snap.now_ms)
-                seen[key.account] = {
+                seen[account.account] = {
                     "model": candidate.model,
-                    "account": key.account,
-                    "keys": [key.key_id],
+                    "account": account.account,
+                    "keys": [account.key_id],
                     "state": state,
                     "until": until,
                     "why": why,
-                    "in_flight": account["in_flight"],
+                    "in_flight": account.in_flight,
                     "remaining": {
-                        ("" if b["scope"] == 1 else "model ") + b["field"]: {
-                            "remaining": max(0, int(b["avail"])),
-                            "limit": int(b["cap"]),
+                        ("" if b.scope == Scope.ACCOUNT else "model ") + b.field: {
+                            "remaining": max(0, int(b.avail)),
+                            "limit": int(b.cap),
                         }
-                        for b in account["buckets"]
+                        for b in account.buckets
                     },
                 }
             entry["accounts"].extend(seen.values())
@@ -101,9 +101,7 @@ def route_report(rt: Runtime, task: str, tier: str, *, max_tokens: int | None = 
                 "candidate": str(candidate),
                 "usable": option is not None,
                 "skipped": skipped.get(str(candidate)),
-                "wait_s": None
-                if option is None or option.wait_s == float("inf")
-                else round(option.wait_s, 3),
+                "wait_s": None if option is None or option.wait.is_never else round(option.wait.seconds, 3),
                 "has_room": bool(option and option.has_room),
                 "why": option.why if option else skipped.get(str(candidate)),
             }
@@ -117,7 +115,7 @@ def route_report(rt: Runtime, task: str, tier: str, *, max_tokens: int | None = 
         "priority": rt.settings.tiers[tier].priority,
         "job": {"input_tokens": 100, "max_tokens": max_tokens},
         "chain": links,
-        "next_job_goes_to": str(choice.candidate) if choice and choice.wait_s != float("inf") else None,
+        "next_job_goes_to": str(choice.candidate) if choice and not choice.wait.is_never else None,
     }
 
 

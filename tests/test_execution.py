@@ -24,8 +24,8 @@ def test_success_stores_result_usage_and_cost(make_rt) -> None:
     assert job.cost_usd == pytest.approx((job.input_tokens * 1.0 + job.output_tokens * 2.0) / 1e6)
     [attempt] = rt.store.attempts(job_id)
     assert attempt.outcome == "succeeded" and attempt.output_tokens == job.output_tokens
-    tpm = snapshot(rt, A)["buckets"][0]
-    assert tpm["avail"] == pytest.approx(10000 - job.input_tokens - job.output_tokens, abs=10)  # settled
+    tpm = snapshot(rt, A).buckets[0]
+    assert tpm.avail == pytest.approx(10000 - job.input_tokens - job.output_tokens, abs=10)  # settled
     assert run_job(rt, job_id, A) == outcome  # a redelivery returns the same summary, no new call
     assert rt.store.job(job_id).calls == 1
 
@@ -51,8 +51,8 @@ def test_a_429_blocks_the_account_for_everyone_and_moves_on(make_rt) -> None:
     outcome = run_job(rt, add_job(rt), A)
     assert isinstance(outcome, Requeue) and outcome.candidate == B
     state = snapshot(rt, A)
-    assert state["blocked_until"] > rt.limiter.now_s() * 1000
-    assert state["blocked_why"].startswith("429 (per-minute quota)")
+    assert state.blocked_until_ms > rt.limiter.now_s() * 1000
+    assert state.blocked_why.startswith("429 (per-minute quota)")
     second = run_job(rt, add_job(rt), A)  # the next job never calls a: it is blocked
     assert isinstance(second, Requeue) and second.candidate == B
     assert rt.sim.sim.snapshot()["a"]["requests"] == 1
@@ -63,7 +63,7 @@ def test_a_rejected_key_is_disabled_and_the_job_moves_on(make_rt, caplog) -> Non
     job_id = add_job(rt)
     outcome = run_job(rt, job_id, A)
     assert isinstance(outcome, Requeue) and outcome.candidate == B
-    assert snapshot(rt, A)["disabled"] == "rejected by the provider (HTTP 401)"
+    assert snapshot(rt, A).disabled == "rejected by the provider (HTTP 401)"
     assert "bad-key-123" not in caplog.text and "key k0-" in caplog.text
     assert rt.store.attempts(job_id)[0].outcome == "auth"
 
@@ -161,7 +161,7 @@ def test_circuit_opens_and_jobs_go_to_the_other_provider(make_rt) -> None:
     rt.sim.sim.settings.providers["a"].faults = {"error_503": 1.0}
     for _ in range(3):
         run_job(rt, add_job(rt), A)
-    assert snapshot(rt, A)["open_until"] > rt.limiter.now_s() * 1000
+    assert snapshot(rt, A).open_until_ms > rt.limiter.now_s() * 1000
     outcome = run_job(rt, add_job(rt), A)
     assert isinstance(outcome, Requeue) and outcome.candidate == B
     assert rt.sim.sim.snapshot()["a"]["requests"] == 3  # the open circuit spared a a fourth call

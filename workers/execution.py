@@ -6,10 +6,12 @@ in order, and `tests/test_execution.py` walks each of them. A run:
 1. claims the job in the store (a lease: one worker at a time; a dead worker's lease runs
    out; a job whose workers keep dying is failed as poison);
 2. acquires the tokens right before the call (waiting inline if the bucket refills soon,
-   else moving on: another provider with room, a countdown, or parking until a daily reset);
+   else moving on: another provider with room, a countdown, or parking until a daily reset —
+   `workers.router.next_hop` decides which, here it is carried out);
 3. calls the provider and settles: real usage charged, the rest refunded, the provider's
    headers learned, a 429's retry time turned into a block for every process;
-4. records the attempt and either finishes the job or hands it on (`Requeue`).
+4. records the attempt and either finishes the job or hands it on (`Requeue`; after an error,
+   `next_hop` again decides where).
 
 It never raises for a provider error, so a chord's callback always runs.
 """
@@ -29,22 +31,21 @@ from workers.alerts import quota_crossed
 from workers.config import Candidate, Chain
 from workers.errors import (
     AuthError,
-    FinalError,
     InputError,
     NoRouteError,
-    Overloaded,
     ProviderError,
     QuotaExhausted,
     RateLimited,
     RetryableError,
     ServiceUnavailable,
 )
-from workers.limiter import Costs, Denied, Lease, Settled
-from workers.limiter.limiter import NEVER_S
+from workers.limiter import Costs, Lease, Settled, Wait
 from workers.messages import ChatRequest
 from workers.providers.transport import complete
+from workers.router import AfterError, Fail, JobFacts, NoRoom, Park, Reason, next_hop
 from workers.runtime import Runtime
 from workers.store import FAILED, SUCCEEDED, AttemptRecord, Job, aware, utcnow
+from workers.strategies import Option
 
 log = logging.getLogger("spillway.execution")
 
@@ -167,14 +168,16 @@ class _Run:
         self.share = rt.settings.tiers[job.tier].budget_share if job.tier in rt.settings.tiers else 1.0
         self.chain = _chain(rt, job)
         ttl = self.chain.cache_ttl_s if self.chain else None
-        self.cache_key = cache.cache_key(self.chain, job.task_type, job.tier, self.request) if ttl else None
+        self.cache_key = (
+            cache.cache_key(rt.keys, self.chain, job.task_type, job.tier, self.request) if ttl else None
+        )
 
     # -- admission ----------------------------------------------------------------------------
 
     def start(self) -> Outcome:
         rt, candidate = self.rt, self.candidate
         if not self._servable(candidate):
-            return self._move_on(Denied(NEVER_S, f"never:{candidate.provider} is not usable here", 0))
+            return self._move_on(NoRoom(Wait.never(f"{candidate.provider} is not usable here")))
         if self.cache_key is not None:
             answer = _cached(rt, self.cache_key)
             if answer is not None:
@@ -197,12 +200,12 @@ class _Run:
             dequeue = None
             if isinstance(grant, Lease):
                 if grant.crossed:
-                    quota_crossed(grant)
+                    quota_crossed(grant, rt.env.alert_webhook_url)
                 return self._call(grant)
-            if not grant.never and grant.wait_s <= give_up_at - time.monotonic():
-                time.sleep(max(grant.wait_s, 0.005))
+            if not grant.wait.is_never and grant.wait.seconds <= give_up_at - time.monotonic():
+                time.sleep(max(grant.wait.seconds, 0.005))
                 continue
-            return self._move_on(grant)
+            return self._move_on(NoRoom(grant.wait))
 
     def _servable(self, candidate: Candidate) -> bool:
         provider = self.rt.settings.providers.get(candidate.provider)
@@ -212,36 +215,56 @@ class _Run:
             and self.rt.keyring.usable(candidate.provider)
         )
 
-    def _move_on(self, denied: Denied) -> Outcome:
-        """No room here soon: another candidate with room now, else a countdown or parking."""
+    def _move_on(self, reason: Reason, record: AttemptRecord | None = None) -> Outcome:
+        """The job cannot run here now: gather what the router needs, let `next_hop` decide
+        (`workers.router`), and carry it out. `record`: the failed call's attempt, if any."""
+        options = self._options(reason)
+        decision = next_hop(
+            self.candidate,
+            options,
+            self._facts(),
+            reason,
+            clock=self.rt.limiter.now_s,
+            turns=self.rt.router.turns,
+        )
+        if isinstance(decision, Fail):
+            if decision.counted_at is not None:
+                self._count_queued(decision.counted_at)
+            return self._fail(record, decision.reason, decision.kind)
+        self._count_queued(decision.target)
+        if isinstance(decision, Park):
+            return self._requeue(
+                record, decision.target, park_until_s=decision.until_s, hop=decision.hop_increment > 0
+            )
+        if decision.rerouted is not None:
+            record = self._attempt("rerouted", called=False, error=decision.rerouted)
+        return self._requeue(
+            record, decision.target, countdown_s=decision.countdown_s, hop=decision.hop_increment > 0
+        )
+
+    def _options(self, reason: Reason) -> list[Option]:
+        """The candidates' expected waits: after no room, the others'; after an error, every
+        one's (none to read when the error ends the job anyway)."""
         rt, job = self.rt, self.job
+        if isinstance(reason, AfterError) and reason.ends_the_job(self.hop, rt.settings.max_hops):
+            return []
         try:
-            others = [c for c in rt.router.candidates(job.task_type, job.tier) if c != self.candidate]
-            options = rt.router.options(others, self.costs, self.share) if others else []
+            candidates = rt.router.candidates(job.task_type, job.tier)
+            if isinstance(reason, NoRoom):
+                candidates = [c for c in candidates if c != self.candidate]
+            return rt.router.options(candidates, self.costs, self.share) if candidates else []
         except (NoRouteError, ServiceUnavailable):
-            options = []
-        roomy = [o for o in options if o.has_room]
-        if roomy:
-            target = rt.router.choose(roomy, rt.settings.chain(job.task_type, job.tier).strategy)
-            self._count_queued(target.candidate)
-            why = denied.why.removeprefix("never:")
-            record = self._attempt("rerouted", called=False, error=f"no room: {why}")
-            return self._requeue(record, target.candidate, hop=True)
-        waits = [(denied.wait_s, self.candidate, denied.why)] + [
-            (o.wait_s, o.candidate, o.why) for o in options
-        ]
-        wait_s, target, why = min(waits, key=lambda w: w[0])
-        if wait_s >= NEVER_S or wait_s == float("inf"):
-            reasons = "; ".join(f"{c}: {w.removeprefix('never:')}" for _, c, w in waits)
-            return self._fail(None, f"no provider can take this job: {reasons}", "no_route")
-        self._count_queued(target)
-        if wait_s <= rt.settings.max_countdown_s:
-            return self._requeue(None, target, countdown_s=wait_s, hop=target != self.candidate)
-        until_s = rt.limiter.now_s() + wait_s
-        deadline = aware(job.deadline_at)
-        if deadline is not None and deadline.timestamp() < until_s:
-            return self._fail(None, f"its deadline passes before any quota is back ({why})", "deadline")
-        return self._requeue(None, target, park_until_s=until_s, hop=target != self.candidate)
+            return []
+
+    def _facts(self) -> JobFacts:
+        deadline = aware(self.job.deadline_at)
+        return JobFacts(
+            strategy=self.chain.strategy if self.chain else "ordered",
+            hop=self.hop,
+            max_hops=self.rt.settings.max_hops,
+            max_countdown_s=self.rt.settings.max_countdown_s,
+            deadline_s=deadline.timestamp() if deadline is not None else None,
+        )
 
     # -- the call -----------------------------------------------------------------------------
 
@@ -371,37 +394,7 @@ class _Run:
             latency_ms=latency_ms,
             started=started,
         )
-        if isinstance(exc, FinalError) and not isinstance(exc, QuotaExhausted | AuthError):
-            return self._fail(record, str(exc), exc.kind)
-        if self.hop + 1 >= self.rt.settings.max_hops:
-            return self._fail(record, f"gave up after {self.hop + 1} attempts; last: {exc}", exc.kind)
-        return self._next_after_error(record, exc)
-
-    def _next_after_error(self, record: AttemptRecord, exc: ProviderError) -> Outcome:
-        """Prefer another candidate with room; else wait here (backing off) or where it is soonest."""
-        rt, job = self.rt, self.job
-        try:
-            candidates = rt.router.candidates(job.task_type, job.tier)
-            options = rt.router.options(candidates, self.costs, self.share)
-        except (NoRouteError, ServiceUnavailable):
-            options = []
-        others = [o for o in options if o.candidate != self.candidate and o.has_room]
-        if others:
-            target = rt.router.choose(others, rt.settings.chain(job.task_type, job.tier).strategy)
-            self._count_queued(target.candidate)
-            return self._requeue(record, target.candidate, hop=True)
-        usable = [o for o in options if o.wait_s < NEVER_S]
-        if not usable:
-            return self._fail(record, f"no provider left to try after: {exc}", exc.kind)
-        best = min(usable, key=lambda o: o.wait_s)
-        backoff = 0.0
-        if isinstance(exc, RetryableError) and not isinstance(exc, RateLimited):
-            backoff = min(0.5 * 2**self.hop, 30.0) if isinstance(exc, Overloaded) else min(2**self.hop, 30.0)
-        wait_s = max(best.wait_s, backoff)
-        self._count_queued(best.candidate)
-        if wait_s <= rt.settings.max_countdown_s:
-            return self._requeue(record, best.candidate, countdown_s=wait_s, hop=True)
-        return self._requeue(record, best.candidate, park_until_s=rt.limiter.now_s() + wait_s, hop=True)
+        return self._move_on(AfterError(exc), record)
 
     def _answer_from_cache(self, answer: cache.CachedAnswer) -> Outcome:
         """An identical request was answered lately: no quota spent, no call made."""

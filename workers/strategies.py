@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # not at run time: workers.config imports this module, workers.limiter imports config
+    from workers.limiter.wait import Wait
 
 #: A wait at or below this counts as "room now" (scheduling noise, not a real queue).
 ROOM_S = 0.05
@@ -17,13 +20,23 @@ ROOM_S = 0.05
 
 @dataclass(frozen=True)
 class Option:
+    """A candidate and its expected wait before it could start the job (`Wait.never`: unusable);
+    the wait's reason is what `spillway route` shows."""
+
     candidate: Any
-    wait_s: float  # expected time until this candidate could start the job; inf = unusable
-    why: str = ""  # when unusable or waiting: the reason, for `spillway route`
+    wait: Wait
+
+    @property
+    def wait_s(self) -> float:
+        return self.wait.seconds
+
+    @property
+    def why(self) -> str:
+        return self.wait.why
 
     @property
     def has_room(self) -> bool:
-        return self.wait_s <= ROOM_S
+        return self.wait.seconds <= ROOM_S
 
 
 Strategy = Callable[[Sequence[Option], int], Option]
@@ -57,4 +70,4 @@ def round_robin(options: Sequence[Option], turn: int) -> Option:
 @strategy("fastest")
 def fastest(options: Sequence[Option], turn: int) -> Option:
     """The shortest expected wait; ties go to the earlier candidate."""
-    return min(options, key=lambda o: o.wait_s)
+    return min(options, key=lambda o: o.wait.seconds)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -21,29 +21,38 @@ from workers import constants
 from workers.config import Candidate, ProviderConfig, Settings
 from workers.errors import ServiceUnavailable
 from workers.keys import ApiKey, KeyRing
+from workers.keyspace import Keyspace
+from workers.limiter.state import DIMENSIONS, BucketSpec, Scope, Snapshot
+from workers.limiter.wait import Wait
 from workers.providers.signals import RateLimitSignal, Window
 
-# field -> (kind: 0 rolling / 1 daily, period_ms, unit a job spends)
-DIMENSIONS: dict[str, tuple[int, int, str]] = {
-    "rpm": (0, 60_000, "requests"),
-    "tpm": (0, 60_000, "tokens"),
-    "itpm": (0, 60_000, "input"),
-    "otpm": (0, 60_000, "output"),
-    "rpd": (1, constants.DAY_MS, "requests"),
-    "tpd": (1, constants.DAY_MS, "tokens"),
-}
-ACCOUNT_SCOPE, MODEL_SCOPE = 1, 2
-NEVER_S = 1e12
+#: How acquire.lua says waiting cannot help (its `why` starts with it); `acquire` turns it into
+#: `Wait.never`, so nothing past this module sees the prefix.
+NEVER_PREFIX = "never:"
 
 
 @dataclass
 class Clock:
-    """Redis TIME plus `offset_ms`; tests move it with `advance`."""
+    """Redis TIME plus `offset_ms`; tests move it with `advance`, or stop it: with `stopped_ms`
+    set, every script's time is that plus the offset, and only `advance` moves it."""
 
     offset_ms: int = 0
+    stopped_ms: int | None = None
 
     def advance(self, seconds: float) -> None:
         self.offset_ms += int(seconds * 1000)
+
+    def spec(self) -> dict[str, int]:
+        """What every script is told about the clock."""
+        if self.stopped_ms is None:
+            return {"offset_ms": self.offset_ms}
+        return {"offset_ms": self.offset_ms, "stopped_ms": self.stopped_ms}
+
+    def local_now_s(self) -> float:
+        """This process's reading of the same clock (no round trip; its own time, not Redis's)."""
+        if self.stopped_ms is not None:
+            return (self.stopped_ms + self.offset_ms) / 1000
+        return time.time() + self.offset_ms / 1000
 
 
 @dataclass(frozen=True)
@@ -89,28 +98,22 @@ class Settled:
 
 @dataclass(frozen=True)
 class Denied:
-    """Nothing admits the job now; `wait_s` until the earliest account could (`never`: none will)."""
+    """Nothing admits the job now: `wait` until the earliest account could (`Wait.never`: none will)."""
 
-    wait_s: float
-    why: str
+    wait: Wait
     now_ms: int
 
     @property
+    def wait_s(self) -> float:
+        return self.wait.seconds
+
+    @property
+    def why(self) -> str:
+        return self.wait.why
+
+    @property
     def never(self) -> bool:
-        return self.why.startswith("never:")
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """One provider:model as `inspect.lua` saw it."""
-
-    candidate: Candidate
-    keys: list[ApiKey]
-    buckets: list[list[Any]]
-    now_ms: int
-    next_reset_ms: int
-    pending: dict[str, float]
-    accounts: list[dict[str, Any]] = field(default_factory=list)
+        return self.wait.is_never
 
 
 def _script_text(name: str) -> str:
@@ -127,43 +130,31 @@ class Limiter:
         keyring: KeyRing,
         *,
         clock: Clock | None = None,
-        prefix: str = constants.KEY_PREFIX,
+        keys: Keyspace | None = None,
     ) -> None:
         self.redis = client
         self.settings = settings
         self.keyring = keyring
         self.clock = clock or Clock()
-        self.prefix = prefix
+        self.keys = keys or Keyspace()
         self._acquire = client.register_script(_script_text("acquire"))
         self._settle = client.register_script(_script_text("settle"))
         self._inspect = client.register_script(_script_text("inspect"))
-        self._buckets: dict[Candidate, list[list[Any]]] = {}
+        self._buckets: dict[Candidate, tuple[BucketSpec, ...]] = {}
 
-    # -- key names and bucket specs ---------------------------------------------------------
+    # -- bucket specs -----------------------------------------------------------------------
 
-    def key(self, provider: str, *parts: str) -> str:
-        return ":".join((self.prefix, f"{{{provider}}}", *parts))
-
-    def account_keys(self, provider: str, account: str, model: str) -> list[str]:
-        return [
-            self.key(provider, "a", account, "b", "*"),
-            self.key(provider, "a", account, "b", model),
-            self.key(provider, "a", account, "leases"),
-            self.key(provider, "a", account, "state"),
-        ]
-
-    def buckets(self, candidate: Candidate) -> list[list[Any]]:
-        """[scope, field, kind, capacity, period_ms, unit] for every configured limit."""
+    def buckets(self, candidate: Candidate) -> tuple[BucketSpec, ...]:
+        """Every configured limit of a provider:model: the account's, then the model's."""
         if candidate not in self._buckets:
             provider = self.settings.providers[candidate.provider]
             model = provider.models[candidate.model]
-            specs = []
-            for scope, limits in ((ACCOUNT_SCOPE, provider.limits), (MODEL_SCOPE, model.limits)):
-                for name, value in limits.items():
-                    if name in DIMENSIONS:
-                        kind, period, unit = DIMENSIONS[name]
-                        specs.append([scope, name, kind, value, period, unit])
-            self._buckets[candidate] = specs
+            self._buckets[candidate] = tuple(
+                BucketSpec.configured(scope, name, value)
+                for scope, limits in ((Scope.ACCOUNT, provider.limits), (Scope.MODEL, model.limits))
+                for name, value in limits.items()
+                if name in DIMENSIONS
+            )
         return self._buckets[candidate]
 
     def _concurrency(self, candidate: Candidate) -> int:
@@ -174,13 +165,14 @@ class Limiter:
         return min(values) if values else 0
 
     def _accounts(self, candidate: Candidate, keys: list[ApiKey]) -> list[dict[str, Any]]:
-        buckets, concurrency = self.buckets(candidate), self._concurrency(candidate)
+        buckets = [spec.as_lua() for spec in self.buckets(candidate)]
+        concurrency = self._concurrency(candidate)
         return [{"key_id": k.key_id, "concurrency": concurrency, "buckets": buckets} for k in keys]
 
     def _day_shift_ms(self, provider: ProviderConfig) -> int:
         # The zone's UTC offset only changes at a DST switch (never near midnight), so this
         # process's clock is good enough here and saves a round trip; the scripts use Redis TIME.
-        return provider.daily_reset.offset_ms(time.time() + self.clock.offset_ms / 1000)
+        return provider.daily_reset.offset_ms(self.clock.local_now_s())
 
     def _run(self, script: Any, keys: list[str], spec: dict[str, Any], client: Any = None) -> Any:
         try:
@@ -192,6 +184,8 @@ class Limiter:
 
     def now_s(self) -> float:
         """Redis time plus the clock's offset: the one clock every process shares."""
+        if self.clock.stopped_ms is not None:
+            return self.clock.local_now_s()
         try:
             seconds, micros = self.redis.time()
         except redis.RedisError as exc:
@@ -212,14 +206,14 @@ class Limiter:
         keys = self.keyring.keys(candidate.provider)
         lease_id = uuid.uuid4().hex
         redis_keys = [
-            self.key(provider.name, "disabled"),
-            self.key(provider.name, "pending"),
-            self.key(provider.name, "lease", lease_id),
+            self.keys.disabled(provider.name),
+            self.keys.pending(provider.name),
+            self.keys.lease(provider.name, lease_id),
         ]
         for k in keys:
-            redis_keys += self.account_keys(provider.name, k.account, candidate.model)
+            redis_keys += self.keys.account(provider.name, k.account, candidate.model)
         spec = {
-            "offset_ms": self.clock.offset_ms,
+            **self.clock.spec(),
             "day_shift_ms": self._day_shift_ms(provider),
             "lease_id": lease_id,
             "lease_ttl_ms": int(lease_ttl_s * 1000),
@@ -236,7 +230,9 @@ class Limiter:
                 lease_id, candidate.provider, candidate.model, keys[result[1] - 1], result[2], crossed
             )
         why = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
-        return Denied(result[1] / 1000, why, result[3])
+        if why.startswith(NEVER_PREFIX):
+            return Denied(Wait.never(why.removeprefix(NEVER_PREFIX)), result[3])
+        return Denied(Wait(result[1] / 1000, why), result[3])
 
     def settle(
         self,
@@ -254,12 +250,12 @@ class Limiter:
         candidate = Candidate(lease.provider, lease.model)
         provider = self.settings.providers[lease.provider]
         redis_keys = [
-            self.key(provider.name, "lease", lease.lease_id),
-            *self.account_keys(provider.name, lease.key.account, lease.model),
-            self.key(provider.name, "disabled"),
+            self.keys.lease(provider.name, lease.lease_id),
+            *self.keys.account(provider.name, lease.key.account, lease.model),
+            self.keys.disabled(provider.name),
         ]
         spec = {
-            "offset_ms": self.clock.offset_ms,
+            **self.clock.spec(),
             "day_shift_ms": self._day_shift_ms(provider),
             "lease_id": lease.lease_id,
             "actual": actual.as_dict() if actual else None,
@@ -271,7 +267,7 @@ class Limiter:
             "block": None
             if block_s is None
             else {
-                "scope": ACCOUNT_SCOPE if block_account else MODEL_SCOPE,
+                "scope": int(Scope.ACCOUNT if block_account else Scope.MODEL),
                 "ms": max(0, int(block_s * 1000)),
                 "why": block_why,
             },
@@ -283,12 +279,12 @@ class Limiter:
 
     def observations(self, candidate: Candidate, signal: RateLimitSignal) -> list[list[Any]]:
         """Each window the provider reported, matched to the configured bucket it describes."""
-        by_field = {spec[1]: spec for spec in self.buckets(candidate)}
+        by_field = {spec.field: spec for spec in self.buckets(candidate)}
         out = []
         for window in signal.windows:
             name = _field_for(window, by_field, signal.received_at_s)
             if name is not None:
-                out.append([*by_field[name], window.remaining, window.limit])
+                out.append([*by_field[name].as_lua(), window.remaining, window.limit])
         return out
 
     def snapshots(self, candidates: list[Candidate]) -> dict[Candidate, Snapshot]:
@@ -298,11 +294,11 @@ class Limiter:
         for candidate in candidates:
             provider = self.settings.providers[candidate.provider]
             keys = self.keyring.keys(candidate.provider)
-            redis_keys = [self.key(provider.name, "disabled"), self.key(provider.name, "pending")]
+            redis_keys = [self.keys.disabled(provider.name), self.keys.pending(provider.name)]
             for k in keys:
-                redis_keys += self.account_keys(provider.name, k.account, candidate.model)
+                redis_keys += self.keys.account(provider.name, k.account, candidate.model)
             spec = {
-                "offset_ms": self.clock.offset_ms,
+                **self.clock.spec(),
                 "day_shift_ms": self._day_shift_ms(provider),
                 "accounts": self._accounts(candidate, keys),
             }
@@ -312,25 +308,16 @@ class Limiter:
             results = pipe.execute()
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"the limiter's Redis does not answer: {exc}") from exc
-        out = {}
-        for (candidate, keys), raw in zip(plans, results, strict=True):
-            data = json.loads(raw)
-            out[candidate] = Snapshot(
-                candidate,
-                keys,
-                self.buckets(candidate),
-                int(data["now"]),
-                int(data["next_reset"]),
-                data["pending"] if isinstance(data["pending"], dict) else {},
-                data["accounts"] if isinstance(data["accounts"], list) else [],
-            )
-        return out
+        return {
+            candidate: Snapshot.parse(candidate, keys, self.buckets(candidate), raw)
+            for (candidate, keys), raw in zip(plans, results, strict=True)
+        }
 
     def add_pending(self, placed: dict[Candidate, Costs]) -> None:
         """Count work queued for a provider (placement reads it; acquire takes it off)."""
         pipe = self.redis.pipeline(transaction=False)
         for candidate, costs in placed.items():
-            key = self.key(candidate.provider, "pending")
+            key = self.keys.pending(candidate.provider)
             for name, amount in self._pending_fields(candidate.model, costs).items():
                 pipe.hincrbyfloat(key, name, amount)
             pipe.expire(key, constants.PENDING_TTL_S)
@@ -344,7 +331,7 @@ class Limiter:
         return {f"{model}|{unit}": amount for unit, amount in costs.as_dict().items() if amount}
 
 
-def _field_for(window: Window, by_field: dict[str, list[Any]], now_s: float) -> str | None:
+def _field_for(window: Window, by_field: dict[str, BucketSpec], now_s: float) -> str | None:
     """Which configured bucket a reported window describes (OpenAI does not say the period)."""
     minute, day = {
         "requests": ("rpm", "rpd"),
@@ -354,7 +341,7 @@ def _field_for(window: Window, by_field: dict[str, list[Any]], now_s: float) -> 
     }[window.unit]
     period = window.period
     if period == "unknown":
-        limits = {name: by_field[name][3] for name in (minute, day) if name in by_field}
+        limits = {name: by_field[name].capacity for name in (minute, day) if name in by_field}
         matches = [name for name, cap in limits.items() if cap == window.limit]
         if len(matches) == 1:
             return matches[0]

@@ -5,17 +5,19 @@
 -- KEYS[2]  pending hash            "<model>|<unit>" -> work queued for this provider
 -- KEYS[3]  lease record            string, created here (JSON of what was charged)
 -- KEYS[4+4(i-1) .. 7+4(i-1)]  for account i: "*" hash, model hash, leases zset, state hash
--- ARGV[1]  JSON {offset_ms, day_shift_ms, lease_id, lease_ttl_ms, probe_ttl_ms, share,
+-- ARGV[1]  JSON {offset_ms, stopped_ms (tests only), day_shift_ms, lease_id, lease_ttl_ms,
+--                probe_ttl_ms, share,
 --                costs = {requests, tokens, input, output}, dequeue = {field: amount} | null,
 --                accounts = [{key_id, concurrency, buckets = [bucket spec, ...]}]}
 -- Returns  {1, account index (1-based), now_ms, crossed}   the lease is taken; `crossed` lists
 --                                                 "field:used:limit" of daily quotas this debit
 --                                                 took past ALERT_AT (90%) — once per window
 --          {0, wait_ms, why, now_ms}              nothing admits now; earliest retry in wait_ms
---                                                 (why "never:<reason>" when waiting cannot help)
+--                                                 (why "never:<reason>" when waiting cannot help;
+--                                                 Limiter.acquire turns it into Wait.never)
 
 local spec = cjson.decode(ARGV[1])
-local now = now_ms(spec.offset_ms)
+local now = now_ms(spec)
 local window = math.floor((now + spec.day_shift_ms) / DAY_MS)
 local next_reset = (window + 1) * DAY_MS - spec.day_shift_ms
 local NEVER = 1e15

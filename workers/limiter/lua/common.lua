@@ -13,9 +13,11 @@
 local DAY_MS = 86400000
 local KEEP_MS = 2 * DAY_MS  -- bucket hashes outlive any window they describe
 
-local function now_ms(offset_ms)
+-- Now, in ms: Redis TIME plus the clock's offset; a stopped clock (tests) is its time plus the offset.
+local function now_ms(spec)
+  if type(spec.stopped_ms) == 'number' then return spec.stopped_ms + (spec.offset_ms or 0) end
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (offset_ms or 0)
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (spec.offset_ms or 0)
 end
 
 local function num(x)

@@ -2,13 +2,15 @@
 --
 -- KEYS[1] disabled keys hash   KEYS[2] pending hash
 -- KEYS[3+4(i-1) .. 6+4(i-1)]  for account i: "*" hash, model hash, leases zset, state hash
--- ARGV[1] JSON {offset_ms, day_shift_ms, accounts = [{key_id, concurrency, buckets}]}
+-- ARGV[1] JSON {offset_ms, stopped_ms (tests only), day_shift_ms,
+--               accounts = [{key_id, concurrency, buckets}]}
 -- Returns a JSON string {now, next_reset, pending = {field: amount},
 --   accounts = [{disabled, blocked_until, blocked_why, open_until, probe_until, fails,
 --                in_flight, buckets = [{field, scope, kind, avail, cap, period}]}]}
+--   (limiter/state.py parses it: Snapshot.parse)
 
 local spec = cjson.decode(ARGV[1])
-local now = now_ms(spec.offset_ms)
+local now = now_ms(spec)
 local window = math.floor((now + spec.day_shift_ms) / DAY_MS)
 local out = {now = now, next_reset = (window + 1) * DAY_MS - spec.day_shift_ms, pending = {}, accounts = {}}
 

@@ -4,7 +4,7 @@
 --
 -- KEYS[1] lease record   KEYS[2] "*" hash   KEYS[3] model hash   KEYS[4] leases zset
 -- KEYS[5] state hash     KEYS[6] disabled keys hash
--- ARGV[1] JSON {offset_ms, day_shift_ms, lease_id,
+-- ARGV[1] JSON {offset_ms, stopped_ms (tests only), day_shift_ms, lease_id,
 --               actual = {requests, tokens, input, output} | null  (null: keep the charge),
 --               outcome = "alive" | "failed" | "none"               (circuit breaker input),
 --               circuit = {failures, cooldown_ms},
@@ -15,7 +15,7 @@
 --          1 if this call disabled the key (0 if it was disabled already or not asked)}
 
 local spec = cjson.decode(ARGV[1])
-local now = now_ms(spec.offset_ms)
+local now = now_ms(spec)
 local window = math.floor((now + spec.day_shift_ms) / DAY_MS)
 local scopes = {KEYS[2], KEYS[3]}
 
