@@ -26,6 +26,7 @@ def main() -> None:
     console = Console()
     rows: list[tuple[str, str, str]] = []
     redis_server = start_redis()
+    # Each benchmark module is imported when it is chosen (`--only`): the others stay unloaded.
     try:
         if "limiter" in only:
             from bench import limiter_ops

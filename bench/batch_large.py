@@ -15,6 +15,7 @@ import psutil
 
 from bench.common import stack_from
 from bench.makespan import theoretical_min_s
+from producer.client import default_client
 
 CONFIG = """
 [spillway]
@@ -99,13 +100,7 @@ def run(
         if proc.returncode != 0:
             raise RuntimeError(f"spillway batch failed: {proc.stderr.read()[-2000:]}")
         with stack.applied():
-            from sqlalchemy import func, select
-
-            from workers.runtime import runtime
-            from workers.store import Job
-
-            with runtime().store.session(write=False) as s:
-                first, last = s.execute(select(func.min(Job.created_at), func.max(Job.created_at))).one()
+            first, last = default_client().runtime.store.created_span()
         stats = stack.simulator_stats()
     finally:
         stack.close()

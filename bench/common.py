@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from producer.stack import LocalStack
+from producer.ops.stack import LocalStack
 from workers.store import Store
 
 

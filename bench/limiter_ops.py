@@ -9,6 +9,7 @@ import redis
 
 from workers.config import Candidate, parse_settings
 from workers.keys import KeyRing
+from workers.keyspace import Keyspace
 from workers.limiter import Costs, Lease, Limiter
 
 CONFIG = """
@@ -28,7 +29,7 @@ def run(redis_url: str, *, threads: int = 8, seconds: float = 3.0) -> dict[str, 
     settings = parse_settings(CONFIG, "bench.toml")
     env = {"K": "k0", "K_1": "k1", "K_2": "k2"}  # three keys: acquire picks among three accounts
     limiter = Limiter(
-        redis.Redis.from_url(redis_url), settings, KeyRing(settings, env, quiet=True), prefix="bench"
+        redis.Redis.from_url(redis_url), settings, KeyRing(settings, env, quiet=True), keys=Keyspace("bench")
     )
     candidate, costs = Candidate("p", "m"), Costs.estimate(200, 300)
     counts = [0] * threads

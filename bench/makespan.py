@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 from bench.common import stack_from, wait_all_final
+from producer import submit
+from producer.client import default_client
 
 CONFIG = """
 [spillway]
@@ -56,15 +58,12 @@ def run(
         stack.start_worker(concurrency=threads, loglevel="WARNING")
         stack.wait_for_workers()
         with stack.applied():
-            from producer import submit
-            from workers.runtime import runtime
-
             started = time.monotonic()
             for i in range(jobs):
                 submit(f"batch item {i}", task="batch", tier="free")
             submitted = time.monotonic()
-            finished = wait_all_final(runtime().store, jobs, timeout_s=600)
-            split = runtime().store.count_by_status()
+            finished = wait_all_final(default_client().runtime.store, jobs, timeout_s=600)
+            split = default_client().runtime.store.count_by_status()
         stats = stack.simulator_stats()
     finally:
         stack.close()

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from bench.common import stack_from, wait_all_final
+from producer import submit
+from producer.client import default_client
 
 CONFIG = """
 [providers.fast]
@@ -42,13 +44,10 @@ def _spillway(stack, jobs: int, threads: int) -> float:
     stack.start_worker(concurrency=threads, loglevel="WARNING")
     stack.wait_for_workers()
     with stack.applied():
-        from producer import submit
-        from workers.runtime import runtime
-
         started = time.monotonic()
         for i in range(jobs):
             submit(f"bench job {i}", task="bench", tier="free", max_tokens=32)
-        finished = wait_all_final(runtime().store, jobs, timeout_s=300)
+        finished = wait_all_final(default_client().runtime.store, jobs, timeout_s=300)
     for worker in list(stack.workers):
         stack.kill_worker(worker, sig=15)
     stack.workers.clear()
@@ -84,6 +83,7 @@ def _plain(stack, jobs: int, threads: int) -> float:
     )
     try:
         with stack.applied():
+            # Imported here: the plain app becomes Celery's current app, after Spillway's.
             from bench.plain_app import app, plain_call
 
             app.conf.broker_url = stack.env["CELERY_BROKER_URL"]

@@ -6,8 +6,11 @@ from __future__ import annotations
 import httpx
 from celery import Celery
 
-app = Celery("plain")
-app.config_from_object("celeryconfig")
+from workers.celery import celery_settings
+from workers.env import Env
+
+app = Celery("plain")  # created after Spillway's app (imported above), so it is the current one
+app.conf.update(celery_settings(Env.from_environ()))
 _client = httpx.Client(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
 
 

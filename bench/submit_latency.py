@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bench.common import stack_from
 from bench.overhead import CONFIG
+from producer import submit
 
 
 def run(workdir: Path, *, jobs: int = 1000) -> dict[str, float]:
@@ -14,8 +15,6 @@ def run(workdir: Path, *, jobs: int = 1000) -> dict[str, float]:
     stack.start(simulator=False)  # nobody consumes: only the producer's side is measured
     try:
         with stack.applied():
-            from producer import submit
-
             submit("warm up", task="bench", tier="free")
             took = []
             for i in range(jobs):

@@ -20,20 +20,20 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import chord
 
 from producer.batchfile import BadLine, BatchItem, check_item, read_jsonl, validate
 from producer.jobs import job_row
-from workers import batches, cache
+from workers import cache, dispatch, reconciler
 from workers.config import Candidate
-from workers.constants import queue_name
 from workers.errors import InputError, ServiceUnavailable
 from workers.limiter import Costs
-from workers.runtime import Runtime, runtime
 from workers.store import FAILED, FINAL, OPEN, SUCCEEDED, Job, utcnow
+
+if TYPE_CHECKING:
+    from producer.client import Client
 
 CHUNK = 500  # jobs per placement read, store transaction, publish pipeline and chord
 #: A resumed batch re-sends its stored jobs that have had no broker message for this long
@@ -97,11 +97,12 @@ class BatchHandle:
     """A submitted batch. `progress()`, `wait()`, and `results()` in input order."""
 
     id: str
+    client: Client = field(repr=False, compare=False)
     _started: float = field(default_factory=time.monotonic)
     _done_at_start: int | None = None
 
     def progress(self) -> Progress:
-        rt = runtime()
+        rt = self.client.runtime
         totals = rt.store.batch_totals(self.id)
         done = sum(totals["by_status"].get(s, 0) for s in FINAL)
         if self._done_at_start is None:
@@ -138,7 +139,7 @@ class BatchHandle:
 
     def results(self, page: int = 1000) -> Iterator[dict[str, Any]]:
         """One output record per input line, in input order (read from the store page by page)."""
-        store, after = runtime().store, -1
+        store, after = self.client.runtime.store, -1
         while True:
             jobs = store.batch_jobs(self.id, after_seq=after, limit=page)
             if not jobs:
@@ -175,6 +176,7 @@ def output_record(job: Job) -> dict[str, Any]:
 
 
 def submit_batch(
+    client: Client,
     items: Iterable[dict[str, Any]],
     *,
     task: str,
@@ -193,18 +195,22 @@ def submit_batch(
     `batch_key` again resumes: only items not yet succeeded are sent.
     """
     listed = list(enumerate(items, 1))
-    return run_batch(
-        runtime(), lambda: listed, task=task, tier=tier, key=batch_key, skip_invalid=skip_invalid
-    )
+    return run_batch(client, lambda: listed, task=task, tier=tier, key=batch_key, skip_invalid=skip_invalid)
 
 
 def submit_file(
-    path: str | Path, *, task: str, tier: str, output: str | Path | None = None, skip_invalid: bool = False
+    client: Client,
+    path: str | Path,
+    *,
+    task: str,
+    tier: str,
+    output: str | Path | None = None,
+    skip_invalid: bool = False,
 ) -> BatchHandle:
     """A JSONL file as a batch; the same input, output, task and tier resume the same batch."""
     key = fingerprint(path, output, task, tier)
     return run_batch(
-        runtime(), lambda: read_jsonl(path), task=task, tier=tier, key=key, skip_invalid=skip_invalid
+        client, lambda: read_jsonl(path), task=task, tier=tier, key=key, skip_invalid=skip_invalid
     )
 
 
@@ -214,8 +220,9 @@ def fingerprint(path: str | Path, output: str | Path | None, task: str, tier: st
 
 
 def run_batch(
-    rt: Runtime, source: Source, *, task: str, tier: str, key: str | None, skip_invalid: bool
+    client: Client, source: Source, *, task: str, tier: str, key: str | None, skip_invalid: bool
 ) -> BatchHandle:
+    rt = client.runtime
     rt.settings.chain(task, tier)  # an unknown default task type or tier fails before anything
     good, bad = validate(rt, source(), task, tier)
     if bad and not skip_invalid:
@@ -227,29 +234,31 @@ def run_batch(
     if batch is None:
         rt.store.add_batch(id=batch_id, task_type=task, tier=tier, total=0, chords=0, fingerprint=key)
     else:
-        _resend_lost(rt, batch_id)
+        # Resuming: jobs an earlier run stored but never got to publish go out again (once).
+        reconciler.recover_once(rt, client.app, idle_for_s=RESUME_IDLE_S, confirm_s=0.5, batch_id=batch_id)
     enqueuer = _Enqueuer(
-        rt, batch_id, rt.store.batch_states(batch_id), chords_before=batch.chords if batch else 0
+        client, batch_id, rt.store.batch_states(batch_id), chords_before=batch.chords if batch else 0
     )
     bad_lines = {b.line: b for b in bad}
     for chunk in _chunks(source(), CHUNK):
         enqueuer.add([bad_lines.get(n) or check_item(rt, n, v, task, tier) for n, v in chunk])
     enqueuer.flush()
     rt.store.update_batch(batch_id, total=rt.store.batch_totals(batch_id)["total"], chords=enqueuer.chords)
-    return BatchHandle(batch_id)
+    return BatchHandle(batch_id, client)
 
 
 class _Enqueuer:
     """Places, stores and publishes a batch chunk by chunk, each chunk a chord of its own."""
 
     def __init__(
-        self, rt: Runtime, batch_id: str, states: dict[str, tuple[str, str]], chords_before: int
+        self, client: Client, batch_id: str, states: dict[str, tuple[str, str]], chords_before: int
     ) -> None:
-        self.rt = rt
+        self.client = client
+        self.rt = client.runtime
         self.batch_id = batch_id
         self.states = states  # custom_id -> (job id, status) of what this batch already holds
         self.chords = chords_before
-        self.header: list[Any] = []
+        self.header: list[dispatch.Target] = []
         self.sent = 0
         self.reopened = False
 
@@ -302,7 +311,7 @@ class _Enqueuer:
         for i, (item, _, again) in enumerate(runnable):
             chain = self.rt.settings.chain(item.task, item.tier)
             if chain.cache_ttl_s and not again:
-                keys[i] = cache.cache_key(chain, item.task, item.tier, item.request)
+                keys[i] = cache.cache_key(self.rt.keys, chain, item.task, item.tier, item.request)
         if not keys:
             return runnable
         try:
@@ -375,29 +384,16 @@ class _Enqueuer:
 
     def _header(self, job_id: str, task_id: str, candidate: Any, tier: str) -> dict[str, Any]:
         """Add the job to this chunk's chord; returns its place there, for the store."""
-        from workers.tasks import run_job
-
         place = {"chord_id": self.chord_id, "chord_index": len(self.header), "chord_chunk": self.chords}
+        priority = self.rt.priority(tier)
         self.header.append(
-            run_job.signature(
-                kwargs={"job_id": job_id, "provider": candidate.provider, "model": candidate.model, "hop": 0},
-                task_id=task_id,
-                queue=queue_name(candidate.provider),
-                priority=self.rt.priority(tier),
-            )
+            dispatch.Target(job_id, candidate.provider, candidate.model, priority, task_id=task_id)
         )
         return place
 
-    def _publish(self, header: list[Any]) -> None:
-        from workers.tasks import run_job
-
-        # The group id is ours (recorded on every job), so the reconciler can put a lost job back
-        # into its chord; the callback is rebuilt from the batch id and the chunk number.
-        callback = batches.chord_callback(self.batch_id, self.chords, self.chord_id)
+    def _publish(self, header: list[dispatch.Target]) -> None:
         try:
-            with run_job.app.publishing_batch():
-                # a chord's own task_id becomes its header group's id; the callback keeps its own
-                chord(header, callback, task_id=self.chord_id).apply_async(task_id=callback.id)
+            dispatch.publish_chunk(self.client.app, header, self.batch_id, self.chords, self.chord_id)
         except Exception as exc:  # the broker is gone: the jobs are stored; the reconciler sends them
             raise ServiceUnavailable(
                 f"the broker stopped answering after {self.sent} job(s) of batch {self.batch_id} were sent "
@@ -405,14 +401,6 @@ class _Enqueuer:
             ) from exc
         self.chords += 1
         self.sent += len(header)
-
-
-def _resend_lost(rt: Runtime, batch_id: str) -> None:
-    """Resuming: jobs an earlier run stored but never got to publish go out again (once)."""
-    from workers import app
-    from workers.reconciler import recover_once
-
-    recover_once(rt, app, idle_for_s=RESUME_IDLE_S, confirm_s=0.5, batch_id=batch_id)
 
 
 def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from producer.jobs import prepare
 from workers.errors import InputError
 from workers.messages import ChatRequest
 from workers.runtime import Runtime
@@ -89,8 +90,6 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 def check_item(rt: Runtime, number: int, value: Any, task: str, tier: str) -> BatchItem | BadLine:
     """One line (or item) turned into a job, or the reason it cannot be one."""
-    from producer.jobs import prepare
-
     if isinstance(value, BadLine):
         return value
     if not isinstance(value, Mapping):

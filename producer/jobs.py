@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from sqlalchemy.exc import IntegrityError
 
-from workers import cache, callbacks
+from workers import cache, callbacks, dispatch
 from workers.cache import CachedAnswer
 from workers.config import Candidate
 from workers.constants import queue_name
@@ -21,16 +19,13 @@ from workers.errors import InputError, ServiceUnavailable
 from workers.limiter import Costs
 from workers.messages import ChatRequest, build_request
 from workers.results import JobResult
-from workers.runtime import Runtime, runtime
-from workers.store import SUCCEEDED, utcnow
+from workers.runtime import Runtime
+from workers.store import SUCCEEDED, DuplicateJob, utcnow
+
+if TYPE_CHECKING:
+    from producer.client import Client
 
 log = logging.getLogger("spillway.producer")
-
-
-def keep_when_broker_down() -> bool:
-    """``SPILLWAY_SUBMIT_WHEN_BROKER_DOWN``: "fail" (the default: nothing is stored) or "store"
-    (the job is kept and the reconciler publishes it once Redis or the broker is back)."""
-    return os.environ.get("SPILLWAY_SUBMIT_WHEN_BROKER_DOWN", "fail") == "store"
 
 
 @dataclass(frozen=True)
@@ -38,14 +33,15 @@ class JobHandle:
     """A submitted job. ``handle.wait(30).text`` blocks until it is done (or the timeout)."""
 
     id: str
+    client: Client = field(repr=False, compare=False)
 
     def result(self) -> JobResult:
-        return get(self.id)
+        return get(self.client, self.id)
 
     def wait(self, timeout_s: float = 300.0) -> JobResult:
         deadline, pause = time.monotonic() + timeout_s, 0.01
         while True:
-            result = get(self.id)
+            result = get(self.client, self.id)
             if result.done:
                 return result
             if time.monotonic() >= deadline:
@@ -54,15 +50,16 @@ class JobHandle:
             pause = min(pause * 1.5, 0.25)
 
 
-def get(job_id: str) -> JobResult:
+def get(client: Client, job_id: str) -> JobResult:
     """The job's current state; InputError if the store does not know the id."""
-    job = runtime().store.job(job_id)
+    job = client.runtime.store.job(job_id)
     if job is None:
         raise InputError(f"no job with id {job_id!r}")
     return JobResult.from_job(job)
 
 
 def submit(
+    client: Client,
     prompt: str | None = None,
     *,
     messages: list[dict[str, str]] | None = None,
@@ -78,19 +75,14 @@ def submit(
     callback_url: str | None = None,
     deadline_s: float | None = None,
 ) -> JobHandle:
-    """Store one job and publish it to the provider queue that can finish it soonest.
-
-    Returns as soon as the job is stored and published::
-
-        handle = submit("Summarise: ...", task="analysis", tier="free")
-        print(handle.wait(60).text)
-    """
-    rt = runtime()
+    """`Client.submit`: store one job and publish it to the provider queue that can finish it
+    soonest; returns as soon as the job is stored and published."""
+    rt = client.runtime
     if idempotency_key is not None:
         _check_str(idempotency_key, "idempotency_key")
         existing = rt.store.by_idempotency_key(idempotency_key)
         if existing is not None:
-            return JobHandle(existing.id)
+            return JobHandle(existing.id, client)
     request = prepare(
         rt,
         task,
@@ -106,7 +98,7 @@ def submit(
     )
     if callback_url is not None:
         _check_url(callback_url)
-        callbacks.secret()  # signing needs it: fail now, not when the result is ready
+        callbacks.secret(rt.env)  # signing needs it: fail now, not when the result is ready
     extra = {
         "preferred_provider": preferred_provider,
         "idempotency_key": idempotency_key,
@@ -115,12 +107,12 @@ def submit(
     }
     answer = cached_answer(rt, task, tier, request)
     if answer is not None:
-        return _store_cached(rt, task, tier, request, answer, **extra)
+        return _store_cached(client, task, tier, request, answer, **extra)
     costs = Costs.estimate(request.estimated_input_tokens(), request.max_tokens)
     try:
         target = rt.router.place(task, tier, costs, preferred=preferred_provider).candidate
     except ServiceUnavailable:
-        if not keep_when_broker_down():
+        if not rt.env.keep_when_broker_down:
             raise
         target = rt.router.candidates(task, tier)[0]  # Redis is down: the reconciler sends it later
     job_id = uuid.uuid4().hex
@@ -137,13 +129,13 @@ def submit(
     )
     try:
         rt.store.add_jobs([row])
-    except IntegrityError:
+    except DuplicateJob:
         existing = rt.store.by_idempotency_key(idempotency_key or "")
         if existing is None:
             raise
-        return JobHandle(existing.id)  # a concurrent submit with the same key won
-    publish(rt, [(job_id, target, tier)])
-    return JobHandle(job_id)
+        return JobHandle(existing.id, client)  # a concurrent submit with the same key won
+    publish(client, [dispatch.Target(job_id, target.provider, target.model, rt.priority(tier))])
+    return JobHandle(job_id, client)
 
 
 def cached_answer(rt: Runtime, task: str, tier: str, request: ChatRequest) -> CachedAnswer | None:
@@ -152,15 +144,16 @@ def cached_answer(rt: Runtime, task: str, tier: str, request: ChatRequest) -> Ca
     if not chain.cache_ttl_s:
         return None
     try:
-        return cache.lookup(rt.redis, cache.cache_key(chain, task, tier, request))
+        return cache.lookup(rt.redis, cache.cache_key(rt.keys, chain, task, tier, request))
     except redis.RedisError:
         return None
 
 
 def _store_cached(
-    rt: Runtime, task: str, tier: str, request: ChatRequest, answer: CachedAnswer, **extra: Any
+    client: Client, task: str, tier: str, request: ChatRequest, answer: CachedAnswer, **extra: Any
 ) -> JobHandle:
     """A cache hit is a job that is done when it is stored: no message, no quota."""
+    rt = client.runtime
     job_id = uuid.uuid4().hex
     target = Candidate(answer.provider, answer.model)
     row = {
@@ -171,16 +164,14 @@ def _store_cached(
     }
     try:
         rt.store.add_jobs([row])
-    except IntegrityError:
+    except DuplicateJob:
         existing = rt.store.by_idempotency_key(extra.get("idempotency_key") or "")
         if existing is None:
             raise
-        return JobHandle(existing.id)
+        return JobHandle(existing.id, client)
     if extra.get("callback_url"):
-        from workers.tasks import deliver_callback
-
-        deliver_callback.apply_async(args=[job_id])
-    return JobHandle(job_id)
+        dispatch.deliver_callback(client.app, job_id)
+    return JobHandle(job_id, client)
 
 
 def prepare(
@@ -231,36 +222,17 @@ def job_row(
     }
 
 
-def publish(
-    rt: Runtime, jobs: list[tuple[str, Candidate, str]], options: dict[str, Any] | None = None
-) -> None:
-    """Send `run_job` for each (job id, candidate, tier), pipelined; on failure, undo or keep."""
-    from workers.tasks import run_job
-
+def publish(client: Client, targets: list[dispatch.Target]) -> None:
+    """Send `run_job` for each target, pipelined; when the broker fails, undo (or keep, if the
+    environment says so: the reconciler publishes them later)."""
     try:
-        # Many messages go out in one pipelined round trip; one goes out directly.
-        publishing = run_job.app.publishing_batch() if len(jobs) > 1 else run_job.app.producer_or_acquire()
-        with publishing as producer:
-            for job_id, candidate, tier in jobs:
-                run_job.apply_async(
-                    kwargs={
-                        "job_id": job_id,
-                        "provider": candidate.provider,
-                        "model": candidate.model,
-                        "hop": 0,
-                    },
-                    task_id=job_id,
-                    queue=queue_name(candidate.provider),
-                    priority=rt.priority(tier),
-                    producer=producer,
-                    **(options or {"ignore_result": True}),
-                )
+        dispatch.publish_jobs(client.app, targets)
     except Exception as exc:  # kombu/redis/amqp connection errors come in many classes
-        ids = [j for j, _, _ in jobs]
-        if keep_when_broker_down():
+        ids = [t.job_id for t in targets]
+        if client.env.keep_when_broker_down:
             log.warning("broker down: %d job(s) stored; the reconciler will publish them", len(ids))
             return
-        rt.store.delete_jobs(ids)
+        client.runtime.store.delete_jobs(ids)
         raise ServiceUnavailable(
             f"the broker does not answer ({type(exc).__name__}); nothing was submitted"
         ) from exc

@@ -18,6 +18,7 @@ import redis
 from producer.jobs import job_row
 from workers.config import Candidate, parse_settings
 from workers.embedded import EmbeddedRedis, start_redis
+from workers.env import Env
 from workers.limiter import Clock
 from workers.messages import build_request
 from workers.runtime import Runtime
@@ -99,7 +100,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path):
 @pytest.fixture(scope="session")
 def e2e_stack(redis_server: EmbeddedRedis):
     """Simulator + one real worker on every provider of configs/e2e.toml (session-wide)."""
-    from producer.stack import LocalStack
+    from producer.ops.stack import LocalStack
 
     stack = LocalStack(
         CONFIGS / "e2e.toml",
@@ -167,6 +168,7 @@ def make_rt(redis_client: redis.Redis, tmp_path: Path) -> Iterator:
         b_limits: str = "rpm = 1000",
         a_key: str = "sk-a-1",
         http: httpx.Client | None = None,
+        environ: dict[str, str] | None = None,
     ) -> Runtime:
         text = RUNTIME_CONFIG.format(a_limits=a_limits, b_limits=b_limits)
         server = start_in_thread(sim_settings(parse_settings(text, "x.toml"), port=0))
@@ -174,7 +176,7 @@ def make_rt(redis_client: redis.Redis, tmp_path: Path) -> Iterator:
         settings = parse_settings(text, "x.toml", simulator_url=server.url)
         rt = Runtime(
             settings,
-            env={"A_KEY": a_key, "B_KEY": "sk-b-1"},
+            env=Env.from_environ({"A_KEY": a_key, "B_KEY": "sk-b-1", **(environ or {})}),
             store=Store(f"sqlite:///{tmp_path}/s.db"),
             redis_client=redis_client,
             clock=Clock(),

@@ -17,6 +17,7 @@ import yaml
 from producer.cli import main
 from tests.conftest import IN_CI
 from workers.config import load_settings
+from workers.env import variables
 
 ROOT = Path(__file__).parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -26,14 +27,7 @@ EXAMPLE = load_settings(ROOT / "spillway.toml")
 
 
 def read_by_code() -> set[str]:
-    names = set()
-    for path in [
-        ROOT / "celeryconfig.py",
-        *(ROOT / "workers").rglob("*.py"),
-        *(ROOT / "producer").rglob("*.py"),
-    ]:
-        names |= set(re.findall(r'"((?:SPILLWAY|CELERY|FLOWER)_[A-Z0-9_]+)"', path.read_text()))
-    return names
+    return {name for name, *_ in variables()}
 
 
 def test_every_spillway_command_parses() -> None:

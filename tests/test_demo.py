@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.demo import demo_config_path
-from producer.stack import LocalStack
+from producer.ops.demo import demo_config_path
+from producer.ops.stack import LocalStack
 from workers.embedded import start_redis
 
 pytestmark = pytest.mark.integration

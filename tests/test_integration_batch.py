@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.stack import LocalStack
+from producer.client import default_client
+from producer.ops.stack import LocalStack
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.integration
@@ -99,9 +100,8 @@ def test_resume_after_the_producer_is_killed_half_way(batch_stack, tmp_path) -> 
     )
     with batch_stack.applied():
         from producer.batch import fingerprint
-        from workers.runtime import runtime
 
-        store, key = runtime().store, fingerprint(args[0], args[-1], "work", "free")
+        store, key = default_client().runtime.store, fingerprint(args[0], args[-1], "work", "free")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             batch = store.batch_by_fingerprint(key)
@@ -168,7 +168,6 @@ def test_resume_after_a_crash_while_enqueueing(batch_stack, monkeypatch) -> None
     items = [{"custom_id": f"k-{i}", "prompt": f"crash test {i}"} for i in range(100)]
     with batch_stack.applied():
         from producer import submit_batch
-        from workers.runtime import runtime
 
         class Crash(Exception):
             pass
@@ -189,7 +188,7 @@ def test_resume_after_a_crash_while_enqueueing(batch_stack, monkeypatch) -> None
         handle = submit_batch(items, task="work", tier="free", batch_key="crash-test")
         handle.wait(120)
         records = list(handle.results())
-        states = runtime().store.batch_states(handle.id)
+        states = default_client().runtime.store.batch_states(handle.id)
     assert [r["custom_id"] for r in records] == [f"k-{i}" for i in range(100)]
     assert len(states) == 100
 
@@ -207,22 +206,25 @@ def test_a_lost_batch_message_is_sent_again_into_its_chord(redis_server, tmp_pat
         stack.start()
         with stack.applied():
             from producer import submit_batch
-            from workers import app
+
+            app = default_client().app
             from workers.reconciler import recover_once
-            from workers.runtime import runtime
 
             items = [{"custom_id": f"l{i}", "prompt": f"lost {i}", "task": "flakyonly"} for i in range(10)]
             handle = submit_batch(items, task="work", tier="free")
             queues = [q for q in client.scan_iter("llm.*")]
             lost = json.loads(client.rpop(queues[0]))["headers"]["id"]  # the broker loses one message
-            recovery = recover_once(runtime(), app, idle_for_s=0, confirm_s=0.2)
+            recovery = recover_once(default_client().runtime, app, idle_for_s=0, confirm_s=0.2)
             stack.set_faults("flaky", {})
             stack.start_worker(concurrency=8, loglevel="WARNING")
             progress = handle.wait(120)
             deadline = time.monotonic() + 30
-            while runtime().store.batch(handle.id).callback_runs < 1 and time.monotonic() < deadline:
+            while (
+                default_client().runtime.store.batch(handle.id).callback_runs < 1
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.2)
-            batch = runtime().store.batch(handle.id)
+            batch = default_client().runtime.store.batch(handle.id)
     finally:
         stack.close()
     assert recovery.republished == [lost.split("-")[0]]

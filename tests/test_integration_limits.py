@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.stack import LocalStack
+from producer.client import default_client
+from producer.ops.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 
@@ -68,11 +69,10 @@ def run_jobs(
     stack.wait_for_workers()
     with stack.applied():
         from producer import submit
-        from workers.runtime import runtime
 
         started = time.monotonic()
         ids = [submit(f"job {i}: say something", task="work", tier="free").id for i in range(count)]
-        store = runtime().store
+        store = default_client().runtime.store
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             counts = store.count_by_status()
@@ -105,10 +105,9 @@ def test_a_provider_limit_lower_than_configured_is_learned(tmp_path, redis_serve
     try:
         stats = stack.simulator_stats()
         with stack.applied():
-            from workers.runtime import runtime
             from workers.store import Attempt
 
-            with runtime().store.session() as s:
+            with default_client().runtime.store.session() as s:
                 limited = s.query(Attempt.started_at).filter(Attempt.outcome == "rate_limited").all()
     finally:
         stack.close()
@@ -144,16 +143,20 @@ def test_a_job_past_the_daily_quota_is_parked_with_its_chord_slot(tmp_path, redi
         with stack.applied():
             from producer import submit
             from workers import parking
-            from workers.runtime import runtime
 
             first = submit("the day's one request", task="work", tier="free").wait(60)
             second = submit("one too many", task="work", tier="free")
             deadline = time.monotonic() + 30
-            while runtime().store.job(second.id).status != "parked" and time.monotonic() < deadline:
+            while (
+                default_client().runtime.store.job(second.id).status != "parked"
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.1)
-            parked = parking.parked_job_ids(runtime().redis)
-            [(member, due)] = runtime().redis.zrange(parking.parked_key(), 0, -1, withscores=True)
-            now = runtime().limiter.now_s()
+            parked = parking.parked_job_ids(default_client().runtime.redis, default_client().runtime.keys)
+            [(member, due)] = default_client().runtime.redis.zrange(
+                default_client().runtime.keys.parked(), 0, -1, withscores=True
+            )
+            now = default_client().runtime.limiter.now_s()
     assert first.status == "succeeded"
     assert parked == {second.id}
     midnight = (int(now) // 86400 + 1) * 86400

@@ -92,7 +92,7 @@ def test_cli_errors_are_one_clear_line(e2e_stack) -> None:
 
 
 def test_no_route_names_each_skipped_candidate(redis_server, tmp_path, monkeypatch) -> None:
-    from producer.stack import LocalStack
+    from producer.ops.stack import LocalStack
 
     stack = LocalStack(CONFIGS / "e2e.toml", redis_url=redis_server.url(3), workdir=str(tmp_path))
     stack.start(simulator=False)
@@ -113,7 +113,7 @@ def test_no_route_names_each_skipped_candidate(redis_server, tmp_path, monkeypat
 
 def test_broker_message_holds_ids_not_prompt_or_key(redis_server, tmp_path) -> None:
     """Nobody consumes this Redis: the message stays in the queue for us to read raw."""
-    from producer.stack import LocalStack
+    from producer.ops.stack import LocalStack
 
     url = redis_server.url(4)
     redis.Redis.from_url(url).flushdb()

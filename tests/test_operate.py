@@ -11,10 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from producer import Client, Env
+from producer.client import default_client
 from producer.usage import parse_since, usage_report
 from tests.conftest import A, B, add_job
 from workers import callbacks
-from workers.errors import InputError
+from workers.errors import ConfigError, InputError
 from workers.execution import run_job
 
 
@@ -92,10 +94,9 @@ def test_since_parsing() -> None:
         usage_report(None, by="colour")  # type: ignore[arg-type]
 
 
-def test_a_daily_quota_past_90_percent_warns_once_and_calls_the_webhook(make_rt, caplog, monkeypatch) -> None:
+def test_a_daily_quota_past_90_percent_warns_once_and_calls_the_webhook(make_rt, caplog) -> None:
     receiver = Receiver()
-    monkeypatch.setenv("SPILLWAY_ALERT_WEBHOOK_URL", receiver.url)
-    rt = make_rt(a_limits="rpd = 10")
+    rt = make_rt(a_limits="rpd = 10", environ={"SPILLWAY_ALERT_WEBHOOK_URL": receiver.url})
     try:
         with caplog.at_level(logging.WARNING, logger="spillway.alerts"):
             for _ in range(10):
@@ -148,14 +149,13 @@ def test_callback_arrives_signed_and_is_retried_while_the_backend_is_down(e2e_st
 
 
 @pytest.mark.integration
-def test_a_callback_needs_the_signing_secret(e2e_stack, monkeypatch) -> None:
-    with e2e_stack.applied():
-        from producer import submit
-        from workers.errors import ConfigError
-
-        monkeypatch.delenv("SPILLWAY_CALLBACK_SECRET", raising=False)
-        with pytest.raises(ConfigError, match="SPILLWAY_CALLBACK_SECRET"):
-            submit("x", task="chat", tier="pro", callback_url="http://127.0.0.1:9/hook")
+def test_a_callback_needs_the_signing_secret(e2e_stack) -> None:
+    without = {k: v for k, v in e2e_stack.env.items() if k != "SPILLWAY_CALLBACK_SECRET"}
+    with (
+        Client(Env.from_environ(without)) as client,
+        pytest.raises(ConfigError, match="SPILLWAY_CALLBACK_SECRET"),
+    ):
+        client.submit("x", task="chat", tier="pro", callback_url="http://127.0.0.1:9/hook")
 
 
 @pytest.mark.integration
@@ -180,9 +180,8 @@ def test_cache_hit_spends_nothing_and_stays_in_its_tier(e2e_stack) -> None:
         hit = submit(prompt, task="cached", tier="free").wait(10)
         other_tier = submit(prompt, task="cached", tier="pro").wait(60)
         calls_after = e2e_stack.simulator_stats()["openai"].get("requests", 0)
-        from workers.runtime import runtime
 
-        usage = usage_report(runtime().store, by="tier")
+        usage = usage_report(default_client().runtime.store, by="tier")
     assert not first.cached and hit.cached and hit.text == first.text and hit.cost_usd == 0
     assert not other_tier.cached
     assert calls_after - calls_before == 1  # only the pro-tier job called the provider

@@ -8,40 +8,33 @@ import json
 import pytest
 import redis
 
-from workers import parking
-from workers.tasks import run_job
+from workers import dispatch, parking
+from workers.celery import make_app
+from workers.env import Env
+from workers.keyspace import Keyspace
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def app_on(redis_server, monkeypatch):
-    from workers import app
-
+def app_on(redis_server):
     url = redis_server.url(9)
     redis.Redis.from_url(url).flushdb()
-    before = (app.conf.broker_url, app.conf.result_backend)
-    app.conf.broker_url = app.conf.result_backend = url
-    app._after_fork()
+    app = make_app(Env.from_environ({"SPILLWAY_REDIS_URL": url}))
     yield app, redis.Redis.from_url(url)
-    app.conf.broker_url, app.conf.result_backend = before
-    app._after_fork()
+    app.close()
 
 
 def test_a_parked_job_is_published_once_when_due(app_on) -> None:
     app, client = app_on
-    sig = run_job.signature(
-        kwargs={"job_id": "j1", "provider": "groq", "model": "m", "hop": 2},
-        task_id="j1",
-        queue="llm.groq",
-        priority=4,
-    )
-    parking.park(client, dict(sig), due_s=1000.0, job_id="j1")
-    assert parking.parked_job_ids(client) == {"j1"}
-    assert parking.release_due(client, app, now_s=999.0) == 0  # not yet
-    assert parking.release_due(client, app, now_s=1000.5) == 1
-    assert parking.release_due(client, app, now_s=1001.0) == 0  # once
-    assert parking.parked_job_ids(client) == set()
+    keys = Keyspace("test-parking")
+    sig = dispatch.job_signature(app, dispatch.Target("j1", "groq", "m", priority=4, hop=2))
+    parking.park(client, keys, dict(sig), due_s=1000.0, job_id="j1")
+    assert parking.parked_job_ids(client, keys) == {"j1"}
+    assert parking.release_due(client, keys, app, now_s=999.0) == 0  # not yet
+    assert parking.release_due(client, keys, app, now_s=1000.5) == 1
+    assert parking.release_due(client, keys, app, now_s=1001.0) == 0  # once
+    assert parking.parked_job_ids(client, keys) == set()
     [raw] = [m for q in client.scan_iter("llm.groq*") for m in client.lrange(q, 0, -1)]
     message = json.loads(raw)
     assert message["headers"]["id"] == "j1" and message["headers"]["task"] == "spillway.run_job"

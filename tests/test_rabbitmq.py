@@ -9,7 +9,8 @@ import uuid
 import pytest
 import redis
 
-from producer.stack import LocalStack
+from producer.client import default_client
+from producer.ops.stack import LocalStack
 from tests.conftest import CONFIGS, missing
 
 pytestmark = pytest.mark.integration
@@ -46,7 +47,8 @@ def test_jobs_and_a_chord_over_rabbitmq(redis_server, tmp_path) -> None:
         stack.wait_for_workers()
         with stack.applied():
             from producer import submit, submit_batch
-            from workers import app
+
+            app = default_client().app
 
             assert str(app.conf.broker_url).startswith("amqp://")
             single = submit("over rabbit", task="chat", tier="free").wait(60)

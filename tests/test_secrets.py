@@ -14,7 +14,8 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from producer.stack import LocalStack
+from producer.client import default_client
+from producer.ops.stack import LocalStack
 from tests.conftest import CONFIGS
 from tests.faultkit import LEDGER, Row, all_final, wait_until
 
@@ -62,9 +63,8 @@ def test_no_key_and_no_prompt_leaks(tmp_path, redis_server) -> None:
         keys = [v for k, v in stack.env.items() if k.endswith("_KEY") or "_KEY_" in k]
         with stack.applied():
             from producer import submit, submit_batch
-            from workers.runtime import runtime
 
-            store = runtime().store
+            store = default_client().runtime.store
             ids = [
                 submit(f"{canary} single {i}", task="work", tier="free", system=f"{canary} system").id
                 for i in range(10)

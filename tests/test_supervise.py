@@ -16,9 +16,10 @@ import psutil
 import pytest
 import redis
 
-from producer.stack import LocalStack
+from producer.client import default_client
+from producer.ops.stack import LocalStack
 from tests.conftest import CONFIGS
-from tests.faultkit import wait_until
+from tests.faultkit import wait_for, wait_until
 
 
 def _supervisor(tmp_path: Path, child_code: str, pause_s: float = 0.01) -> subprocess.Popen[str]:
@@ -26,7 +27,7 @@ def _supervisor(tmp_path: Path, child_code: str, pause_s: float = 0.01) -> subpr
     child = tmp_path / "child.py"
     child.write_text(textwrap.dedent(child_code))
     code = (
-        "import sys, producer.supervise as s\n"
+        "import sys, workers.supervise as s\n"
         f"s.RESTART_PAUSE_S = {pause_s}\n"
         f"sys.exit(s.supervise([sys.executable, {str(child)!r}]))\n"
     )
@@ -54,7 +55,7 @@ def test_a_child_that_keeps_dying_is_restarted_then_given_up(tmp_path) -> None:
 
 @pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
 def test_a_requested_stop_reaches_the_child_as_a_warm_shutdown_and_ends_everything(tmp_path, sent) -> None:
-    got, starts = tmp_path / "got", tmp_path / "starts"
+    got, starts, ready = tmp_path / "got", tmp_path / "starts", tmp_path / "ready"
     proc = _supervisor(
         tmp_path,
         f"""
@@ -66,12 +67,12 @@ def test_a_requested_stop_reaches_the_child_as_a_warm_shutdown_and_ends_everythi
             sys.exit(0)
         signal.signal(signal.SIGTERM, on)
         signal.signal(signal.SIGINT, on)
-        for _ in range(600):
+        open({str(ready)!r}, "w").close()  # the handlers are in place
+        for _ in range(600):  # the scenario: a worker that runs (at most 60 s) until told to stop
             time.sleep(0.1)
         """,
     )
-    assert wait_until(starts.exists, timeout_s=20)
-    time.sleep(0.3)  # the child's handlers are in place
+    wait_for(ready.exists, timeout_s=20, what="the child to start and install its signal handlers")
     os.kill(proc.pid, sent)  # the supervisor only, as `kill` would
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
@@ -172,20 +173,23 @@ def test_the_watchdog_sees_a_worker_that_ignores_waiting_messages(
     try:
         with stack.applied():
             from producer import submit
-            from workers import app
+
+            app = default_client().app
 
             submit("nobody consumes this", task="chat", tier="free")  # waits in llm.groq
-            dog = watchdog.Watchdog(app, ["llm.groq", "llm.gemini"])
+            dog = watchdog.Watchdog(app, ["llm.groq", "llm.gemini"], stuck_s=120.0)
             now = time.monotonic()
-            monkeypatch.setattr(watchdog, "_last_start", now - watchdog.STUCK_S - 5)
+            monkeypatch.setattr(watchdog, "_last_start", now - dog.stuck_s - 5)
             assert dog.stuck_for_s(now) == 0.0  # messages just seen: they may have just arrived
             later = now + watchdog.GRACE_S
-            assert dog.stuck_for_s(later) > watchdog.STUCK_S  # still waiting, still idle: stuck
+            assert dog.stuck_for_s(later) > dog.stuck_s  # still waiting, still idle: stuck
             monkeypatch.setattr(watchdog.state, "active_requests", {"busy"})
             assert dog.stuck_for_s(later) == 0.0  # a thread is busy: not stuck
             monkeypatch.setattr(watchdog.state, "active_requests", set())
             assert dog.stuck_for_s(later + 1) == 0.0  # the wait starts over after a busy moment
-            assert watchdog.Watchdog(app, ["llm.openai"]).stuck_for_s(later) == 0.0  # nothing waits there
+            assert (
+                watchdog.Watchdog(app, ["llm.openai"], stuck_s=120.0).stuck_for_s(later) == 0.0
+            )  # nothing waits there
             monkeypatch.setattr(watchdog, "_last_start", later)
             assert dog.stuck_for_s(later + watchdog.GRACE_S) == 0.0  # a task started just now
     finally:

@@ -1,10 +1,10 @@
-"""Quota alerts: an account passing 90% of a daily quota gets one warning line and, when
-``SPILLWAY_ALERT_WEBHOOK_URL`` is set, one JSON POST there (in the background, a few tries)."""
+"""Quota alerts: an account passing 90% of a daily quota gets one warning line and, when a
+webhook is configured (``$SPILLWAY_ALERT_WEBHOOK_URL``), one JSON POST there (in the
+background, a few tries)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -16,7 +16,7 @@ from workers.limiter import Lease
 log = logging.getLogger("spillway.alerts")
 
 
-def quota_crossed(lease: Lease) -> None:
+def quota_crossed(lease: Lease, webhook_url: str | None) -> None:
     """Report each daily quota the lease's debit took past 90% (the limiter says which, once)."""
     for entry in lease.crossed:
         field, used, limit = entry.split(":")
@@ -29,8 +29,7 @@ def quota_crossed(lease: Lease) -> None:
             used,
             limit,
         )
-        url = os.environ.get("SPILLWAY_ALERT_WEBHOOK_URL")
-        if url:
+        if webhook_url:
             payload = {
                 "event": "quota_90_percent",
                 "provider": lease.provider,
@@ -41,7 +40,9 @@ def quota_crossed(lease: Lease) -> None:
                 "limit": float(limit),
                 "at": datetime.now(UTC).isoformat(),
             }
-            threading.Thread(target=_post, args=(url, payload), name="spillway-alert", daemon=True).start()
+            threading.Thread(
+                target=_post, args=(webhook_url, payload), name="spillway-alert", daemon=True
+            ).start()
 
 
 def _post(url: str, payload: dict) -> None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import redis
 
-from workers import constants
 from workers.config import Chain
+from workers.keyspace import Keyspace
 from workers.messages import ChatRequest
 
 
@@ -38,7 +38,7 @@ class CachedAnswer:
         }
 
 
-def cache_key(chain: Chain, task: str, tier: str, request: ChatRequest) -> str:
+def cache_key(keys: Keyspace, chain: Chain, task: str, tier: str, request: ChatRequest) -> str:
     scope = "*" if chain.cache_across_tiers else tier
     canonical = json.dumps(
         {"task": task, "tier": scope, "request": request.to_json()},
@@ -46,7 +46,7 @@ def cache_key(chain: Chain, task: str, tier: str, request: ChatRequest) -> str:
         separators=(",", ":"),
         ensure_ascii=False,
     )
-    return f"{constants.KEY_PREFIX}:cache:{hashlib.sha256(canonical.encode()).hexdigest()}"
+    return keys.cached_answer(hashlib.sha256(canonical.encode()).hexdigest())
 
 
 def lookup_many(client: redis.Redis, keys: list[str]) -> list[CachedAnswer | None]:

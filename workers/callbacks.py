@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import time
 from typing import Any
 
 import httpx
 
+from workers.env import Env
 from workers.errors import ConfigError
 
 SIGNATURE_HEADER = "X-Spillway-Signature"
@@ -26,8 +26,9 @@ SECRET_ENV = "SPILLWAY_CALLBACK_SECRET"
 MAX_DELIVERIES = 10  # about 34 minutes of backoff (2, 4, 8 … 512 s, capped at 300 s)
 
 
-def secret() -> bytes:
-    value = os.environ.get(SECRET_ENV, "")
+def secret(env: Env) -> bytes:
+    """The signing key; ConfigError when it is not set, so a submit can fail early."""
+    value = env.callback_secret or ""
     if not value:
         raise ConfigError(f"callback_url needs ${SECRET_ENV} (the HMAC key results are signed with)")
     return value.encode()
@@ -54,10 +55,10 @@ def verify(
     return hmac.compare_digest(expected, parts.get("v1", ""))
 
 
-def deliver(url: str, job_id: str, payload: dict[str, Any], client: httpx.Client) -> None:
+def deliver(url: str, job_id: str, payload: dict[str, Any], client: httpx.Client, key: bytes) -> None:
     """One delivery attempt; raises httpx.HTTPError when the backend did not take it."""
     body = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()
-    headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(body, secret()), JOB_HEADER: job_id}
+    headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(body, key), JOB_HEADER: job_id}
     client.post(url, content=body, headers=headers, timeout=10).raise_for_status()
 
 

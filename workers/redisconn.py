@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from workers import constants
 
-
-def redis_url() -> str:
-    return os.environ.get("SPILLWAY_REDIS_URL") or constants.DEFAULT_REDIS_URL
-
-
-def connect(url: str | None = None) -> redis.Redis:
+def connect(url: str) -> redis.Redis:
     """A client that rides out a blip (a few quick retries) but fails within seconds."""
     return redis.Redis.from_url(
-        url or redis_url(),
+        url,
         socket_timeout=5,
         socket_connect_timeout=1,
         health_check_interval=15,

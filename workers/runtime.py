@@ -1,19 +1,24 @@
-"""Everything a process needs to place and run jobs, built once per process from the
-environment: settings, keys, store, limiter, router and the shared HTTP client."""
+"""Everything a process needs to place and run jobs, built from one `Env`: the config, keys,
+store, limiter, router and the shared HTTP client.
+
+A worker process has one (`runtime()`, built on first use from its environment); a producer
+`Client` owns its own, so two stacks can be used side by side in one process.
+"""
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Mapping
 
 import httpx
 import redis
 from dotenv import load_dotenv
 
 from workers import redisconn
-from workers.config import Settings, TierConfig, load_settings
+from workers.config import Settings, load_settings
+from workers.dispatch import message_priority
+from workers.env import Env
 from workers.keys import KeyRing
+from workers.keyspace import Keyspace
 from workers.limiter import Clock, Limiter
 from workers.providers.transport import shared_client
 from workers.router import Router
@@ -25,30 +30,31 @@ class Runtime:
         self,
         settings: Settings | None = None,
         *,
-        env: Mapping[str, str] | None = None,
+        env: Env | None = None,
         store: Store | None = None,
         redis_client: redis.Redis | None = None,
         clock: Clock | None = None,
         http: httpx.Client | None = None,
         quiet: bool = False,
     ) -> None:
-        self.settings = settings or load_settings()
-        self.keyring = KeyRing(self.settings, os.environ if env is None else env, quiet=quiet)
-        self.store = store or Store()
-        self.redis = redis_client or redisconn.connect()
-        self.limiter = Limiter(self.redis, self.settings, self.keyring, clock=clock)
+        self.env = env or Env.from_environ()
+        self.settings = settings or load_settings(self.env.config_file, simulator_url=self.env.simulator_url)
+        self.keyring = KeyRing(self.settings, self.env.environ, quiet=quiet)
+        self.keys = Keyspace(self.env.key_prefix)
+        self.store = store or Store(self.env.database_url, schema=self.env.database_schema)
+        self.redis = redis_client or redisconn.connect(self.env.redis_url)
+        self.limiter = Limiter(self.redis, self.settings, self.keyring, clock=clock, keys=self.keys)
         self.router = Router(self.settings, self.keyring, self.limiter)
         self.http = http or shared_client()
 
     def priority(self, tier: str) -> int:
-        return message_priority(self.settings.tiers[tier])
+        """The message priority of a tier's jobs (5, the middle, for a tier the config dropped)."""
+        config = self.settings.tiers.get(tier)
+        return message_priority(config.priority, amqp=self.env.amqp_broker) if config else 5
 
-
-def message_priority(tier: TierConfig) -> int:
-    """A tier's priority as a Celery message priority: on Redis 0 runs first, on AMQP 9 does."""
-    level = min(9, tier.priority)
-    broker = os.environ.get("CELERY_BROKER_URL", "")
-    return level if broker.startswith(("amqp", "pyamqp")) else 9 - level
+    def close(self) -> None:
+        self.store.close()
+        self.redis.close()
 
 
 _runtime: Runtime | None = None
@@ -56,7 +62,7 @@ _lock = threading.Lock()
 
 
 def runtime() -> Runtime:
-    """The process's runtime, built on first use (reads .env, the config, the environment)."""
+    """The worker process's runtime, built on first use (reads .env, the environment, the config)."""
     global _runtime
     if _runtime is None:
         with _lock:
@@ -67,6 +73,6 @@ def runtime() -> Runtime:
 
 
 def set_runtime(value: Runtime | None) -> None:
-    """Install a runtime (tests, the demo) or drop the cached one."""
+    """Install a runtime (tests) or drop the cached one."""
     global _runtime
     _runtime = value

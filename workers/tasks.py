@@ -1,7 +1,7 @@
 """The Celery tasks. Thin on purpose: unpack ids, call the plain function, hand the job on.
 
 Arguments are ids and names only (job id, provider, model, hop): Flower and the broker
-never see a prompt or a key.
+never see a prompt or a key. Registered by the worker through the app's ``include``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import httpx
 from celery import Task
 from celery.exceptions import Retry
 
-from workers import batches, callbacks, execution, parking
-from workers.app import app
+from workers import batches, callbacks, dispatch, execution, parking
+from workers.celery import app
 from workers.config import Candidate
 from workers.constants import DELIVER_CALLBACK_TASK, FINISH_BATCH_TASK, RUN_JOB_TASK, queue_name
 from workers.results import JobResult
@@ -31,15 +31,15 @@ def run_job(self: Task, job_id: str, provider: str, model: str, hop: int = 0) ->
     outcome = execution.run_job(rt, job_id, Candidate(provider, model), hop)
     if isinstance(outcome, execution.Done):
         if outcome.notify:
-            deliver_callback.apply_async(args=[job_id])
+            dispatch.deliver_callback(self.app, job_id)
         return outcome.summary
     target = outcome.candidate
-    kwargs = {"job_id": job_id, "provider": target.provider, "model": target.model, "hop": outcome.hop}
+    kwargs = dispatch.job_kwargs(job_id, target.provider, target.model, outcome.hop)
     if outcome.park_until_s is not None:
         sig = self.signature_from_request(
             kwargs=kwargs, queue=queue_name(target.provider), priority=outcome.priority
         )
-        parking.park(rt.redis, dict(sig), outcome.park_until_s, job_id)
+        parking.park(rt.redis, rt.keys, dict(sig), outcome.park_until_s, job_id)
         due = datetime.fromtimestamp(outcome.park_until_s, UTC)
         raise Retry(f"parked until {due:%Y-%m-%d %H:%M:%S} UTC (quota gone until then)", when=due)
     raise self.retry(
@@ -60,7 +60,7 @@ def deliver_callback(self: Task, job_id: str) -> None:
         return
     payload = JobResult.from_job(job).to_json()
     try:
-        callbacks.deliver(job.callback_url, job_id, payload, rt.http)
+        callbacks.deliver(job.callback_url, job_id, payload, rt.http, callbacks.secret(rt.env))
     except httpx.HTTPError as exc:
         delivery = self.request.retries
         if delivery >= callbacks.MAX_DELIVERIES:

@@ -3,10 +3,10 @@ supervisor, Docker's restart policy, systemd) starts a fresh one.
 
 After the broker vanishes, a threads-pool worker on Redis can stay up but never take another
 message (celery/celery#8030, #8091). From outside the sign is plain: messages wait in this
-worker's queues, none of its threads is busy, and no task has started for `STUCK_S` — longer
-than any countdown a job may wait in the worker. Messages must be seen waiting for `GRACE_S`
-before that counts, so a message that just arrived at an idle worker is not mistaken for one
-it ignores.
+worker's queues, none of its threads is busy, and no task has started for `stuck_s`
+(``$SPILLWAY_STUCK_S``) — longer than any countdown a job may wait in the worker. Messages
+must be seen waiting for `GRACE_S` before that counts, so a message that just arrived at an
+idle worker is not mistaken for one it ignores.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from workers.broker import queue_lengths
 
 log = logging.getLogger("spillway.watchdog")
 
-STUCK_S = float(os.environ.get("SPILLWAY_STUCK_S", "120"))
 GRACE_S = 10.0
 EXIT_STUCK = 75  # EX_TEMPFAIL: try again
 
@@ -39,16 +38,17 @@ def _task_started(**_: Any) -> None:
 class Watchdog:
     """Checked now and then by the worker's housekeeping thread."""
 
-    def __init__(self, app: Any, queues: list[str]) -> None:
+    def __init__(self, app: Any, queues: list[str], *, stuck_s: float) -> None:
         self.app = app
         self.queues = queues
+        self.stuck_s = stuck_s
         self._waiting_since: float | None = None
 
     def stuck_for_s(self, now: float | None = None) -> float:
         """Seconds this worker has ignored waiting messages with threads free; 0 if it has not."""
         now = time.monotonic() if now is None else now
         idle_s = now - _last_start
-        if idle_s < STUCK_S or state.active_requests or not self._messages_wait():
+        if idle_s < self.stuck_s or state.active_requests or not self._messages_wait():
             self._waiting_since = None
             return 0.0
         if self._waiting_since is None:

@@ -5,13 +5,26 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.live import Live
 from rich.text import Text
 
-from workers.errors import SpillwayError
+from producer.cli import batch as batchcli
+from producer.cli.live import closed_line
+from producer.client import default_client
+from producer.status import render_route, render_status, route_report, status_report
+from producer.usage import parse_since, render_usage, usage_report
+from workers import reconciler
+from workers.celery import app as celery_app
+from workers.config import load_settings
+from workers.env import Env
+from workers.errors import ConfigError, SpillwayError
+from workers.runtime import runtime as worker_runtime
+from workers.supervise import supervise
 
 console = Console()
 err_console = Console(stderr=True)
@@ -32,7 +45,7 @@ class SpillwayGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # a bug: one line for the user, the traceback only on request
-            if os.environ.get("SPILLWAY_DEBUG"):
+            if Env.from_environ().debug:
                 raise
             err_console.print(
                 f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
@@ -88,9 +101,7 @@ def submit(
     as_json: bool,
 ) -> None:
     """Submit one job; print its id (or, with --wait, its result)."""
-    from producer.jobs import submit as submit_job
-
-    handle = submit_job(
+    handle = default_client().submit(
         prompt,
         task=task,
         tier=tier,
@@ -144,7 +155,6 @@ def batch(
     as_json: bool,
 ) -> None:
     """Run a JSONL file as one batch; resume it by running the same command again."""
-    from producer import batchcli
 
     if status_id:
         batchcli.show_status(status_id, console, as_json=as_json)
@@ -175,23 +185,14 @@ def batch(
 )
 def status(as_json: bool, watch: bool, every_s: float) -> None:
     """Per provider account: available or blocked until when, what is left, in flight, queued."""
-    from producer.status import render_status, status_report
-    from workers import app
-    from workers.runtime import runtime
-
-    rt = runtime()
+    client = default_client()
+    rt, app = client.runtime, client.app
     if as_json:
         _print_json(status_report(rt, app))
         return
     if not watch:
         render_status(status_report(rt, app), console)
         return
-    import time
-
-    from rich.live import Live
-
-    from producer.live import closed_line
-
     with closed_line(console), Live(console=console, auto_refresh=False) as live:
         try:
             while True:
@@ -215,10 +216,7 @@ def status(as_json: bool, watch: bool, every_s: float) -> None:
 @json_option
 def usage(since: str | None, by: str, as_json: bool) -> None:
     """Requests, tokens, cost, failures, re-routes and latency, from the store."""
-    from producer.usage import parse_since, render_usage, usage_report
-    from workers.store import Store
-
-    report = usage_report(Store(), since=parse_since(since), by=by)
+    report = usage_report(default_client().runtime.store, since=parse_since(since), by=by)
     if as_json:
         _print_json(report)
     else:
@@ -232,10 +230,7 @@ def usage(since: str | None, by: str, as_json: bool) -> None:
 @json_option
 def route(task: str, tier: str, max_tokens: int | None, as_json: bool) -> None:
     """The chain for a task type and tier, and what each link has left right now."""
-    from producer.status import render_route, route_report
-    from workers.runtime import runtime
-
-    report = route_report(runtime(), task, tier, max_tokens=max_tokens)
+    report = route_report(default_client().runtime, task, tier, max_tokens=max_tokens)
     if as_json:
         _print_json(report)
     else:
@@ -252,10 +247,9 @@ def worker(
     providers: str | None, concurrency: int | None, loglevel: str, hostname: str | None, no_supervise: bool
 ) -> None:
     """Run a Celery worker on the providers' queues (threads pool), restarted if it dies."""
-    from workers import app
-    from workers.runtime import runtime
-
-    rt = runtime()  # fails here, clearly, on a bad config
+    # The worker process's own runtime (the one its tasks use), built before Celery sets up
+    # logging: what it says about skipped keys is echoed below, once.
+    rt = worker_runtime()  # fails here, clearly, on a bad config
     names = [p.strip() for p in providers.split(",")] if providers else list(rt.keyring.by_provider)
     unknown = [n for n in names if n not in rt.settings.providers]
     if unknown:
@@ -265,8 +259,6 @@ def worker(
         raise click.UsageError("no provider with a key to serve (set their key_env variables)")
     threads = concurrency or min(256, sum(rt.settings.providers[n].threads() for n in names))
     if not no_supervise:
-        from producer.supervise import supervise
-
         child = [
             sys.executable,
             "-m",
@@ -283,7 +275,7 @@ def worker(
         ]
         sys.exit(supervise(child))
     # the provider queues, and the default queue where chord callbacks (finish_batch) go
-    queues = ",".join([*(rt.settings.providers[n].queue for n in names), app.conf.task_default_queue])
+    queues = ",".join([*(rt.settings.providers[n].queue for n in names), celery_app.conf.task_default_queue])
     argv = ["worker", "-Q", queues, "-P", "threads", "-c", str(threads), "-l", loglevel]
     if hostname:
         argv += ["-n", hostname]
@@ -294,7 +286,7 @@ def worker(
     # Celery's own command in standalone mode: it exits with the worker's exit code. app.start
     # and app.worker_main return None even after an "Unrecoverable error" (click returns the
     # code instead of raising), and the supervisor would take a broken worker for a stopped one.
-    from celery.bin.celery import celery as celery_command
+    from celery.bin.celery import celery as celery_command  # Celery's CLI: only this command needs it
 
     celery_command.main(args=["-A", "workers", *argv], prog_name="celery", auto_envvar_prefix="CELERY")
 
@@ -310,10 +302,10 @@ def worker(
 @click.option("--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 inside a container).")
 def simulate(config_path: str | None, port: int | None, host: str | None) -> None:
     """Serve the configured providers from the built-in simulator on 127.0.0.1."""
-    from workers.config import load_settings
-    from workers.simulator import SimServer, sim_settings
+    from workers.simulator import SimServer, sim_settings  # the simulator: only this command needs it
 
-    settings = load_settings(config_path)
+    env = Env.from_environ()
+    settings = load_settings(config_path or env.config_file)
     server = SimServer(sim_settings(settings, port=port, host=host))
     click.echo(f"spillway simulator listening on {server.url}", err=False)
     sys.stdout.flush()
@@ -339,11 +331,8 @@ def simulate(config_path: str | None, port: int | None, host: str | None) -> Non
 @json_option
 def recover(idle_s: float, as_json: bool) -> None:
     """Publish again the jobs the store has but the broker lost (each once); finish their batches."""
-    from workers import app
-    from workers.reconciler import recover_once
-    from workers.runtime import runtime
-
-    result = recover_once(runtime(), app, idle_for_s=idle_s)
+    client = default_client()
+    result = reconciler.recover_once(client.runtime, client.app, idle_for_s=idle_s)
     if as_json:
         _print_json(
             {
@@ -365,15 +354,13 @@ def recover(idle_s: float, as_json: bool) -> None:
 @click.option("--insecure-no-auth", is_flag=True, help="Serve without a token (local experiments only).")
 def serve(host: str, port: int, insecure_no_auth: bool) -> None:
     """HTTP: /metrics, /v1/status, /v1/usage, POST /v1/jobs, GET /v1/jobs/{id} (bearer token)."""
-    from producer.serve import serve as run_server
-    from workers import app
-    from workers.errors import ConfigError
-    from workers.runtime import runtime
+    from producer.ops.serve import serve as run_server  # tornado and prometheus: only this command
 
-    token = os.environ.get("SPILLWAY_API_TOKEN") or None
+    client = default_client()
+    token = client.env.api_token
     if token is None and not insecure_no_auth:
         raise ConfigError("spillway serve needs $SPILLWAY_API_TOKEN (clients send it as a bearer token)")
-    run_server(runtime(), app, host=host, port=port, token=token)
+    run_server(client, host=host, port=port, token=token)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -392,8 +379,9 @@ def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
         f"--port={port}",
         f"--address={address}",
     ]
-    if os.environ.get("FLOWER_BASIC_AUTH"):
-        argv.append(f"--basic-auth={os.environ['FLOWER_BASIC_AUTH']}")
+    basic_auth = Env.from_environ().flower_basic_auth
+    if basic_auth:
+        argv.append(f"--basic-auth={basic_auth}")
     os.execv(sys.executable, [*argv, *flower_args])
 
 
@@ -402,10 +390,6 @@ def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
 @click.option("--hold", is_flag=True, help="Keep everything running until Ctrl-C (to look in Flower).")
 def demo(job_count: int, hold: bool) -> None:
     """Run the whole system on this machine: no keys, no Docker."""
-    from producer.demo import run_demo
+    from producer.ops.demo import run_demo  # the local stack: only this command needs it
 
     run_demo(job_count=job_count, hold=hold)
-
-
-if __name__ == "__main__":  # python -m producer.cli
-    main(prog_name=os.path.basename(sys.argv[0]) or "spillway")

@@ -9,11 +9,11 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from producer.batch import BatchHandle, submit_file
+from producer.batch import BatchHandle
 from producer.batch import Progress as BatchProgress
-from producer.live import closed_line
+from producer.cli.live import closed_line
+from producer.client import default_client
 from workers.errors import InputError
-from workers.runtime import runtime
 
 
 def run(
@@ -27,7 +27,9 @@ def run(
     console: Console,
 ) -> None:
     with console.status(f"checking {input_path} and enqueueing…"):
-        handle = submit_file(input_path, task=task, tier=tier, output=output, skip_invalid=skip_invalid)
+        handle = default_client().submit_file(
+            input_path, task=task, tier=tier, output=output, skip_invalid=skip_invalid
+        )
     first = handle.progress()
     console.print(f"batch [bold]{handle.id}[/]: {first.total} jobs", highlight=False)
     if no_wait:
@@ -37,9 +39,10 @@ def run(
 
 
 def follow(batch_id: str, output: str | None, console: Console, handle: BatchHandle | None = None) -> None:
-    if runtime().store.batch(batch_id) is None:
+    client = default_client()
+    if client.runtime.store.batch(batch_id) is None:
         raise InputError(f"no batch with id {batch_id!r}")
-    handle = handle or BatchHandle(batch_id)
+    handle = handle or client.batch(batch_id)
     try:
         final = _watch(handle, console)
     except KeyboardInterrupt:
@@ -50,7 +53,7 @@ def follow(batch_id: str, output: str | None, console: Console, handle: BatchHan
             highlight=False,
         )
         sys.exit(130)
-    runtime().store.complete_batch(batch_id)  # the summary, even if a chord callback was lost
+    client.runtime.store.complete_batch(batch_id)  # the summary, even if a chord callback was lost
     if output:
         lines = handle.write(output)
         console.print(f"wrote {lines} lines to {output}", highlight=False, soft_wrap=True)
@@ -90,7 +93,7 @@ def _print_summary(p: BatchProgress, console: Console) -> None:
 
 
 def show_status(batch_id: str, console: Console, *, as_json: bool) -> None:
-    store = runtime().store
+    store = default_client().runtime.store
     batch = store.batch(batch_id)
     if batch is None:
         raise InputError(f"no batch with id {batch_id!r}")

@@ -7,7 +7,6 @@ several task types and tiers; shows them live; stops everything on exit or Ctrl-
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from importlib import resources
@@ -16,8 +15,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from producer.live import closed_line
-from producer.stack import LocalStack
+from producer.cli.live import closed_line
+from producer.client import Client
+from producer.ops.stack import LocalStack
+from workers.env import Env
 from workers.redisconn import answers
 
 DEMO_JOBS = [
@@ -45,7 +46,8 @@ def run_demo(
     job_count: int = 12, hold: bool = False, database_url: str = "sqlite:///spillway-demo.db"
 ) -> None:
     console = Console()
-    user_redis = os.environ.get("SPILLWAY_REDIS_URL")
+    env = Env.from_environ()
+    user_redis = env.redis_url if "SPILLWAY_REDIS_URL" in env.environ else None
     redis_url = user_redis if user_redis and answers(user_redis) else None
     stack = LocalStack(
         demo_config_path(), redis_url=redis_url, keys_per_provider={"groq": 2}, database_url=database_url
@@ -66,8 +68,8 @@ def run_demo(
         f"[bold]Spillway demo[/] — {where} at {stack.redis_url}, simulator at {stack.simulator_url}"
     )
     try:
-        with stack.applied():
-            _run(console, stack, job_count)
+        with stack.applied() as client:
+            _run(console, client, stack, job_count)
             _flower_hint(console, stack, hold)
             if hold:
                 console.print("[dim]holding; Ctrl-C stops everything[/]")
@@ -79,17 +81,16 @@ def run_demo(
         stack.close()
 
 
-def _run(console: Console, stack: LocalStack, job_count: int) -> None:
-    from producer.jobs import get, submit
-
+def _run(console: Console, client: Client, stack: LocalStack, job_count: int) -> None:
     handles = []
     for i in range(job_count):
         task, tier, prompt = DEMO_JOBS[i % len(DEMO_JOBS)]
-        handles.append((task, tier, submit(f"{prompt} (#{i + 1})", task=task, tier=tier, max_tokens=64)))
+        handle = client.submit(f"{prompt} (#{i + 1})", task=task, tier=tier, max_tokens=64)
+        handles.append((task, tier, handle))
     started = time.monotonic()
     with closed_line(console), Live(console=console, refresh_per_second=8) as live:
         while True:
-            results = [(task, tier, get(h.id)) for task, tier, h in handles]
+            results = [(task, tier, h.result()) for task, tier, h in handles]
             live.update(_table(results, time.monotonic() - started, console.width))
             if all(r.done for _, _, r in results) or time.monotonic() - started > 180:
                 break

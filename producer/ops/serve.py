@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from tornado.httpserver import HTTPServer
 from tornado.web import Application, HTTPError, RequestHandler
 
+from producer.client import Client
 from producer.status import status_report
 from producer.usage import parse_since, usage_report
 from workers.errors import InputError, NoRouteError, ServiceUnavailable, SpillwayError
@@ -98,8 +99,9 @@ class StatusCollector:
 
 
 class Base(RequestHandler):
-    def initialize(self, rt: Runtime, app: Any, token: str | None, pool: ThreadPoolExecutor) -> None:
-        self.rt, self.celery, self.token, self.pool = rt, app, token, pool
+    def initialize(self, client: Client, token: str | None, pool: ThreadPoolExecutor) -> None:
+        self.client, self.token, self.pool = client, token, pool
+        self.rt, self.celery = client.runtime, client.app
 
     def prepare(self) -> None:
         if self.token is None:
@@ -165,8 +167,6 @@ class Usage(Base):
 
 class Jobs(Base):
     async def post(self) -> None:
-        from producer.jobs import submit
-
         if len(self.request.body) > MAX_BODY_BYTES:
             raise HTTPError(413, reason=f"the body is larger than {MAX_BODY_BYTES // 2**20} MiB")
         try:
@@ -180,7 +180,9 @@ class Jobs(Base):
             raise HTTPError(
                 400, reason=f"unknown field(s): {', '.join(unknown)} (known: {', '.join(sorted(JOB_FIELDS))})"
             )
-        handle = await self.blocking(lambda: submit(body.pop("prompt", None), **_job_kwargs(body)))
+        handle = await self.blocking(
+            lambda: self.client.submit(body.pop("prompt", None), **_job_kwargs(body))
+        )
         self.reply(202, {"job_id": handle.id, "status_url": f"/v1/jobs/{handle.id}"})
 
 
@@ -193,10 +195,8 @@ def _job_kwargs(body: dict[str, Any]) -> dict[str, Any]:
 
 class Job(Base):
     async def get(self, job_id: str) -> None:
-        from producer.jobs import get
-
         try:
-            result = await self.blocking(get, job_id)
+            result = await self.blocking(self.client.get, job_id)
         except HTTPError as exc:
             if exc.status_code == 422:
                 raise HTTPError(404, reason=f"no job with id {job_id!r}") from exc
@@ -204,8 +204,8 @@ class Job(Base):
         self.reply(200, result.to_json())
 
 
-def make_app(rt: Runtime, celery_app: Any, token: str | None) -> Application:
-    args = {"rt": rt, "app": celery_app, "token": token, "pool": ThreadPoolExecutor(16, "spillway-serve")}
+def make_app(client: Client, token: str | None) -> Application:
+    args = {"client": client, "token": token, "pool": ThreadPoolExecutor(16, "spillway-serve")}
     return Application(
         [
             (r"/metrics", Metrics, args),
@@ -224,9 +224,9 @@ class NotFound(Base):
         raise HTTPError(404, reason=f"no such path {self.request.path}")
 
 
-def serve(rt: Runtime, celery_app: Any, *, host: str, port: int, token: str | None) -> None:
+def serve(client: Client, *, host: str, port: int, token: str | None) -> None:
     async def main() -> None:
-        server = HTTPServer(make_app(rt, celery_app, token), max_body_size=MAX_BODY_BYTES + 1024)
+        server = HTTPServer(make_app(client, token), max_body_size=MAX_BODY_BYTES + 1024)
         server.listen(port, address=host)
         print(f"spillway serve listening on http://{host}:{port}", flush=True)
         await asyncio.Event().wait()

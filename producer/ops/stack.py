@@ -16,8 +16,10 @@ from typing import IO, Any
 
 import httpx
 
+from producer.client import Client, using
 from workers.config import Settings, load_settings
 from workers.embedded import EmbeddedRedis, start_redis
+from workers.env import Env
 
 
 class LocalStack:
@@ -50,6 +52,7 @@ class LocalStack:
         self.workers: list[subprocess.Popen[bytes]] = []
         self.env: dict[str, str] = {}
         self._logs: list[IO[Any]] = []
+        self._clients: dict[tuple[tuple[str, str], ...], Client] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -145,13 +148,11 @@ class LocalStack:
 
     def wait_for_workers(self, count: int | None = None, timeout_s: float = 60.0) -> None:
         """Until `count` workers answer a ping (default: every worker started)."""
-        from workers import app
-
+        app = self.client().app
         want = len([w for w in self.workers if w.poll() is None]) if count is None else count
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with self.applied():
-                replies = app.control.ping(timeout=0.5)
+            replies = app.control.ping(timeout=0.5)
             if len(replies) >= want:
                 return
             dead = [w for w in self.workers if w.poll() is not None]
@@ -173,6 +174,9 @@ class LocalStack:
         ).raise_for_status()
 
     def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients = {}
         for proc in self.workers:
             _stop(proc, graceful_s=10)
         self.workers = []
@@ -191,59 +195,26 @@ class LocalStack:
 
     # -- the producer side, in this process ---------------------------------------------------
 
+    def client(self) -> Client:
+        """A producer client on this stack (one per state of its environment)."""
+        key = tuple(sorted(self.env.items()))
+        if key not in self._clients:
+            self._clients[key] = Client(Env.overlaid(self.env))
+        return self._clients[key]
+
     @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """This process's environment, runtime and Celery app pointed at the stack, for a while."""
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        restore = configure_process(self.env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            restore()
+    def applied(self) -> Iterator[Client]:
+        """This process's default client (`producer.submit`, `get`…) on the stack, for a while."""
+        with using(self.client()) as client:
+            yield client
 
     def settings(self) -> Settings:
-        with self.applied():
-            return load_settings()
+        return self.client().runtime.settings
 
     def _log_file(self, name: str) -> IO[Any]:
         log = open(self.workdir / name, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
         return log
-
-
-def configure_process(env: dict[str, str]) -> Any:
-    """Point this process's Celery app and runtime at `env`; returns a function that undoes it."""
-    import workers.runtime as runtime_module
-    from workers import app
-    from workers.runtime import runtime, set_runtime
-
-    before = (app.conf.broker_url, app.conf.result_backend, runtime_module._runtime)
-    app.conf.broker_url = env["CELERY_BROKER_URL"]
-    app.conf.result_backend = env["CELERY_RESULT_BACKEND"]
-    _reset_app_connections(app)
-    set_runtime(None)
-    runtime()
-
-    def restore() -> None:
-        app.conf.broker_url, app.conf.result_backend, old = before
-        _reset_app_connections(app)
-        set_runtime(old)
-
-    return restore
-
-
-def _reset_app_connections(app: Any) -> None:
-    """Forget pooled connections and the result backend, so new URLs take effect (as Celery
-    itself does after a fork)."""
-    app._after_fork()
-    app._backend_cache = None
-    app._local.__dict__.pop("backend", None)
 
 
 def fake_keys(settings: Settings, per_provider: dict[str, int]) -> dict[str, str]:

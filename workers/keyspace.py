@@ -1,0 +1,53 @@
+"""Every Redis key name Spillway writes, built in one place.
+
+Limiter keys of one provider share the hash tag ``{provider}``, so each Lua script touches one
+slot and stays valid on Redis Cluster. Everything else (parked jobs, the reconciler's lock,
+cached answers) lives under the same prefix, so a deployment or a test suite can keep its keys
+apart with ``SPILLWAY_KEY_PREFIX``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    prefix: str = "spillway"
+
+    # -- the limiter: one hash tag per provider -------------------------------------------------
+
+    def provider(self, provider: str, *parts: str) -> str:
+        """``<prefix>:{<provider>}:<parts…>``, e.g. the "disabled keys" hash or a lease record."""
+        return ":".join((self.prefix, f"{{{provider}}}", *parts))
+
+    def disabled(self, provider: str) -> str:
+        return self.provider(provider, "disabled")
+
+    def pending(self, provider: str) -> str:
+        return self.provider(provider, "pending")
+
+    def lease(self, provider: str, lease_id: str) -> str:
+        return self.provider(provider, "lease", lease_id)
+
+    def account(self, provider: str, account: str, model: str) -> list[str]:
+        """One account's keys, in the order the scripts take them: its account-wide buckets,
+        its buckets for `model`, its leases and its state (block, circuit)."""
+        return [
+            self.provider(provider, "a", account, "b", "*"),
+            self.provider(provider, "a", account, "b", model),
+            self.provider(provider, "a", account, "leases"),
+            self.provider(provider, "a", account, "state"),
+        ]
+
+    # -- the rest ---------------------------------------------------------------------------------
+
+    def parked(self) -> str:
+        """Sorted set of jobs waiting for a quota reset, scored by when they are due."""
+        return f"{self.prefix}:parked"
+
+    def recover_lock(self) -> str:
+        return f"{self.prefix}:recover:lock"
+
+    def cached_answer(self, digest: str) -> str:
+        return f"{self.prefix}:cache:{digest}"
