@@ -39,6 +39,70 @@ class Ledger:
 LEDGER = Ledger()
 
 
+def _show(value: object, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+@dataclass
+class Tally:
+    """Bad inputs fed to one surface, counted as observed. An input is a bad input when the
+    surface refused it or the test knows it is wrong; it counts as rejected cleanly only when
+    the refusal observed was clean (no `problems`). Valid inputs taken count as submitted.
+    `check()` fails listing every input that was not handled cleanly."""
+
+    row: Row
+    failures: list[str] = field(default_factory=list)
+
+    @classmethod
+    def on(cls, scenario: str, ledger: Ledger | None = LEDGER) -> Tally:
+        """A tally reported in `ledger`'s table (None: reported nowhere, for self-checks)."""
+        row = Row(scenario)
+        if ledger is not None:
+            ledger.add(row)
+        return cls(row)
+
+    def record(
+        self,
+        given: object,
+        *,
+        rejected: bool,
+        problems: list[str] | tuple[str, ...] = (),
+        bad_because: str | None = None,
+    ) -> bool:
+        """Count one input: whether the surface refused it, what was wrong with the way it
+        refused or took it (`problems`), and why the test knows it is bad, if it does (an
+        input it knows is bad and that was taken is a bad input not rejected). True when the
+        input was handled cleanly."""
+        if not rejected and bad_because is None:
+            self.row.submitted += 1
+            if problems:
+                self.failures.append(f"{_show(given)}: taken, but {'; '.join(problems)}")
+            return not problems
+        self.row.bad_inputs += 1
+        if rejected and not problems:
+            self.row.rejected_cleanly += 1
+            return True
+        why = list(problems) if rejected else [f"taken although {bad_because}", *problems]
+        self.failures.append(f"{_show(given)}: {'; '.join(why)}")
+        return False
+
+    def summary(self) -> str:
+        r = self.row
+        return (
+            f"{r.scenario}: tried={r.bad_inputs} rejected_cleanly={r.rejected_cleanly} accepted={r.submitted}"
+        )
+
+    def check(self, limit: int = 25) -> None:
+        if not self.failures:
+            return
+        lines = [f"{self.summary()}; {len(self.failures)} input(s) not handled cleanly:"]
+        lines += [f"  - {f}" for f in self.failures[:limit]]
+        if len(self.failures) > limit:
+            lines.append(f"  … and {len(self.failures) - limit} more")
+        raise AssertionError("\n".join(lines))
+
+
 def size(quick: int, full: int) -> int:
     return full if FULL else quick
 
@@ -86,12 +150,42 @@ def audit(store: Store, job_ids: list[str]) -> Audit:
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, every_s: float = 0.2) -> bool:
+    """Poll `condition` until it holds (True) or `timeout_s` has passed (False, after one last
+    look). Bounded in time and in count: at most timeout_s / every_s + 1 looks."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    for _ in range(int(timeout_s / every_s) + 1):
+        if time.monotonic() >= deadline:
+            break
         if condition():
             return True
-        time.sleep(every_s)
+        time.sleep(min(every_s, max(0.0, deadline - time.monotonic())))  # the poll interval
     return condition()
+
+
+def wait_for(
+    condition: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    every_s: float = 0.2,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Wait until `condition` holds, or fail saying `what` did not happen within `timeout_s`.
+    Exceptions of the `retry_on` types count as "not yet" (a service still coming back)."""
+    last: list[BaseException] = []
+
+    def check() -> bool:
+        try:
+            return bool(condition())
+        except retry_on as exc:
+            last[:] = [exc]
+            return False
+
+    started = time.monotonic()
+    if not wait_until(check, timeout_s, every_s):
+        why = f" (last: {type(last[0]).__name__}: {last[0]})" if last else ""
+        raise AssertionError(
+            f"waited {time.monotonic() - started:.1f}s (limit {timeout_s:g}s) for {what}; it did not happen{why}"
+        )
 
 
 def all_final(store: Store, job_ids: list[str]) -> Callable[[], bool]:

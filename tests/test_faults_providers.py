@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from tests.faultkit import FULL, LEDGER, Row, all_final, audit, size, wait_until
+from tests.faultkit import FULL, LEDGER, Row, all_final, audit, size, wait_for, wait_until
 from tests.test_faults_workers import make_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 FAULTS = ["error_500", "error_503", "timeout", "reset"] if FULL else ["error_500", "timeout"]
+TICK_S = 0.5  # how often jobs arrive during an outage
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -25,20 +26,34 @@ def test_a_provider_outage_is_routed_around_then_healed(tmp_path, redis_server, 
         stack.wait_for_workers()
         with stack.applied():
             from producer import submit
-            from workers.runtime import runtime
+            from producer.client import default_client
+            from producer.status import status_report
 
-            store = runtime().store
+            rt = default_client().runtime
+            store = rt.store
             stack.set_faults("alpha", {fault: 1.0})
             during, started = [], time.monotonic()
-            while time.monotonic() - started < outage_s:  # bounded by time, a few jobs a tick
+            for _ in range(int(outage_s / TICK_S) + 1):  # bounded in ticks and in time
+                if time.monotonic() - started >= outage_s:
+                    break
                 during += [
                     submit(f"outage {len(during) + i}", task="work", tier="free").id for i in range(10)
                 ]
-                time.sleep(0.5)
+                # the scenario, not a wait: traffic keeps coming, a few jobs a tick, while alpha is down
+                time.sleep(TICK_S)
             failed_calls = stack.simulator_stats()["alpha"].get(f"fault_{fault}", 0)
             stack.set_faults("alpha", {})
             assert wait_until(all_final(store, during), timeout_s=120), store.count_by_status()
-            time.sleep(3.5)  # the circuit's cooldown
+
+            def alpha_states() -> set[str]:
+                report = status_report(rt)["providers"]
+                return {a["state"] for p in report if p["provider"] == "alpha" for a in p["accounts"]}
+
+            wait_for(
+                lambda: (states := alpha_states()) and not states & {"circuit_open", "blocked", "disabled"},
+                timeout_s=60,
+                what="alpha's circuit to end its cooldown (half-open or closed)",
+            )
             after = [submit(f"healed {i}", task="work", tier="free").id for i in range(20)]
             assert wait_until(all_final(store, after), timeout_s=60)
             outage, healed = audit(store, during), audit(store, after)
@@ -74,16 +89,16 @@ def test_a_provider_with_every_key_invalid_is_disabled(tmp_path, redis_server) -
         stack.wait_for_workers()
         with stack.applied():
             from producer import submit
+            from producer.client import default_client
             from producer.status import status_report
-            from workers.runtime import runtime
 
-            store = runtime().store
+            store = default_client().runtime.store
             ids = [submit(f"bad keys {i}", task="work", tier="free").id for i in range(jobs)]
             assert wait_until(all_final(store, ids), timeout_s=120)
             result = audit(store, ids)
             states = {
                 a["state"]
-                for p in status_report(runtime())["providers"]
+                for p in status_report(default_client().runtime)["providers"]
                 if p["provider"] == "alpha"
                 for a in p["accounts"]
             }

@@ -11,13 +11,15 @@ import sys
 import time
 
 import pytest
+import redis
 
-from producer.stack import LocalStack
+from producer.ops.stack import LocalStack
 from tests.conftest import CONFIGS
-from tests.faultkit import LEDGER, Row, all_final, audit, size, wait_until
+from tests.faultkit import LEDGER, Row, all_final, audit, size, wait_for, wait_until
 from tests.test_faults_workers import FAST_RECOVERY
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
+RECOVER_IDLE_S = 2  # `spillway recover --idle`: jobs untouched this long count as lost
 
 
 def own_redis_stack(tmp_path, limits: str | None = None) -> LocalStack:
@@ -42,25 +44,33 @@ def test_redis_restarted_empty_mid_batch(tmp_path) -> None:
         stack.wait_for_workers()
         with stack.applied():
             from producer import submit_batch
-            from workers.runtime import runtime
+            from producer.client import default_client
 
-            store = runtime().store
+            store = default_client().runtime.store
             handle = submit_batch(
                 [{"custom_id": f"r{i}", "prompt": f"restart test {i}"} for i in range(jobs)],
                 task="work",
                 tier="free",
             )
             ids = [j.id for j in store.batch_jobs(handle.id, limit=jobs + 1)]
-            wait_until(lambda: handle.progress().done >= jobs // 3, timeout_s=60, every_s=0.05)
+            wait_for(
+                lambda: handle.progress().done >= jobs // 3,
+                timeout_s=120,
+                what=f"a third of the {jobs} jobs done before the restart",
+                every_s=0.05,
+            )
             queued_before = store.count_by_status(handle.id).get("queued", 0)
             stack.redis.restart()  # queues, unacked messages, chord state and buckets: all gone
             restarted = time.monotonic()
             from workers.store import utcnow
 
             restarted_at = utcnow()
-            time.sleep(3)
+            # The scenario, not a wait for a condition: the operator runs `recover --idle N` a
+            # little after the restart. Only jobs nothing touched for N seconds qualify, and only
+            # time passing makes the jobs lost with Redis that old.
+            time.sleep(RECOVER_IDLE_S + 1)
             cli = subprocess.run(
-                [sys.executable, "-m", "producer.cli", "recover", "--idle", "2", "--json"],
+                [sys.executable, "-m", "producer.cli", "recover", "--idle", str(RECOVER_IDLE_S), "--json"],
                 env={**os.environ, **stack.env},
                 capture_output=True,
                 text=True,
@@ -104,7 +114,7 @@ def _rate_limited_since(store, moment) -> list:
         return [aware(t) for t in rows]
 
 
-def test_redis_unreachable_at_submit_then_back(tmp_path, monkeypatch) -> None:
+def test_redis_unreachable_at_submit_then_back(tmp_path) -> None:
     stack = own_redis_stack(tmp_path)
     try:
         stack.start()
@@ -112,12 +122,12 @@ def test_redis_unreachable_at_submit_then_back(tmp_path, monkeypatch) -> None:
         stack.wait_for_workers()
         with stack.applied():
             from producer import submit
-            from workers import app
+            from producer.client import default_client
             from workers.errors import ServiceUnavailable
             from workers.reconciler import recover_once
-            from workers.runtime import runtime
 
-            store = runtime().store
+            client = default_client()
+            store = client.runtime.store
             assert submit("before the outage", task="work", tier="free").wait(60).status == "succeeded"
             before = store.count_by_status()
             stack.redis.stop()
@@ -126,12 +136,12 @@ def test_redis_unreachable_at_submit_then_back(tmp_path, monkeypatch) -> None:
                 submit("during the outage", task="work", tier="free")
             failed_fast = time.monotonic() - started
             assert store.count_by_status() == before  # nothing half-stored
-            monkeypatch.setenv("SPILLWAY_SUBMIT_WHEN_BROKER_DOWN", "store")
-            kept = submit("kept for later", task="work", tier="free")
+            stack.env["SPILLWAY_SUBMIT_WHEN_BROKER_DOWN"] = "store"  # a producer that keeps jobs
+            kept = stack.client().submit("kept for later", task="work", tier="free")
             assert store.job(kept.id).status == "queued"
             stack.redis.restart()
-            wait_until(lambda: runtime().redis.ping(), timeout_s=10)
-            recovery = recover_once(runtime(), app, idle_for_s=0, confirm_s=0.5)
+            wait_for(client.runtime.redis.ping, 10, "Redis to answer again", retry_on=(redis.RedisError,))
+            recovery = recover_once(client.runtime, client.app, idle_for_s=0, confirm_s=0.5)
             kept_result = kept.wait(60)
             after = submit("after the outage", task="work", tier="free").wait(60)  # the worker carried on
     finally:
@@ -158,12 +168,13 @@ def test_a_worker_rides_out_a_redis_blip(tmp_path) -> None:
         stack.wait_for_workers()
         with stack.applied():
             from producer import submit
-            from workers.runtime import runtime
+            from producer.client import default_client
 
-            store = runtime().store
+            rt = default_client().runtime
+            store = rt.store
             first = [submit(f"blip {i}", task="work", tier="free").id for i in range(jobs // 2)]
             stack.redis.restart()  # a blip: Redis gone and back, empty
-            wait_until(lambda: runtime().redis.ping(), timeout_s=10)
+            wait_for(rt.redis.ping, 10, "Redis to answer again", retry_on=(redis.RedisError,))
             second = [submit(f"after blip {i}", task="work", tier="free").id for i in range(jobs // 2)]
             assert wait_until(all_final(store, first + second), timeout_s=180), store.count_by_status()
             result = audit(store, first + second)

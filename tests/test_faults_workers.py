@@ -9,9 +9,9 @@ import time
 import pytest
 import redis
 
-from producer.stack import LocalStack
+from producer.ops.stack import LocalStack
 from tests.conftest import CONFIGS
-from tests.faultkit import LEDGER, Row, all_final, audit, size, wait_until
+from tests.faultkit import LEDGER, Row, all_final, audit, size, wait_for, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -23,6 +23,9 @@ FAST_RECOVERY = {
     "SPILLWAY_RECOVER_EVERY_S": "3",
     "SPILLWAY_RECOVER_IDLE_S": "8",
 }
+
+
+POLL_S = 0.05  # how often the poison test looks at its job
 
 
 def make_stack(tmp_path, redis_url: str, config_text: str | None = None) -> LocalStack:
@@ -41,9 +44,9 @@ def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
         stack.wait_for_workers()
         with stack.applied():
             from producer import submit_batch
-            from workers.runtime import runtime
+            from producer.client import default_client
 
-            store = runtime().store
+            store = default_client().runtime.store
             handle = submit_batch(
                 [{"custom_id": f"k{i}", "prompt": f"kill test {i}"} for i in range(jobs)],
                 task="work",
@@ -52,12 +55,21 @@ def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
             ids = [j.id for j in store.batch_jobs(handle.id, limit=jobs + 1)]
             step = jobs // (kills + 2)
             for k in range(1, kills + 1):
-                wait_until(lambda k=k: handle.progress().done >= k * step, timeout_s=60, every_s=0.05)
+                wait_for(
+                    lambda k=k: handle.progress().done >= k * step,
+                    timeout_s=120,
+                    what=f"{k * step} of {jobs} jobs done before kill {k}",
+                    every_s=0.05,
+                )
                 stack.kill_worker(worker)  # SIGKILL, calls in flight
                 worker = stack.start_worker(concurrency=16, loglevel="WARNING")
             leak_restore_mutex()  # and one of them died restoring the others' messages
             assert wait_until(all_final(store, ids), timeout_s=240), store.count_by_status(handle.id)
-            wait_until(lambda: store.batch(handle.id).finished_at is not None, timeout_s=30)
+            wait_for(
+                lambda: store.batch(handle.id).finished_at is not None,
+                timeout_s=30,
+                what="the batch's chord callback to finish it",
+            )
             result, batch = audit(store, ids), store.batch(handle.id)
     finally:
         stack.close()
@@ -78,9 +90,9 @@ def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
 def leak_restore_mutex() -> None:
     """Leave kombu's restore lock as a worker SIGKILLed while restoring dead workers' messages
     leaves it: taken, never released, expiring after the configured `unacked_mutex_expire`."""
-    from workers import app
+    from producer.client import default_client
 
-    with app.connection_for_write() as conn:
+    with default_client().app.connection_for_write() as conn:
         channel = conn.default_channel
         lock = channel.client.lock(channel.unacked_mutex_key, timeout=channel.unacked_mutex_expire)
         assert lock.acquire(blocking=True, blocking_timeout=10)
@@ -97,13 +109,15 @@ def test_a_job_that_kills_its_worker_every_time_is_failed(tmp_path, redis_server
         stack.wait_for_workers()
         with stack.applied():
             from producer import submit
-            from workers.runtime import runtime
+            from producer.client import default_client
 
-            store = runtime().store
+            store = default_client().runtime.store
             job_id = submit("this prompt takes its worker down", task="poison", tier="free").id
             seen_runs = 0
             deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
+            for _ in range(int(180 / POLL_S)):  # bounded in looks and in time
+                if time.monotonic() >= deadline:
+                    break
                 job = store.job(job_id)
                 if job.status in ("succeeded", "failed"):
                     break
@@ -112,7 +126,7 @@ def test_a_job_that_kills_its_worker_every_time_is_failed(tmp_path, redis_server
                     stack.kill_worker(worker)
                     kills += 1
                     worker = stack.start_worker(concurrency=4, loglevel="WARNING")
-                time.sleep(0.05)
+                time.sleep(POLL_S)  # the poll interval: each new run of the job is seen, and killed
             job = store.job(job_id)
     finally:
         stack.close()

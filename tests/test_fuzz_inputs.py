@@ -1,26 +1,36 @@
 """Bad input, fuzzed: through the Python API, the CLI, the batch reader and the config. Each
 gets a clear error naming what was wrong (a SpillwayError, never another exception), nothing
-is half-enqueued, and no traceback reaches the user."""
+is half-enqueued, and no traceback reaches the user.
+
+Every input is counted as observed (`tests.faultkit.Tally`): a bad input is one the surface
+refused, or one this file knows is wrong; it counts as "rejected cleanly" only when the
+refusal seen was clean (the right error type or exit code, a message naming the field,
+nothing stored). Each fuzz test runs all its examples, then fails listing every input that
+was not handled cleanly; the fault table shows the two counts side by side."""
 
 from __future__ import annotations
 
 import copy
 import json
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.batchfile import BadLine, BatchItem, check_item
+from producer.batchfile import OPENAI_URL, BadLine, BatchItem, check_item
 from producer.cli import main
+from producer.client import default_client
 from tests.conftest import CONFIGS
-from tests.faultkit import LEDGER, Row, size
-from workers.config import settings_from_data
-from workers.errors import ConfigError, SpillwayError
+from tests.faultkit import Tally, size
+from workers.config import Settings, settings_from_data
+from workers.errors import ConfigError, InputError
 from workers.messages import MAX_PROMPT_CHARS
+from workers.runtime import Runtime
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EXAMPLES = size(60, 600)
@@ -53,15 +63,137 @@ nested = st.recursive(
     max_leaves=20,
 )
 
+#: What an error may name to say which field was wrong, per surface.
+API_FIELDS = (
+    "prompt",
+    "messages",
+    "task",
+    "tier",
+    "system",
+    "max_tokens",
+    "temperature",
+    "stop",
+    "json_mode",
+    "preferred_provider",
+    "idempotency_key",
+    "callback_url",
+    "deadline_s",
+)
+CLI_FIELDS = ("--task", "--tier", "--prompt", "--max-tokens", "task", "tier", "prompt", "max_tokens")
+BATCH_FIELDS = (*API_FIELDS, "custom_id", "method", "url", "body", "unknown field", "JSON object")
 
-class Tally:
-    def __init__(self, scenario: str) -> None:
-        self.row = LEDGER.add(Row(scenario))
 
-    def tried(self, rejected: bool) -> None:
-        self.row.bad_inputs += int(rejected)
-        self.row.rejected_cleanly += int(rejected)
-        self.row.submitted += int(not rejected)
+def rt() -> Runtime:
+    """The runtime of the client the tests use (the quiet stack's, inside `applied()`)."""
+    return default_client().runtime
+
+
+def names_a_field(message: str, fields: Iterable[str]) -> bool:
+    return any(f in message for f in fields)
+
+
+def usable_text(value: object) -> bool:
+    """A prompt any surface must take: a non-blank string of valid UTF-8, not too long."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_PROMPT_CHARS:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def route_bad_because(config: Settings, task: object, tier: object) -> str | None:
+    """Why a task/tier pair certainly has no route, or None."""
+    if not isinstance(task, str) or not isinstance(tier, str):
+        return "task and tier must be strings"
+    if tier not in config.tiers:
+        return f"there is no tier {tier!r}"
+    routes = config.routes.get(task) or config.routes.get("*")
+    if routes is None:
+        return f"there is no route for task {task!r}"
+    if tier not in routes:
+        return f"the route of {task!r} has no {tier!r} chain"
+    return None
+
+
+def not_positive_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int) or value < 1
+
+
+# -- the Python API ---------------------------------------------------------------------------
+
+
+def api_bad_because(config: Settings, fields: Mapping[str, Any]) -> str | None:
+    """Why a submit() call is certainly wrong (a partial oracle: None is "maybe fine")."""
+    route = route_bad_because(config, fields.get("task"), fields.get("tier"))
+    if route:
+        return route
+    messages, prompt = fields.get("messages"), fields.get("prompt")
+    if messages is None and not usable_text(prompt):
+        return "prompt is not a usable string"
+    if messages is not None and not (isinstance(messages, list) and messages):
+        return "messages is not a non-empty list"
+    if fields.get("max_tokens") is not None and not_positive_int(fields["max_tokens"]):
+        return "max_tokens is not a positive integer"
+    t = fields.get("temperature")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 2):
+        return "temperature is not a number within 0..2"
+    if "json_mode" in fields and not isinstance(fields["json_mode"], bool):
+        return "json_mode is not a boolean"
+    url = fields.get("callback_url")
+    if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        return "callback_url is not an http(s) URL"
+    key = fields.get("idempotency_key")
+    if key is not None and not (isinstance(key, str) and key.strip()):
+        return "idempotency_key is not a non-empty string"
+    return None
+
+
+def api_outcome(error: BaseException | None, stored: int, job_known: bool) -> tuple[bool, list[str]]:
+    """(refused, problems) of one submit(): `error` it raised, jobs `stored` by it, and whether
+    the store knows the job id it returned."""
+    if error is None:
+        problems = (
+            []
+            if job_known and stored <= 1
+            else [f"the store has {stored} new job(s), job known: {job_known}"]
+        )
+        return False, problems
+    problems = []
+    if not isinstance(error, InputError):
+        problems.append(f"raised {type(error).__name__}, not an InputError")
+    message = str(error)
+    if "Traceback" in message:
+        problems.append("a traceback in the message")
+    elif not names_a_field(message, API_FIELDS):
+        problems.append(f"the message names no field: {message[:200]!r}")
+    if stored:
+        problems.append(f"{stored} job(s) stored anyway")
+    return True, problems
+
+
+def observe_api(tally: Tally, fields: dict[str, Any], claim_bad: str | None = None) -> bool:
+    """Submit through the Python API and count what happened in `tally`. `claim_bad` overrides
+    the oracle (the self-check's way to call a good input bad)."""
+    from producer import submit
+
+    store = rt().store
+    kwargs = dict(fields)
+    prompt = kwargs.pop("prompt", None)
+    before = sum(store.count_by_status().values())
+    error: Exception | None = None
+    job_known = False
+    try:
+        handle = submit(prompt, **kwargs)
+    except Exception as exc:  # whatever it is: classified below, never lost
+        error = exc
+    else:
+        job_known = store.job(handle.id) is not None
+    stored = sum(store.count_by_status().values()) - before
+    refused, problems = api_outcome(error, stored, job_known)
+    bad_because = claim_bad or api_bad_because(rt().settings, fields)
+    return tally.record(fields, rejected=refused, problems=problems, bad_because=bad_because)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +201,7 @@ def quiet_stack(redis_server, tmp_path_factory):
     """The e2e config with no worker: valid jobs just wait in their queues."""
     import redis
 
-    from producer.stack import LocalStack
+    from producer.ops.stack import LocalStack
 
     redis.Redis.from_url(redis_server.url(3)).flushdb()
     stack = LocalStack(
@@ -82,11 +214,6 @@ def quiet_stack(redis_server, tmp_path_factory):
     with stack.applied():
         yield stack
     stack.close()
-
-
-@pytest.fixture(scope="module")
-def api_tally() -> Tally:
-    return Tally("bad input: Python API (hypothesis)")
 
 
 @FUZZ
@@ -113,38 +240,88 @@ def api_tally() -> Tally:
         max_size=2,
     ),
 )
-def test_python_api(
-    quiet_stack, api_tally, prompt, task, tier, max_tokens, temperature, messages, extra
-) -> None:
-    from producer import submit
-    from workers.runtime import runtime
+def fuzz_python_api(tally, prompt, task, tier, max_tokens, temperature, messages, extra) -> None:
+    fields = {
+        "prompt": None if messages is not None else prompt,
+        "messages": messages,
+        "task": task,
+        "tier": tier,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        **extra,
+    }
+    observe_api(tally, fields)
 
-    store = runtime().store
+
+def test_python_api(quiet_stack) -> None:
+    tally = Tally.on("bad input: Python API (hypothesis)")
+    fuzz_python_api(tally)
+    tally.check()
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+def cli_bad_because(
+    config: Settings, task: str, tier: str, prompt: str, max_tokens: str | None
+) -> str | None:
+    route = route_bad_because(config, task, tier)
+    if route:
+        return route
+    if not usable_text(prompt):
+        return "--prompt is not a usable string"
+    if max_tokens is not None:
+        try:
+            if int(max_tokens) < 1:
+                return "--max-tokens is not positive"
+        except ValueError:
+            return "--max-tokens is not an integer"
+    return None
+
+
+def cli_outcome(
+    exit_code: int, exception: BaseException | None, output: str, stored: int, job_known: bool
+) -> tuple[bool, list[str]]:
+    """(refused, problems) of one `spillway submit`."""
+    problems = []
+    if exception is not None and not isinstance(exception, SystemExit):
+        problems.append(f"raised {type(exception).__name__}: {exception}")
+    if "Traceback" in output:
+        problems.append("a traceback in the output")
+    if exit_code == 0 and exception is None:
+        if not job_known or stored != 1:
+            problems.append(f"the store has {stored} new job(s), job known: {job_known}")
+        return False, problems
+    if exit_code != 2:
+        problems.append(f"exit code {exit_code}, not 2 (a usage or input error)")
+    lowered = output.lower()
+    if "error" not in lowered:
+        problems.append(f"no error in the output: {output[:200]!r}")
+    elif not names_a_field(lowered, CLI_FIELDS):
+        problems.append(f"the output names no option: {output[:200]!r}")
+    if stored:
+        problems.append(f"{stored} job(s) stored anyway")
+    return True, problems
+
+
+def observe_cli(tally: Tally, task: str, tier: str, prompt: str, max_tokens: str | None) -> bool:
+    store = rt().store
+    args = ["submit", "--task", task, "--tier", tier, "--prompt", prompt]
+    if max_tokens is not None:
+        args += ["--max-tokens", max_tokens]
     before = sum(store.count_by_status().values())
-    if messages is not None:
-        prompt = None
-    try:
-        handle = submit(
-            prompt,
-            messages=messages,
-            task=task,
-            tier=tier,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            **extra,
-        )
-    except SpillwayError as exc:
-        assert str(exc) and "Traceback" not in str(exc)
-        assert sum(store.count_by_status().values()) == before  # nothing half-stored
-        api_tally.tried(rejected=True)
-        return
-    assert store.job(handle.id) is not None
-    api_tally.tried(rejected=False)
-
-
-@pytest.fixture(scope="module")
-def cli_tally() -> Tally:
-    return Tally("bad input: the CLI (hypothesis)")
+    result = CliRunner().invoke(main, args, catch_exceptions=True)
+    stored = sum(store.count_by_status().values()) - before
+    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    printed = result.stdout.strip().splitlines()
+    job_known = bool(printed) and store.job(printed[-1].strip()) is not None
+    refused, problems = cli_outcome(result.exit_code, result.exception, output, stored, job_known)
+    return tally.record(
+        args[1:],
+        rejected=refused,
+        problems=problems,
+        bad_because=cli_bad_because(rt().settings, task, tier, prompt, max_tokens),
+    )
 
 
 @FUZZ
@@ -154,22 +331,51 @@ def cli_tally() -> Tally:
     prompt=weird_text,
     max_tokens=st.one_of(st.just(None), st.text(max_size=6), st.integers(-5, 10**7).map(str)),
 )
-def test_cli(quiet_stack, cli_tally, task, tier, prompt, max_tokens) -> None:
-    args = ["submit", "--task", task, "--tier", tier, "--prompt", prompt]
-    if max_tokens is not None:
-        args += ["--max-tokens", max_tokens]
-    result = CliRunner().invoke(main, args, catch_exceptions=True)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
-    assert "Traceback" not in output
-    if result.exit_code != 0:
-        assert result.exit_code in (1, 2) and ("error" in output.lower() or "usage" in output.lower())
-    cli_tally.tried(rejected=result.exit_code != 0)
+def fuzz_cli(tally, task, tier, prompt, max_tokens) -> None:
+    observe_cli(tally, task, tier, prompt, max_tokens)
 
 
-@pytest.fixture(scope="module")
-def batch_tally() -> Tally:
-    return Tally("bad input: batch lines (hypothesis)")
+def test_cli(quiet_stack) -> None:
+    tally = Tally.on("bad input: the CLI (hypothesis)")
+    fuzz_cli(tally)
+    tally.check()
+
+
+# -- batch lines ------------------------------------------------------------------------------
+
+
+def batch_bad_because(value: object) -> str | None:
+    if not isinstance(value, Mapping):
+        return "the line is not an object"
+    custom_id = value.get("custom_id")
+    if not (isinstance(custom_id, str) and custom_id.strip()):
+        return "custom_id is not a non-empty string"
+    if ("url" in value or "body" in value) and value.get("url") != OPENAI_URL:
+        return f"an OpenAI line whose url is not {OPENAI_URL}"
+    return None
+
+
+def batch_outcome(item: object) -> tuple[bool, list[str]]:
+    """(refused, problems) of checking one line numbered 7."""
+    if isinstance(item, BatchItem):
+        return False, []
+    if not isinstance(item, BadLine):
+        return True, [f"{type(item).__name__}: {item}"[:200]]
+    problems = []
+    if not str(item).startswith("line 7: "):
+        problems.append(f"does not name its line: {str(item)[:200]!r}")
+    if not names_a_field(item.error, BATCH_FIELDS):
+        problems.append(f"the error names no field: {item.error[:200]!r}")
+    return True, problems
+
+
+def observe_batch_line(tally: Tally, value: object) -> bool:
+    try:
+        item: object = check_item(rt(), 7, value, "chat", "free")
+    except Exception as exc:  # classified as an unclean refusal
+        item = exc
+    refused, problems = batch_outcome(item)
+    return tally.record(value, rejected=refused, problems=problems, bad_because=batch_bad_because(value))
 
 
 @FUZZ
@@ -188,18 +394,17 @@ def batch_tally() -> Tally:
         ),
     )
 )
-def test_batch_lines(quiet_stack, batch_tally, value) -> None:
-    from workers.runtime import runtime
+def fuzz_batch_lines(tally, value) -> None:
+    observe_batch_line(tally, value)
 
-    item = check_item(runtime(), 7, value, "chat", "free")
-    assert isinstance(item, BatchItem | BadLine)
-    if isinstance(item, BadLine):
-        assert str(item).startswith("line 7: ") and item.error
-    batch_tally.tried(rejected=isinstance(item, BadLine))
+
+def test_batch_lines(quiet_stack) -> None:
+    tally = Tally.on("bad input: batch lines (hypothesis)")
+    fuzz_batch_lines(tally)
+    tally.check()
 
 
 def test_batch_file_with_raw_garbage(quiet_stack, tmp_path) -> None:
-    from producer import batch as batch_module
     from producer.batch import BatchInputError
 
     lines = [
@@ -210,12 +415,33 @@ def test_batch_file_with_raw_garbage(quiet_stack, tmp_path) -> None:
         b'{"custom_id": "a", "prompt": "dup"}',
         json.dumps({"custom_id": "b", "prompt": "x" * 10}).encode(),
     ]
+    bad_lines = {1, 2, 3, 5}  # not UTF-8, nested too deeply, not an object, a duplicate custom_id
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines))
+    store = rt().store
+    before = sum(store.count_by_status().values())
     with pytest.raises(BatchInputError) as info:
-        batch_module.submit_file(tmp_path / "in.jsonl", task="chat", tier="free")
-    assert [b.line for b in info.value.bad] == [1, 2, 3, 5]
-    LEDGER.add(Row("bad input: raw batch file", bad_inputs=4, rejected_cleanly=len(info.value.bad)))
+        default_client().submit_file(tmp_path / "in.jsonl", task="chat", tier="free")
+    stored = sum(store.count_by_status().values()) - before
+    reported = {b.line: b for b in info.value.bad}
+    tally = Tally.on("bad input: raw batch file")
+    for number in sorted(bad_lines | set(reported)):
+        bad = reported.get(number)
+        problems = []
+        if bad is not None and not (bad.error and str(bad).startswith(f"line {number}: ")):
+            problems.append(f"an unclear report: {str(bad)!r}")
+        if stored:
+            problems.append(f"{stored} job(s) stored anyway")
+        tally.record(
+            f"line {number}: {lines[number - 1][:40]!r}",
+            rejected=bad is not None,
+            problems=problems,
+            bad_because="the test wrote it bad" if number in bad_lines else None,
+        )
+    tally.check()
+    assert sorted(reported) == sorted(bad_lines)
 
+
+# -- the config -------------------------------------------------------------------------------
 
 BASE_CONFIG = tomllib.loads((Path(__file__).parent.parent / "spillway.toml").read_text())
 
@@ -228,11 +454,37 @@ def _paths(data, prefix=()):
 
 
 PATHS = list(_paths(BASE_CONFIG))
+CONFIG_KEYS = sorted({str(key) for path in PATHS for key in path} | {"surprise_key"})
 
 
-@pytest.fixture(scope="module")
-def config_tally() -> Tally:
-    return Tally("bad input: config files (hypothesis)")
+def _has_key(data: object, name: str) -> bool:
+    return isinstance(data, dict) and (name in data or any(_has_key(v, name) for v in data.values()))
+
+
+def config_outcome(error: BaseException | None) -> tuple[bool, list[str]]:
+    """(refused, problems) of loading one config: a ConfigError naming the file and a key."""
+    if error is None:
+        return False, []
+    problems = []
+    if not isinstance(error, ConfigError):
+        problems.append(f"raised {type(error).__name__}, not a ConfigError: {str(error)[:200]}")
+    message = str(error)
+    if not message.startswith("spillway.toml: "):
+        problems.append(f"does not name the file: {message[:200]!r}")
+    elif not names_a_field(message.removeprefix("spillway.toml: "), CONFIG_KEYS):
+        problems.append(f"names no key: {message[:200]!r}")
+    return True, problems
+
+
+def observe_config(tally: Tally, data: dict[str, Any], edits: object) -> bool:
+    bad_because = "it has a key no table knows" if _has_key(data, "surprise_key") else None
+    error: Exception | None = None
+    try:
+        settings_from_data(data, "spillway.toml")
+    except Exception as exc:  # classified below
+        error = exc
+    refused, problems = config_outcome(error)
+    return tally.record(edits, rejected=refused, problems=problems, bad_because=bad_because)
 
 
 @FUZZ
@@ -243,7 +495,7 @@ def config_tally() -> Tally:
         max_size=4,
     )
 )
-def test_config_with_every_kind_of_mistake(config_tally, edits) -> None:
+def fuzz_config(tally, edits) -> None:
     data = copy.deepcopy(BASE_CONFIG)
     for path, value in edits:
         parent = data
@@ -257,13 +509,13 @@ def test_config_with_every_kind_of_mistake(config_tally, edits) -> None:
             parent["surprise_key"] = 1
         else:
             parent[path[-1]] = value
-    try:
-        settings_from_data(data, "spillway.toml")
-    except ConfigError as exc:
-        assert str(exc).startswith("spillway.toml: ")
-        config_tally.tried(rejected=True)
-        return
-    config_tally.tried(rejected=False)
+    observe_config(tally, data, edits)
+
+
+def test_config_with_every_kind_of_mistake() -> None:
+    tally = Tally.on("bad input: config files (hypothesis)")
+    fuzz_config(tally)
+    tally.check()
 
 
 @FUZZ
@@ -275,3 +527,61 @@ def test_config_text_that_is_not_toml(text) -> None:
         parse_settings(text, "x.toml")
     except ConfigError as exc:
         assert str(exc).startswith("x.toml: ")
+
+
+# -- the counting itself ------------------------------------------------------------------------
+
+
+def test_an_input_taken_is_not_counted_as_rejected(quiet_stack) -> None:
+    """A test that cannot fail is a defect. Through the real API: a good call the self-check
+    calls bad is taken, so it is tried but not rejected cleanly, and the check fails naming
+    it; a bad call is tried and rejected cleanly; a good one is only submitted."""
+    tally = Tally.on("self-check", ledger=None)
+    good = {"prompt": "a perfectly good prompt", "task": "chat", "tier": "free"}
+    assert api_bad_because(rt().settings, good) is None
+    assert not observe_api(tally, good, claim_bad="the self-check calls it bad")
+    assert observe_api(tally, {**good, "max_tokens": 0})  # refused, cleanly
+    assert observe_api(tally, good)  # taken: submitted, not a bad input
+    row = tally.row
+    assert (row.bad_inputs, row.rejected_cleanly, row.submitted) == (2, 1, 1)
+    with pytest.raises(AssertionError, match="tried=2 rejected_cleanly=1 accepted=1") as info:
+        tally.check()
+    assert "taken although the self-check calls it bad" in str(info.value)
+    assert "a perfectly good prompt" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        pytest.param(lambda: api_outcome(ValueError("max_tokens: no"), 0, False), id="api-wrong-type"),
+        pytest.param(lambda: api_outcome(InputError("it went wrong"), 0, False), id="api-no-field"),
+        pytest.param(lambda: api_outcome(InputError("max_tokens: no"), 1, False), id="api-stored"),
+        pytest.param(lambda: api_outcome(None, 0, False), id="api-taken-not-stored"),
+        pytest.param(lambda: cli_outcome(70, None, "internal error: KeyError", 0, False), id="cli-exit-70"),
+        pytest.param(lambda: cli_outcome(2, None, "error: it went wrong", 0, False), id="cli-no-option"),
+        pytest.param(lambda: cli_outcome(2, None, "error: --task: no", 1, False), id="cli-stored"),
+        pytest.param(lambda: batch_outcome(BadLine(7, None, "")), id="batch-empty-error"),
+        pytest.param(lambda: batch_outcome(BadLine(8, None, "custom_id: no")), id="batch-wrong-line"),
+        pytest.param(lambda: batch_outcome(RecursionError("deep")), id="batch-exception"),
+        pytest.param(lambda: config_outcome(KeyError("providers")), id="config-wrong-type"),
+        pytest.param(lambda: config_outcome(ConfigError("spillway.toml: no")), id="config-no-key"),
+        pytest.param(lambda: config_outcome(ConfigError("providers: bad")), id="config-no-file"),
+    ],
+)
+def test_an_unclean_refusal_is_not_counted_as_clean(outcome) -> None:
+    refused, problems = outcome()
+    tally = Tally.on("self-check", ledger=None)
+    assert not tally.record("the input", rejected=refused, problems=problems)
+    assert (tally.row.rejected_cleanly, len(tally.failures)) == (0, 1)
+    with pytest.raises(AssertionError, match="rejected_cleanly=0"):
+        tally.check()
+
+
+def test_a_clean_refusal_is_counted() -> None:
+    for refused, problems in (
+        api_outcome(InputError("max_tokens: expected a positive integer, got 0"), 0, False),
+        cli_outcome(2, SystemExit(2), "error: unknown tier 'gold'", 0, False),
+        batch_outcome(BadLine(7, None, "missing custom_id")),
+        config_outcome(ConfigError("spillway.toml: providers.openai.api: expected a string")),
+    ):
+        assert refused and not problems, problems

@@ -14,6 +14,15 @@ from workers.config import load_settings, parse_settings
 from workers.providers.signals import read_signal
 from workers.simulator import SimServer, sim_settings, start_in_thread
 
+#: Each SDK call's limit. The simulator answers in milliseconds; the SDKs' own defaults (600 s
+#: for openai and anthropic, none at all for google-genai) outlast the suite's 300 s per test,
+#: so a stalled call would end as a bare pytest timeout instead of a failure naming the SDK.
+SDK_TIMEOUT_S = 30.0
+#: The example-config test, on a busy machine: its worker must answer a ping within this, then
+#: every `spillway submit --wait` must be done within the next. Together well inside 300 s.
+WORKER_START_S = 120.0
+SUBMITS_S = 120.0
+
 LOW_LIMITS = (
     (CONFIGS / "e2e.toml").read_text()
     + """
@@ -34,11 +43,14 @@ def sim() -> Iterator[SimServer]:
     server = start_in_thread(sim_settings(parse_settings(LOW_LIMITS, "sdk.toml"), port=0))
     yield server
     server.shutdown()
+    server.server_close()
 
 
 def test_openai_sdk(sim: SimServer) -> None:
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{sim.url}/openai/v1", api_key="sk-sdk-test", max_retries=0)
+    client = openai.OpenAI(
+        base_url=f"{sim.url}/openai/v1", api_key="sk-sdk-test", max_retries=0, timeout=SDK_TIMEOUT_S
+    )
     reply = client.chat.completions.create(
         model="gpt-4o-mini",
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
@@ -65,7 +77,9 @@ def test_openai_sdk_sees_insufficient_quota(sim: SimServer) -> None:
     openai = pytest.importorskip("openai")
     sim.sim.settings.providers["groq"].faults = {"insufficient_quota": 1.0}
     try:
-        client = openai.OpenAI(base_url=f"{sim.url}/groq/openai/v1", api_key="sk-sdk", max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"{sim.url}/groq/openai/v1", api_key="sk-sdk", max_retries=0, timeout=SDK_TIMEOUT_S
+        )
         with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(
                 model="llama-3.3-70b-versatile", messages=[{"role": "user", "content": "x"}], max_tokens=5
@@ -77,7 +91,9 @@ def test_openai_sdk_sees_insufficient_quota(sim: SimServer) -> None:
 
 def test_anthropic_sdk(sim: SimServer) -> None:
     anthropic = pytest.importorskip("anthropic")
-    client = anthropic.Anthropic(base_url=f"{sim.url}/anthropic", api_key="sk-ant-sdk", max_retries=0)
+    client = anthropic.Anthropic(
+        base_url=f"{sim.url}/anthropic", api_key="sk-ant-sdk", max_retries=0, timeout=SDK_TIMEOUT_S
+    )
     reply = client.messages.create(
         model="claude-haiku-4-5",
         max_tokens=12,
@@ -102,7 +118,9 @@ def test_anthropic_sdk(sim: SimServer) -> None:
 
 def test_anthropic_sdk_overloaded_and_spend_cap(sim: SimServer) -> None:
     anthropic = pytest.importorskip("anthropic")
-    client = anthropic.Anthropic(base_url=f"{sim.url}/anthropic", api_key="sk-ant-2", max_retries=0)
+    client = anthropic.Anthropic(
+        base_url=f"{sim.url}/anthropic", api_key="sk-ant-2", max_retries=0, timeout=SDK_TIMEOUT_S
+    )
     provider = sim.sim.settings.providers["anthropic"]
     try:
         provider.faults = {"overloaded": 1.0}
@@ -127,7 +145,12 @@ def test_google_genai_sdk(sim: SimServer) -> None:
     from google.genai import errors, types
 
     client = genai.Client(
-        api_key="AIza-sdk-test", http_options=types.HttpOptions(base_url=f"{sim.url}/gemini")
+        api_key="AIza-sdk-test",
+        http_options=types.HttpOptions(
+            base_url=f"{sim.url}/gemini",
+            timeout=int(SDK_TIMEOUT_S * 1000),  # milliseconds
+            retry_options=types.HttpRetryOptions(attempts=1),  # the 429 must reach the test, not a retry
+        ),
     )
     reply = client.models.generate_content(
         model="gemini-2.0-flash",
@@ -146,29 +169,29 @@ def test_google_genai_sdk(sim: SimServer) -> None:
     assert "PerMinute" in details["google.rpc.QuotaFailure"]["violations"][0]["quotaId"]
 
 
-def test_example_config_against_the_simulator_one_job_per_wire_format(e2e_stack, tmp_path) -> None:
+def test_example_config_against_the_simulator_one_job_per_wire_format(redis_server, tmp_path) -> None:
     """`spillway submit` with the shipped example config pointed at the simulator."""
+    import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from producer.stack import LocalStack
+    import redis
+
+    from producer.ops.stack import LocalStack
 
     example = Path(__file__).parent.parent / "spillway.toml"
-    with LocalStack(
-        example, redis_url=e2e_stack.redis_url.replace("/2", "/5"), workdir=str(tmp_path)
-    ) as stack:
+    url = redis_server.url(0)  # a database no other test of the session uses
+    redis.Redis.from_url(url).flushdb()
+    with LocalStack(example, redis_url=url, workdir=str(tmp_path)) as stack:
         stack.start_worker(concurrency=8, loglevel="WARNING")
+        # Jobs are timed from a worker that answers, not from the start of a Python process
+        # that may take long to import everything on a busy machine.
+        stack.wait_for_workers(timeout_s=WORKER_START_S)
         env = {**os.environ, **stack.env}
-        formats = {}
-        for task, tier, provider in (
-            ("code", "pro", "openai"),
-            ("code", "admin", "anthropic"),
-            ("reasoning", "free", "gemini"),
-            ("code", "free", "groq"),
-        ):
-            out = subprocess.run(
+        jobs = {
+            provider: subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
@@ -187,16 +210,35 @@ def test_example_config_against_the_simulator_one_job_per_wire_format(e2e_stack,
                     "--wait",
                     "--json",
                     "--timeout",
-                    "90",
+                    str(int(SUBMITS_S - 20)),
                 ],
                 env=env,
-                capture_output=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
-                timeout=120,
             )
-            assert out.returncode == 0, out.stderr
-            result = __import__("json").loads(out.stdout)
+            for task, tier, provider in (
+                ("code", "pro", "openai"),
+                ("code", "admin", "anthropic"),
+                ("reasoning", "free", "gemini"),
+                ("code", "free", "groq"),
+            )
+        }  # all four at once: the slow part on a busy machine is starting Python, four times
+        deadline = time.monotonic() + SUBMITS_S
+        formats, outputs = {}, {}
+        try:
+            for provider, proc in jobs.items():
+                outputs[provider] = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            for proc in jobs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+        for provider, proc in jobs.items():
+            out, err = outputs[provider]
+            assert proc.returncode == 0, f"{provider}: exit {proc.returncode}: {err}"
+            result = json.loads(out)
             formats[provider] = (result["status"], result["provider"])
         settings = load_settings(example)
-    assert formats == {p: ("succeeded", p) for p in formats}
+    assert formats == {p: ("succeeded", p) for p in jobs}
     assert {settings.providers[p].api for p in formats} == {"openai", "anthropic", "gemini"}

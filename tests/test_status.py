@@ -75,17 +75,43 @@ def test_status_and_route_commands(e2e_stack) -> None:
 @pytest.mark.integration
 def test_status_watch_refreshes_until_interrupted(e2e_stack) -> None:
     import signal
-    import time
+    import threading
+
+    from tests.faultkit import wait_for
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "status", "--watch", "--every", "0.2"],
-        env={**os.environ, **e2e_stack.env, "COLUMNS": "160"},
+        # TTY_COMPATIBLE: Rich draws every refresh into the pipe too, so each one can be seen
+        env={**os.environ, **e2e_stack.env, "COLUMNS": "160", "TTY_COMPATIBLE": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
-    time.sleep(4)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    streams: dict[str, list[bytes]] = {"out": [], "err": []}
+
+    def drain(stream, into: list[bytes]) -> None:
+        for chunk in iter(lambda: stream.read1(65536), b""):  # ends when the process closes it
+            into.append(chunk)
+
+    readers = [
+        threading.Thread(target=drain, args=(proc.stdout, streams["out"]), daemon=True),
+        threading.Thread(target=drain, args=(proc.stderr, streams["err"]), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        wait_for(
+            lambda: b"".join(streams["out"]).count(b"spillway status") >= 2,
+            timeout_s=90,
+            what="the status table drawn twice (it refreshes)",
+        )
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for reader in readers:
+            reader.join(timeout=10)
+    out, err = (b"".join(streams[k]).decode(errors="replace") for k in ("out", "err"))
     assert proc.returncode == 0, err
     assert "spillway status" in out and "groq" in out and "Traceback" not in err
