@@ -120,7 +120,7 @@ def test_the_countdown_limit_is_inclusive() -> None:
 def test_a_deadline_before_the_parking_ends_fails_the_job() -> None:
     reason = NoRoom(Wait(3600.0, "rpd"))
     hop = decide([], reason, clock=lambda: NOW_S, deadline_s=NOW_S + 60)
-    assert hop == Fail("its deadline passes before any quota is back (rpd)", "deadline", counted_at=A)
+    assert hop == Fail("its deadline passes before any quota is back (rpd)", "deadline")
     assert decide([], reason, clock=lambda: NOW_S, deadline_s=NOW_S + 3600) == Park(A, NOW_S + 3600, 0)
 
 

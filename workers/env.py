@@ -13,7 +13,6 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from workers.constants import DEFAULT_CONFIG_FILE
@@ -120,9 +119,9 @@ class Env:
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Env:
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Env:
         """Read every variable from `environ` (default: this process's); a bad value raises
-        ConfigError naming the variable. `overrides` replace fields by name (tests, stacks)."""
+        ConfigError naming the variable."""
         source = dict(os.environ if environ is None else environ)
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -130,7 +129,6 @@ class Env:
             raw = source.get(name, "") if name else ""
             if name and raw.strip():
                 values[f.name] = _parse(name, raw.strip(), f.default)
-        values.update(overrides)
         return cls(**values, environ=source)
 
     @classmethod
@@ -153,19 +151,6 @@ class Env:
     @property
     def keep_when_broker_down(self) -> bool:
         return self.submit_when_broker_down == "store"
-
-    @property
-    def config_path(self) -> Path:
-        return Path(self.config_file)
-
-    def as_environ(self) -> dict[str, str]:
-        """The variables that differ from their defaults, as a child process's environment."""
-        out = {}
-        for f in fields(self):
-            name, value = f.metadata.get("env"), getattr(self, f.name)
-            if name and value is not None and value != f.default:
-                out[name] = str(int(value) if isinstance(value, bool) else value)
-        return out
 
 
 def variables() -> list[tuple[str, str, str, str]]:

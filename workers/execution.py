@@ -227,9 +227,7 @@ class _Run:
             clock=self.rt.limiter.now_s,
             turns=self.rt.router.turns,
         )
-        if isinstance(decision, Fail):
-            if decision.counted_at is not None:
-                self._count_queued(decision.counted_at)
+        if isinstance(decision, Fail):  # it waits nowhere: not counted as queued
             return self._fail(record, decision.reason, decision.kind)
         self._count_queued(decision.target)
         if isinstance(decision, Park):

@@ -9,6 +9,7 @@ apart with ``SPILLWAY_KEY_PREFIX``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,16 @@ class Keyspace:
     def lease(self, provider: str, lease_id: str) -> str:
         return self.provider(provider, "lease", lease_id)
 
-    def account(self, provider: str, account: str, model: str) -> list[str]:
+    @lru_cache(maxsize=4096)  # noqa: B019 - a few hundred accounts, built on every limiter call
+    def account(self, provider: str, account: str, model: str) -> tuple[str, ...]:
         """One account's keys, in the order the scripts take them: its account-wide buckets,
         its buckets for `model`, its leases and its state (block, circuit)."""
-        return [
+        return (
             self.provider(provider, "a", account, "b", "*"),
             self.provider(provider, "a", account, "b", model),
             self.provider(provider, "a", account, "leases"),
             self.provider(provider, "a", account, "state"),
-        ]
+        )
 
     # -- the rest ---------------------------------------------------------------------------------
 

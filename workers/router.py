@@ -177,14 +177,10 @@ class Park:
 
 @dataclass(frozen=True)
 class Fail:
-    """Nowhere to go: the job fails with `reason` and `kind`.
-
-    `counted_at`: count the job as queued there all the same. Only a deadline that passes
-    before the parking would end does, as it always has — though nothing takes it off again."""
+    """Nowhere to go: the job fails with `reason` and `kind`."""
 
     reason: str
     kind: str
-    counted_at: Candidate | None = None
 
 
 Hop = Move | Park | Fail
@@ -242,7 +238,7 @@ def _after_no_room(
         return Move(target, wait.seconds, moved)
     until_s = clock() + wait.seconds
     if job.deadline_s is not None and job.deadline_s < until_s:
-        return Fail(f"its deadline passes before any quota is back ({wait.why})", "deadline", target)
+        return Fail(f"its deadline passes before any quota is back ({wait.why})", "deadline")
     return Park(target, until_s, moved)
 
 

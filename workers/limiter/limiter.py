@@ -141,6 +141,8 @@ class Limiter:
         self._settle = client.register_script(_script_text("settle"))
         self._inspect = client.register_script(_script_text("inspect"))
         self._buckets: dict[Candidate, tuple[BucketSpec, ...]] = {}
+        # What the scripts take for a candidate's accounts, built once (the hot path sends it).
+        self._lua_specs: dict[Candidate, tuple[list[list[Any]], int]] = {}
 
     # -- bucket specs -----------------------------------------------------------------------
 
@@ -165,8 +167,10 @@ class Limiter:
         return min(values) if values else 0
 
     def _accounts(self, candidate: Candidate, keys: list[ApiKey]) -> list[dict[str, Any]]:
-        buckets = [spec.as_lua() for spec in self.buckets(candidate)]
-        concurrency = self._concurrency(candidate)
+        if candidate not in self._lua_specs:
+            specs = [spec.as_lua() for spec in self.buckets(candidate)]
+            self._lua_specs[candidate] = (specs, self._concurrency(candidate))
+        buckets, concurrency = self._lua_specs[candidate]
         return [{"key_id": k.key_id, "concurrency": concurrency, "buckets": buckets} for k in keys]
 
     def _day_shift_ms(self, provider: ProviderConfig) -> int:
