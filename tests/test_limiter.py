@@ -9,7 +9,7 @@ import redis
 from workers.config import Candidate, parse_settings
 from workers.keys import KeyRing
 from workers.keyspace import Keyspace
-from workers.limiter import Clock, Costs, Denied, Lease, Limiter, Scope
+from workers.limiter import Clock, Costs, Denied, Lease, Limiter, Reserved, Scope
 from workers.providers.signals import RateLimitSignal, Window
 
 TEMPLATE = """
@@ -59,7 +59,8 @@ def test_rolling_bucket_refills_continuously(redis_client: redis.Redis) -> None:
     lim = make(redis_client, "rpm = 60")
     assert all(isinstance(take(lim), Lease) for _ in range(60))
     denied = take(lim)
-    assert isinstance(denied, Denied) and denied.why == "rpm" and denied.wait_s == 1.0  # one back a second
+    # one back a second, plus the admission margin (a refill is not trusted to the millisecond)
+    assert isinstance(denied, Denied) and denied.why == "rpm" and denied.wait_s == 1.05
     lim.clock.advance(0.5)
     assert isinstance(take(lim), Denied)
     lim.clock.advance(0.6)
@@ -256,10 +257,11 @@ def test_no_key_means_never(redis_client: redis.Redis) -> None:
 
 
 def test_pending_work_is_counted_and_taken_off_at_acquire(redis_client: redis.Redis) -> None:
-    lim = make(redis_client, "rpm = 100")
+    lim = make(redis_client, "rpm = 100, tpm = 1000")
     lim.add_pending({P: Costs.estimate(10, 10)})
     lim.add_pending({P: Costs.estimate(10, 10)})
-    assert lim.snapshots([P])[P].pending == {"m|requests": 2, "m|tokens": 40, "m|input": 20, "m|output": 20}
+    # only the units a bucket counts (no itpm/otpm here: input and output are not kept)
+    assert lim.snapshots([P])[P].pending == {"m|requests": 2, "m|tokens": 40}
     take(lim, dequeue=Costs.estimate(10, 10))
     assert lim.snapshots([P])[P].pending["m|requests"] == 1
     take(lim, dequeue=Costs.estimate(10, 10))
@@ -275,3 +277,112 @@ def test_every_key_carries_the_provider_hash_tag(redis_client: redis.Redis) -> N
     keys = [k.decode() for k in redis_client.keys("t:*")]
     assert keys and all(k.startswith("t:{p}:") for k in keys)
     assert all(redis_client.ttl(k) > 0 for k in keys)  # nothing piles up without a TTL
+
+
+# -- reservations: a job that must wait is given its time once ---------------------------------
+
+
+def reserve(limiter: Limiter, costs: Costs = SMALL, within_s: float = 60.0) -> Reserved | Denied:
+    return limiter.reserve(P, costs, within_s=within_s, lease_ttl_s=60)
+
+
+def test_reservations_queue_up_one_refill_apart(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 60")
+    assert all(isinstance(take(lim), Lease) for _ in range(60))
+    first, second = reserve(lim), reserve(lim)
+    assert isinstance(first, Reserved) and first.wait_s == pytest.approx(1.05)
+    assert isinstance(second, Reserved) and second.wait_s == pytest.approx(2.05)
+    assert second.ready_at_s - first.ready_at_s == pytest.approx(1.0)
+    denied = take(lim)  # a job that comes later sees both reservations ahead of it
+    assert isinstance(denied, Denied) and denied.wait_s == pytest.approx(3.05)
+
+
+def test_a_reservation_is_redeemed_at_its_time_without_a_second_debit(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 60, concurrency = 1")
+    for _ in range(60):  # the minute's requests, one call at a time
+        lim.settle(take(lim), actual=Costs(1), outcome="alive")
+    reserved = reserve(lim)
+    assert isinstance(reserved, Reserved)
+    early = take(lim, reservation=reserved.reservation_id)
+    assert isinstance(early, Denied) and early.why == "reserved" and early.wait_s == pytest.approx(1.05)
+    lim.clock.advance(1.05)
+    lease = take(lim, reservation=reserved.reservation_id)
+    assert isinstance(lease, Lease)
+    assert buckets(lim)["rpm"] == pytest.approx(0.05, abs=1e-6)  # taken once, at reserve time
+    assert isinstance(take(lim), Denied)  # the lease holds the one concurrency slot
+    lim.settle(lease, actual=Costs(1), outcome="alive")
+    again = take(lim, reservation=reserved.reservation_id)  # a redelivered message
+    assert isinstance(again, Denied) and again.why == "rpm"  # the reservation is spent: no free call
+
+
+def test_a_stale_reservation_is_given_back_and_the_job_admitted_afresh(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 60")
+    assert all(isinstance(take(lim), Lease) for _ in range(60))
+    reserved = reserve(lim)
+    assert isinstance(reserved, Reserved)
+    lim.clock.advance(10)  # the worker was busy: ten seconds late
+    assert buckets(lim)["rpm"] == pytest.approx(10 - 1, abs=1e-6)
+    lease = take(lim, reservation=reserved.reservation_id)
+    assert isinstance(lease, Lease)
+    assert buckets(lim)["rpm"] == pytest.approx(10 - 1, abs=1e-6)  # refunded, then debited now
+
+
+def test_a_blocked_account_gives_its_reservation_back(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 60")
+    leases = [take(lim) for _ in range(60)]
+    reserved = reserve(lim)
+    assert isinstance(reserved, Reserved)
+    lim.settle(leases[0], actual=Costs(1), outcome="alive", block_s=30, block_why="429 minute")
+    lim.clock.advance(1.05)
+    denied = take(lim, reservation=reserved.reservation_id)
+    assert isinstance(denied, Denied) and denied.why == "blocked: 429 minute"
+    assert buckets(lim)["rpm"] == pytest.approx(1.05, abs=1e-6)  # the reserved request came back
+
+
+def test_nothing_is_reserved_past_the_horizon_or_a_daily_quota(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 60")
+    assert all(isinstance(take(lim), Lease) for _ in range(60))
+    too_far = reserve(lim, within_s=0.5)
+    assert isinstance(too_far, Denied) and too_far.wait_s == pytest.approx(1.05)
+    assert buckets(lim)["rpm"] == pytest.approx(0.0)  # nothing was taken
+    daily = make(redis_client, "rpd = 1")
+    assert isinstance(daily.acquire(P, SMALL, lease_ttl_s=60), Lease)
+    denied = daily.reserve(P, SMALL, within_s=60, lease_ttl_s=60)
+    assert isinstance(denied, Denied) and denied.why == "rpd"  # only the reset helps: park it
+
+
+def test_limiter_hashes_expire_but_never_before_what_they_hold(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 10")
+    lease = take(lim)
+    [bucket] = [k for k in redis_client.scan_iter("t:*") if k.endswith(b":b:*")]
+    day_ms = 86_400_000
+    assert 2 * day_ms <= redis_client.pttl(bucket) <= 4 * day_ms
+
+    def expiry_commands() -> int:
+        stats = redis_client.info("commandstats")
+        return sum(int(stats.get(c, {}).get("calls", 0)) for c in ("cmdstat_pttl", "cmdstat_pexpire"))
+
+    before = expiry_commands()
+    lim.settle(take(lim), actual=Costs(1), outcome="alive")
+    assert expiry_commands() - before <= 2  # the lease set's own; the buckets' TTL is still long
+    lim.settle(lease, actual=Costs(1), outcome="alive", block_s=10 * 86400, block_why="x", block_account=True)
+    assert redis_client.pttl(bucket) >= 10 * day_ms  # a long block outlives the usual TTL
+
+
+def test_a_429_without_headers_halves_the_limit_which_recovers_slowly(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "rpm = 60")
+    leases = [take(lim) for _ in range(3)]  # three calls in flight, all answered 429
+    for lease in leases:
+        lim.settle(lease, actual=Costs(1), outcome="alive", learn_lower=True)
+    rpm = next(b for b in lim.snapshots([P])[P].accounts[0].buckets if b.field == "rpm")
+    assert rpm.cap == 30 and rpm.avail == 0  # halved once (not per 429 of the same burst), now empty
+    lim.clock.advance(150)  # a quarter of the recovery time: from 30 back up by 15
+    rpm = next(b for b in lim.snapshots([P])[P].accounts[0].buckets if b.field == "rpm")
+    assert rpm.cap == pytest.approx(45)
+    lease = take(lim)
+    lim.settle(lease, actual=Costs(1), outcome="alive", learn_lower=True)  # a second lesson
+    assert next(
+        b for b in lim.snapshots([P])[P].accounts[0].buckets if b.field == "rpm"
+    ).cap == pytest.approx(22.5)
+    lim.clock.advance(3600)
+    assert buckets(lim)["rpm"] == 60  # fully recovered: the configured limit again

@@ -143,6 +143,7 @@ class Settings:
     inline_wait_s: float = constants.INLINE_WAIT_S
     max_countdown_s: float = constants.MAX_COUNTDOWN_S
     lease_margin_s: float = constants.LEASE_MARGIN_S
+    admission_margin_s: float = constants.ADMISSION_MARGIN_S
     simulator: dict[str, Any] = field(default_factory=dict)
 
     def chain(self, task: str, tier: str) -> Chain:
@@ -216,6 +217,9 @@ def _general(t: Table) -> dict[str, Any]:
         "inline_wait_s": t.pop_number("inline_wait_s", constants.INLINE_WAIT_S, maximum=30),
         "max_countdown_s": t.pop_number("max_countdown_s", constants.MAX_COUNTDOWN_S, minimum=1),
         "lease_margin_s": t.pop_number("lease_margin_s", constants.LEASE_MARGIN_S, minimum=0.5),
+        "admission_margin_s": t.pop_number(
+            "admission_margin_s", constants.ADMISSION_MARGIN_S, minimum=0, maximum=5
+        ),
     }
     t.done(known=tuple(out))
     return out

@@ -21,6 +21,12 @@ DEFAULT_MAX_TOKENS = 512
 INLINE_WAIT_S = 2.0
 #: Longest countdown a retry may carry; longer waits park the job in Redis (visibility timeout!).
 MAX_COUNTDOWN_S = 60.0
+#: Slack left between a decision and the provider's own clock: a bucket that is just refilled
+#: admits this much later, so a call never reaches the provider a few ms before its token.
+ADMISSION_MARGIN_S = 0.05
+#: A reservation redeemed later than this after its time is given back and the job admitted
+#: afresh: calls delayed together must not reach the provider in a burst.
+RESERVATION_STALE_S = 2.0
 #: Provider hops (re-routes and retries after errors) before a job fails.
 MAX_HOPS = 8
 #: A job whose worker died this many times while running it is failed as a poison job.

@@ -37,9 +37,15 @@ def message_priority(tier_priority: int, *, amqp: bool) -> int:
     return level if amqp else 9 - level
 
 
-def job_kwargs(job_id: str, provider: str, model: str, hop: int = 0) -> dict[str, Any]:
-    """`run_job`'s arguments: what Flower and the broker see of a job."""
-    return {"job_id": job_id, "provider": provider, "model": model, "hop": hop}
+def job_kwargs(
+    job_id: str, provider: str, model: str, hop: int = 0, reservation: str | None = None
+) -> dict[str, Any]:
+    """`run_job`'s arguments: what Flower and the broker see of a job (a reservation is an
+    opaque id of budget already taken for it)."""
+    kwargs: dict[str, Any] = {"job_id": job_id, "provider": provider, "model": model, "hop": hop}
+    if reservation is not None:
+        kwargs["reservation"] = reservation
+    return kwargs
 
 
 def job_signature(app: Celery, target: Target, **options: Any) -> Signature:

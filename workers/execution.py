@@ -39,10 +39,10 @@ from workers.errors import (
     RetryableError,
     ServiceUnavailable,
 )
-from workers.limiter import Costs, Lease, Settled, Wait
+from workers.limiter import DIMENSIONS, RESERVED, Costs, Lease, Reserved, Settled, Wait
 from workers.messages import ChatRequest
 from workers.providers.transport import complete
-from workers.router import AfterError, Fail, JobFacts, NoRoom, Park, Reason, next_hop
+from workers.router import AfterError, Fail, JobFacts, Move, NoRoom, Park, Reason, next_hop
 from workers.runtime import Runtime
 from workers.store import FAILED, SUCCEEDED, AttemptRecord, Job, aware, utcnow
 from workers.strategies import Option
@@ -65,13 +65,15 @@ class Done:
 @dataclass(frozen=True)
 class Requeue:
     """Publish the job again: to `candidate`'s queue after `countdown_s`, or park it until
-    `park_until_s` (epoch seconds) when the wait is longer than a countdown may be."""
+    `park_until_s` (epoch seconds) when the wait is longer than a countdown may be.
+    `reservation`: the budget it waits for is already its own (redeemed when it runs)."""
 
     candidate: Candidate
     hop: int
     priority: int
     countdown_s: float = 0.0
     park_until_s: float | None = None
+    reservation: str | None = None
 
 
 Outcome = Done | Requeue
@@ -137,7 +139,9 @@ def _priority(rt: Runtime, job: Job) -> int:
     return rt.priority(job.tier) if job.tier in rt.settings.tiers else 5
 
 
-def run_job(rt: Runtime, job_id: str, candidate: Candidate, hop: int = 0) -> Outcome:
+def run_job(
+    rt: Runtime, job_id: str, candidate: Candidate, hop: int = 0, reservation: str | None = None
+) -> Outcome:
     claim = rt.store.claim(
         job_id, lease_s=lease_seconds(rt, candidate.provider), max_crashes=rt.settings.max_crashes
     )
@@ -151,18 +155,21 @@ def run_job(rt: Runtime, job_id: str, candidate: Candidate, hop: int = 0) -> Out
         return Done(summary(job), notify=claim.state == "poison" and bool(job.callback_url))
     if claim.state == "busy":  # another delivery of this job is running it right now
         wait_s = min(claim.busy_for_s + 1, rt.settings.max_countdown_s)
-        return Requeue(candidate, hop, _priority(rt, job), countdown_s=wait_s)
-    return _Run(rt, job, candidate, hop).start()
+        return Requeue(candidate, hop, _priority(rt, job), countdown_s=wait_s, reservation=reservation)
+    return _Run(rt, job, candidate, hop, reservation).start()
 
 
 class _Run:
     """The state of one claimed run; methods are the steps of `run_job`."""
 
-    def __init__(self, rt: Runtime, job: Job, candidate: Candidate, hop: int) -> None:
+    def __init__(
+        self, rt: Runtime, job: Job, candidate: Candidate, hop: int, reservation: str | None
+    ) -> None:
         self.rt = rt
         self.job = job
         self.candidate = candidate
         self.hop = hop
+        self.reservation = reservation
         self.request = ChatRequest.from_json(job.request)
         self.costs = Costs.estimate(job.est_input_tokens, self.request.max_tokens)
         self.share = rt.settings.tiers[job.tier].budget_share if job.tier in rt.settings.tiers else 1.0
@@ -183,7 +190,10 @@ class _Run:
             if answer is not None:
                 return self._answer_from_cache(answer)
         give_up_at = time.monotonic() + rt.settings.inline_wait_s
-        dequeue: Costs | None = self.costs
+        reservation = self.reservation
+        # A job counted as queued is taken off that count at its first acquire; a reserved one
+        # was never counted (its budget is already taken).
+        dequeue: Costs | None = None if reservation else self.costs
         while True:
             try:
                 grant = rt.limiter.acquire(
@@ -192,20 +202,34 @@ class _Run:
                     share=self.share,
                     lease_ttl_s=lease_seconds(rt, candidate.provider),
                     dequeue=dequeue,
+                    reservation=reservation,
                 )
             except ServiceUnavailable as exc:
                 # Never call a provider unlimited: wait for the limiter to come back.
                 log.warning("job %s waits: %s", self.job.id, exc)
-                return self._requeue(None, candidate, countdown_s=5.0, hop=False)
+                return self._requeue(None, candidate, countdown_s=5.0, hop=False, reservation=reservation)
             dequeue = None
             if isinstance(grant, Lease):
                 if grant.crossed:
                     quota_crossed(grant, rt.env.alert_webhook_url)
                 return self._call(grant)
-            if not grant.wait.is_never and grant.wait.seconds <= give_up_at - time.monotonic():
-                time.sleep(max(grant.wait.seconds, 0.005))
-                continue
-            return self._move_on(NoRoom(grant.wait))
+            left_s = give_up_at - time.monotonic()
+            if reservation is not None and grant.wait.why == RESERVED:  # it came early
+                if grant.wait.seconds <= left_s:
+                    time.sleep(grant.wait.seconds)
+                    continue
+                wait_s = grant.wait.seconds
+                return self._requeue(None, candidate, countdown_s=wait_s, hop=False, reservation=reservation)
+            if grant.wait.is_never or grant.wait.seconds > left_s:
+                return self._move_on(NoRoom(grant.wait))
+            reservation = None
+            if grant.wait.why in DIMENSIONS:  # the budget is short: take the next of it, then wait
+                held = self._reserve(candidate, within_s=left_s)
+                if held is not None:
+                    time.sleep(held.wait_s)
+                    reservation = held.reservation_id
+                    continue
+            time.sleep(max(grant.wait.seconds, 0.005))
 
     def _servable(self, candidate: Candidate) -> bool:
         provider = self.rt.settings.providers.get(candidate.provider)
@@ -229,6 +253,22 @@ class _Run:
         )
         if isinstance(decision, Fail):  # it waits nowhere: not counted as queued
             return self._fail(record, decision.reason, decision.kind)
+        if (
+            isinstance(decision, Move)
+            and decision.countdown_s > 0
+            and self._worth_reserving(reason, decision)
+        ):
+            # It waits for budget: take the slot it waits for now, so it waits once.
+            held = self._reserve(decision.target, within_s=self.rt.settings.max_countdown_s)
+            if held is not None:
+                hopped = decision.hop_increment > 0
+                return self._requeue(
+                    record,
+                    held.candidate,
+                    countdown_s=held.wait_s,
+                    hop=hopped,
+                    reservation=held.reservation_id,
+                )
         self._count_queued(decision.target)
         if isinstance(decision, Park):
             return self._requeue(
@@ -354,6 +394,11 @@ class _Run:
                 signal=signal,
                 block_s=block_s,
                 block_why=f"429 ({window} quota) until the provider's retry time",
+                # A provider that sends no rate-limit headers says only "too many": learn a
+                # lower limit from it (AIMD). One that sends them is read from its headers.
+                learn_lower=self.rt.settings.providers[lease.provider].signals == "none"
+                and not exc.per_day
+                and not (signal and signal.windows),
             )
         elif isinstance(exc, QuotaExhausted):
             now = signal.received_at_s if signal else time.time()
@@ -406,6 +451,26 @@ class _Run:
             notify=bool(self.job.callback_url),
         )
 
+    def _worth_reserving(self, reason: Reason, move: Move) -> bool:
+        """Only budget is reserved: here, when a bucket is what lacks (a concurrency wait is a
+        moment and is checked when the job runs); elsewhere, the limiter checks it."""
+        return move.target != self.candidate or (isinstance(reason, NoRoom) and reason.wait.why in DIMENSIONS)
+
+    def _reserve(self, target: Candidate, *, within_s: float) -> Reserved | None:
+        """The next budget `target` has for this job, if it is back within `within_s`."""
+        try:
+            held = self.rt.limiter.reserve(
+                target,
+                self.costs,
+                share=self.share,
+                within_s=within_s,
+                lease_ttl_s=lease_seconds(self.rt, target.provider),
+            )
+        except ServiceUnavailable as exc:
+            log.warning("could not reserve for job %s: %s", self.job.id, exc)
+            return None
+        return held if isinstance(held, Reserved) else None
+
     def _count_queued(self, target: Candidate) -> None:
         """The job waits in `target`'s queue again: placement must see it there."""
         try:
@@ -448,6 +513,7 @@ class _Run:
         countdown_s: float = 0.0,
         park_until_s: float | None = None,
         hop: bool,
+        reservation: str | None = None,
     ) -> Outcome:
         if record is not None:
             record = replace(record, moved_to=target.provider)
@@ -466,6 +532,7 @@ class _Run:
             _priority(self.rt, self.job),
             countdown_s=max(0.0, countdown_s),
             park_until_s=park_until_s,
+            reservation=reservation,
         )
 
     def _fail(self, record: AttemptRecord | None, message: str, kind: str) -> Outcome:

@@ -31,6 +31,9 @@ class Keyspace:
     def lease(self, provider: str, lease_id: str) -> str:
         return self.provider(provider, "lease", lease_id)
 
+    def reservation(self, provider: str, reservation_id: str) -> str:
+        return self.provider(provider, "resv", reservation_id)
+
     @lru_cache(maxsize=4096)  # noqa: B019 - a few hundred accounts, built on every limiter call
     def account(self, provider: str, account: str, model: str) -> tuple[str, ...]:
         """One account's keys, in the order the scripts take them: its account-wide buckets,

@@ -25,16 +25,18 @@ log = logging.getLogger("spillway.tasks")
 
 
 @app.task(bind=True, name=RUN_JOB_TASK, max_retries=None)
-def run_job(self: Task, job_id: str, provider: str, model: str, hop: int = 0) -> dict[str, Any]:
+def run_job(
+    self: Task, job_id: str, provider: str, model: str, hop: int = 0, reservation: str | None = None
+) -> dict[str, Any]:
     """Run one job on `provider`; on its way elsewhere it is retried under the same task id."""
     rt = runtime()
-    outcome = execution.run_job(rt, job_id, Candidate(provider, model), hop)
+    outcome = execution.run_job(rt, job_id, Candidate(provider, model), hop, reservation)
     if isinstance(outcome, execution.Done):
         if outcome.notify:
             dispatch.deliver_callback(self.app, job_id)
         return outcome.summary
     target = outcome.candidate
-    kwargs = dispatch.job_kwargs(job_id, target.provider, target.model, outcome.hop)
+    kwargs = dispatch.job_kwargs(job_id, target.provider, target.model, outcome.hop, outcome.reservation)
     if outcome.park_until_s is not None:
         sig = self.signature_from_request(
             kwargs=kwargs, queue=queue_name(target.provider), priority=outcome.priority

@@ -29,6 +29,8 @@ from workers.providers.signals import RateLimitSignal, Window
 #: How acquire.lua says waiting cannot help (its `why` starts with it); `acquire` turns it into
 #: `Wait.never`, so nothing past this module sees the prefix.
 NEVER_PREFIX = "never:"
+#: Why a redeemed reservation is not admitted yet: its time is a moment away (acquire.lua).
+RESERVED = "reserved"
 
 
 @dataclass
@@ -88,6 +90,17 @@ class Lease:
     key: ApiKey
     now_ms: int
     crossed: tuple[str, ...] = ()  # daily quotas this debit took past 90%: "rpd:901:1000"
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """Budget taken now for a call at `ready_at_s` (the shared clock's epoch seconds), `wait_s`
+    from the decision; `reservation_id` redeems it (`Limiter.acquire(reservation=...)`)."""
+
+    reservation_id: str
+    candidate: Candidate
+    ready_at_s: float
+    wait_s: float
 
 
 @dataclass(frozen=True)
@@ -204,8 +217,51 @@ class Limiter:
         share: float = 1.0,
         lease_ttl_s: float,
         dequeue: Costs | None = None,
+        reservation: str | None = None,
     ) -> Lease | Denied:
-        """Debit every bucket of one account at once (all or none) and take a lease."""
+        """Debit every bucket of one account at once (all or none) and take a lease. With the
+        id of this job's `reservation`, the lease takes what it reserved (no second debit)."""
+        result, keys, lease_id = self._acquire_script(
+            candidate, costs, share, lease_ttl_s, dequeue, reservation=reservation
+        )
+        if result[0] == 1:
+            crossed = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in result[3] or ())
+            return Lease(
+                lease_id, candidate.provider, candidate.model, keys[result[1] - 1], result[2], crossed
+            )
+        return self._denied(result)
+
+    def reserve(
+        self,
+        candidate: Candidate,
+        costs: Costs,
+        *,
+        share: float = 1.0,
+        within_s: float,
+        lease_ttl_s: float,
+    ) -> Reserved | Denied:
+        """Debit the account whose budget is back soonest, for a call at the time it is back —
+        if that is within `within_s` (else Denied with the wait). The job then waits once, for
+        that time, and redeems the reservation with `acquire(reservation=...)`."""
+        reservation = uuid.uuid4().hex
+        result, _, _ = self._acquire_script(
+            candidate, costs, share, lease_ttl_s, None, reservation=reservation, within_s=within_s
+        )
+        if result[0] == 2:
+            return Reserved(reservation, candidate, result[2] / 1000, (result[2] - result[3]) / 1000)
+        return self._denied(result)
+
+    def _acquire_script(
+        self,
+        candidate: Candidate,
+        costs: Costs,
+        share: float,
+        lease_ttl_s: float,
+        dequeue: Costs | None,
+        *,
+        reservation: str | None,
+        within_s: float | None = None,
+    ) -> tuple[Any, list[ApiKey], str]:
         provider = self.settings.providers[candidate.provider]
         keys = self.keyring.keys(candidate.provider)
         lease_id = uuid.uuid4().hex
@@ -224,15 +280,21 @@ class Limiter:
             "probe_ttl_ms": int((provider.timeout_s + self.settings.lease_margin_s) * 1000),
             "share": share,
             "costs": costs.as_dict(),
-            "dequeue": self._pending_fields(candidate.model, dequeue) if dequeue else None,
+            "dequeue": self._pending_fields(candidate, dequeue) if dequeue else None,
             "accounts": self._accounts(candidate, keys),
+            "margin_ms": int(self.settings.admission_margin_s * 1000),
         }
-        result = self._run(self._acquire, redis_keys, spec)
-        if result[0] == 1:
-            crossed = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in result[3] or ())
-            return Lease(
-                lease_id, candidate.provider, candidate.model, keys[result[1] - 1], result[2], crossed
-            )
+        if reservation is not None:
+            redis_keys.append(self.keys.reservation(provider.name, reservation))
+            spec["stale_ms"] = int(constants.RESERVATION_STALE_S * 1000)
+            if within_s is None:
+                spec["reservation"] = True
+            else:
+                spec["reserve_ms"] = int(within_s * 1000)
+        return self._run(self._acquire, redis_keys, spec), keys, lease_id
+
+    @staticmethod
+    def _denied(result: Any) -> Denied:
         why = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
         if why.startswith(NEVER_PREFIX):
             return Denied(Wait.never(why.removeprefix(NEVER_PREFIX)), result[3])
@@ -249,6 +311,7 @@ class Limiter:
         block_why: str = "",
         block_account: bool = False,
         disable_why: str | None = None,
+        learn_lower: bool = False,
     ) -> Settled:
         """Charge real usage and release the lease (once); apply what the provider said."""
         candidate = Candidate(lease.provider, lease.model)
@@ -277,6 +340,8 @@ class Limiter:
             },
             "disable": None if disable_why is None else {"key_id": lease.key.key_id, "why": disable_why},
             "observe": self.observations(candidate, signal) if signal else [],
+            # a 429 that names no limits: halve them (at most once a second), then recover slowly
+            "decrease": {"factor": 0.5, "gap_ms": 1000} if learn_lower else None,
         }
         result = self._run(self._settle, redis_keys, spec)
         return Settled(blocked_until_s=result[1] / 1000, newly_disabled=bool(result[3]))
@@ -322,7 +387,7 @@ class Limiter:
         pipe = self.redis.pipeline(transaction=False)
         for candidate, costs in placed.items():
             key = self.keys.pending(candidate.provider)
-            for name, amount in self._pending_fields(candidate.model, costs).items():
+            for name, amount in self._pending_fields(candidate, costs).items():
                 pipe.hincrbyfloat(key, name, amount)
             pipe.expire(key, constants.PENDING_TTL_S)
         try:
@@ -330,9 +395,14 @@ class Limiter:
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"the limiter's Redis does not answer: {exc}") from exc
 
-    @staticmethod
-    def _pending_fields(model: str, costs: Costs) -> dict[str, float]:
-        return {f"{model}|{unit}": amount for unit, amount in costs.as_dict().items() if amount}
+    def _pending_fields(self, candidate: Candidate, costs: Costs) -> dict[str, float]:
+        """Queued work in the units the candidate's buckets count (no bucket, no field)."""
+        units = {spec.unit for spec in self.buckets(candidate)}
+        return {
+            f"{candidate.model}|{unit}": amount
+            for unit, amount in costs.as_dict().items()
+            if amount and unit in units
+        }
 
 
 def _field_for(window: Window, by_field: dict[str, BucketSpec], now_s: float) -> str | None:

@@ -1,26 +1,41 @@
 -- acquire: check and debit every bucket of one account at once (all or none) and take a
 -- concurrency lease; among several accounts (keys) take the one with the most room left.
+-- Or, with `reserve_ms`, reserve: debit the account whose budget is back soonest now, for a
+-- call at the time it is back (`ready_at`), so a job that must wait is given its time once
+-- and every later job sees the budget gone. A reserved job redeems its reservation here
+-- (`reservation`): the lease is taken without a second debit.
 --
 -- KEYS[1]  disabled keys hash      key_id -> why
 -- KEYS[2]  pending hash            "<model>|<unit>" -> work queued for this provider
 -- KEYS[3]  lease record            string, created here (JSON of what was charged)
 -- KEYS[4+4(i-1) .. 7+4(i-1)]  for account i: "*" hash, model hash, leases zset, state hash
+-- KEYS[4+4n]  reservation record   (n accounts; only with `reserve_ms` or `reservation`)
 -- ARGV[1]  JSON {offset_ms, stopped_ms (tests only), day_shift_ms, lease_id, lease_ttl_ms,
 --                probe_ttl_ms, share,
 --                costs = {requests, tokens, input, output}, dequeue = {field: amount} | null,
---                accounts = [{key_id, concurrency, buckets = [bucket spec, ...]}]}
+--                accounts = [{key_id, concurrency, buckets = [bucket spec, ...]}],
+--                margin_ms                       a wait for a refill is this much longer
+--                                                (slack for the provider's clock)
+--                reserve_ms = horizon | null     reserve only what is back within it
+--                reservation = true | null       redeem the record at KEYS[4+4n]
+--                stale_ms                        a reservation redeemed later than this is
+--                                                refunded and the job admitted afresh}
 -- Returns  {1, account index (1-based), now_ms, crossed}   the lease is taken; `crossed` lists
 --                                                 "field:used:limit" of daily quotas this debit
 --                                                 took past ALERT_AT (90%) — once per window
---          {0, wait_ms, why, now_ms}              nothing admits now; earliest retry in wait_ms
---                                                 (why "never:<reason>" when waiting cannot help;
---                                                 Limiter.acquire turns it into Wait.never)
+--          {2, account index, ready_at_ms, now_ms}   reserved: call at ready_at_ms, not before
+--          {0, wait_ms, why, now_ms}              nothing admits (or reserves) now; earliest retry
+--                                                 in wait_ms (why "never:<reason>" when waiting
+--                                                 cannot help; Limiter turns it into Wait.never)
 
 local spec = cjson.decode(ARGV[1])
 local now = now_ms(spec)
 local window = math.floor((now + spec.day_shift_ms) / DAY_MS)
 local next_reset = (window + 1) * DAY_MS - spec.day_shift_ms
 local NEVER = 1e15
+local ALERT_AT = 0.9
+local RESERVATION = KEYS[4 + 4 * #spec.accounts]
+local reserving = type(spec.reserve_ms) == 'number'
 
 if type(spec.dequeue) == 'table' then
   for field, amount in pairs(spec.dequeue) do
@@ -29,19 +44,19 @@ if type(spec.dequeue) == 'table' then
   end
 end
 
-local best, best_room, best_probe = nil, nil, false
-local soonest, soonest_why = nil, 'never:no usable key'
-
-for i, acct in ipairs(spec.accounts) do
+local function keys_of(i)
   local base = 3 + (i - 1) * 4
-  local scopes = {KEYS[base + 1], KEYS[base + 2]}
-  local leases, state = KEYS[base + 3], KEYS[base + 4]
-  local wait, why, room, probe = 0, nil, 1e18, false
+  return {KEYS[base + 1], KEYS[base + 2]}, KEYS[base + 3], KEYS[base + 4]
+end
 
+-- What keeps account i from a call now, budget aside: (wait_ms, why, probe). A reservation
+-- does not look at concurrency: that is checked when it is redeemed.
+local function gate(i, acct, with_concurrency)
+  local scopes, leases, state = keys_of(i)
+  local wait, why, probe = 0, nil, false
   local function worse(w, reason)
     if w > wait then wait, why = w, reason end
   end
-
   if hget(KEYS[1], acct.key_id) then
     worse(NEVER, 'never:key disabled: ' .. hget(KEYS[1], acct.key_id))
   end
@@ -59,26 +74,117 @@ for i, acct in ipairs(spec.accounts) do
     if probe_until > now then worse(probe_until - now, 'circuit half-open: probe in flight') end
     probe = true
   end
-  if acct.concurrency > 0 then
+  if with_concurrency and acct.concurrency > 0 then
     redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
     if redis.call('ZCARD', leases) >= acct.concurrency then
       local first = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
       worse(math.max(1, math.min(tonumber(first[2]) - now, 250)), 'concurrency')
     end
   end
+  return wait, why, probe
+end
+
+-- What account i's budget lacks for this job: (wait_ms, why, room, daily) — `daily`: a daily
+-- window is what lacks (only its reset helps: nothing to reserve within a horizon).
+local function budget(i, acct)
+  local scopes = keys_of(i)
+  local wait, why, room, daily = 0, nil, 1e18, false
   for _, b in ipairs(acct.buckets) do
     local avail, cap = bucket_now(scopes[b[1]], b, now, window)
     local cost = spec.costs[b[6]]
     local reserve = (1 - spec.share) * cap
     if cost > cap - reserve then
-      worse(NEVER, 'never:one job needs ' .. cost .. ' of ' .. b[2] .. ' but the limit is ' .. cap)
-    else
-      worse(wait_for(b, avail - reserve, cap, cost, now, next_reset), b[2])
-      local r = (avail - reserve - cost) / cap
-      if r < room then room = r end
+      return NEVER, 'never:one job needs ' .. cost .. ' of ' .. b[2] .. ' but the limit is ' .. cap, room, false
+    end
+    local w = wait_for(b, avail - reserve, cap, cost, now, next_reset)
+    -- a job that waits for a refill waits a little longer, so it never reaches the provider
+    -- a few ms before its token (the provider's clock is not ours)
+    if w > 0 and b[3] == 0 then w = w + spec.margin_ms end
+    if w > 0 and b[3] == 1 then daily = true end
+    if w > wait then wait, why = w, b[2] end
+    local r = (avail - reserve - cost) / cap
+    if r < room then room = r end
+  end
+  return wait, why, room, daily
+end
+
+-- Debit every bucket of account i by the job's costs; returns (charges, crossed).
+local function debit(i, acct)
+  local scopes = keys_of(i)
+  local charges, crossed = {}, {}
+  for _, b in ipairs(acct.buckets) do
+    local key = scopes[b[1]]
+    local avail, cap = bucket_now(key, b, now, window)
+    local cost = spec.costs[b[6]]
+    bucket_set(key, b, now, window, avail - cost, cap)
+    charges[#charges + 1] = {b[1], b[2], b[3], b[4], b[5], b[6], cost, window}
+    local used_before, used_after = cap - avail, cap - avail + cost
+    if b[3] == 1 and used_before < ALERT_AT * cap and used_after >= ALERT_AT * cap then
+      crossed[#crossed + 1] = b[2] .. ':' .. used_after .. ':' .. cap
     end
   end
+  for s = 1, 2 do keep_hash(scopes[s], KEEP_MS, now) end
+  return charges, crossed
+end
 
+-- Give back what `charges` took (a reservation that is not used as made).
+local function refund(i, charges)
+  local scopes = keys_of(i)
+  for _, c in ipairs(charges) do
+    if c[3] == 0 or c[8] == window then
+      local key = scopes[c[1]]
+      local avail, cap = bucket_now(key, c, now, window)
+      avail = avail + c[7]
+      if avail > cap then avail = cap end
+      bucket_set(key, c, now, window, avail, cap)
+    end
+  end
+end
+
+local function take_lease(i, charges, probe)
+  local _, leases, state = keys_of(i)
+  redis.call('ZADD', leases, now + spec.lease_ttl_ms, spec.lease_id)
+  keep(leases, spec.lease_ttl_ms)
+  if probe then hset(state, 'probe_until', num(now + spec.probe_ttl_ms)) end
+  redis.call('SET', KEYS[3], cjson.encode({charges = charges, probe = probe}), 'PX', spec.lease_ttl_ms)
+end
+
+-- 1. A reservation made for this job: a little early, it waits; in time, it becomes the lease;
+--    too late, or its account now blocked, it is given back and the job admitted afresh.
+if spec.reservation then
+  local raw = redis.call('GET', RESERVATION)
+  if raw then
+    local r = cjson.decode(raw)
+    local acct = spec.accounts[r.account]
+    if acct ~= nil and acct.key_id == r.key_id then
+      if now < r.ready_at then return {0, r.ready_at - now, 'reserved', now} end
+      redis.call('DEL', RESERVATION)
+      if now <= r.ready_at + spec.stale_ms then
+        local wait, _, probe = gate(r.account, acct, true)
+        if wait <= 0 then
+          take_lease(r.account, r.charges, probe)
+          return {1, r.account, now, {}}
+        end
+      end
+      refund(r.account, r.charges)
+    else
+      redis.call('DEL', RESERVATION)  -- the keys changed since: nothing here to give back
+    end
+  end
+end
+
+-- 2. Admission now (or, reserving, the account whose budget is back soonest).
+local best, best_room, best_probe = nil, nil, false
+local soonest, soonest_why = nil, 'never:no usable key'
+local reservable, reservable_wait = nil, nil
+
+for i, acct in ipairs(spec.accounts) do
+  local wait, why, probe = gate(i, acct, not reserving)
+  local b_wait, b_why, room, daily = budget(i, acct)
+  if reserving and wait <= 0 and not daily and b_wait < NEVER then
+    if reservable == nil or b_wait < reservable_wait then reservable, reservable_wait = i, b_wait end
+  end
+  if b_wait > wait then wait, why = b_wait, b_why end
   if wait <= 0 then
     if best == nil or room > best_room then best, best_room, best_probe = i, room, probe end
   elseif soonest == nil or wait < soonest then
@@ -86,32 +192,23 @@ for i, acct in ipairs(spec.accounts) do
   end
 end
 
+if reserving then
+  if reservable ~= nil and reservable_wait <= spec.reserve_ms then
+    local acct = spec.accounts[reservable]
+    local ready_at = now + math.ceil(reservable_wait)
+    local charges = debit(reservable, acct)
+    local record = {account = reservable, key_id = acct.key_id, ready_at = ready_at, charges = charges}
+    redis.call('SET', RESERVATION, cjson.encode(record), 'PX',
+      math.ceil(ready_at - now + spec.stale_ms + spec.lease_ttl_ms))
+    return {2, reservable, ready_at, now}
+  end
+  return {0, math.ceil(soonest or NEVER), soonest_why, now}
+end
+
 if best == nil then
   return {0, math.ceil(soonest or NEVER), soonest_why, now}
 end
 
-local acct = spec.accounts[best]
-local base = 3 + (best - 1) * 4
-local scopes = {KEYS[base + 1], KEYS[base + 2]}
-local ALERT_AT = 0.9
-local charges, crossed = {}, {}
-for _, b in ipairs(acct.buckets) do
-  local key = scopes[b[1]]
-  local avail, cap = bucket_now(key, b, now, window)
-  local cost = spec.costs[b[6]]
-  bucket_set(key, b, now, window, avail - cost, cap)
-  charges[#charges + 1] = {b[1], b[2], b[3], b[4], b[5], b[6], cost, window}
-  local used_before, used_after = cap - avail, cap - avail + cost
-  if b[3] == 1 and used_before < ALERT_AT * cap and used_after >= ALERT_AT * cap then
-    crossed[#crossed + 1] = b[2] .. ':' .. used_after .. ':' .. cap
-  end
-end
-for s = 1, 2 do keep(scopes[s], KEEP_MS) end
-local expires = now + spec.lease_ttl_ms
-redis.call('ZADD', KEYS[base + 3], expires, spec.lease_id)
-keep(KEYS[base + 3], spec.lease_ttl_ms)
-if best_probe then
-  hset(KEYS[base + 4], 'probe_until', num(now + spec.probe_ttl_ms))
-end
-redis.call('SET', KEYS[3], cjson.encode({charges = charges, probe = best_probe}), 'PX', spec.lease_ttl_ms)
+local charges, crossed = debit(best, spec.accounts[best])
+take_lease(best, charges, best_probe)
 return {1, best, now, crossed}

@@ -8,10 +8,14 @@
 --   period_ms refill period of a rolling bucket (60000 for per-minute)
 --   unit      what a job costs it: "requests" | "tokens" | "input" | "output"
 -- Hash fields: field:l level and field:t its time (rolling); field:u used and field:w the
--- window number (daily); field:cap a limit learned from the provider's headers.
+-- window number (daily); field:cap a limit learned from the provider's headers, or from a
+-- 429 without them (then field:capt says when, and the limit recovers: RECOVER_MS).
 
 local DAY_MS = 86400000
 local KEEP_MS = 2 * DAY_MS  -- bucket hashes outlive any window they describe
+-- A limit learned from a 429 without headers (field:cap with its time field:capt) climbs back
+-- to the configured one at this pace: from half the limit in 5 minutes.
+local RECOVER_MS = 600000
 
 -- Now, in ms: Redis TIME plus the clock's offset; a stopped clock (tests) is its time plus the offset.
 local function now_ms(spec)
@@ -25,7 +29,7 @@ local function num(x)
 end
 
 -- Each hash is read once per script (HGETALL) and served from memory after that; every write
--- goes through hset/hdel/hincr, which forget the copy so the next read sees the write.
+-- goes through hset/hdel/hincr, which write through to that copy, so no hash is read twice.
 local loaded = {}
 
 local function hash(key)
@@ -50,18 +54,25 @@ local function hnum(key, field, default)
 end
 
 local function hset(key, ...)
-  loaded[key] = nil
+  local h, args = loaded[key], {...}
+  if h ~= nil then
+    for i = 1, #args, 2 do h[args[i]] = tostring(args[i + 1]) end
+  end
   return redis.call('HSET', key, ...)
 end
 
 local function hdel(key, ...)
-  loaded[key] = nil
+  local h, args = loaded[key], {...}
+  if h ~= nil then
+    for i = 1, #args do h[args[i]] = nil end
+  end
   return redis.call('HDEL', key, ...)
 end
 
 local function hincr(key, field, by)
-  loaded[key] = nil
-  return redis.call('HINCRBY', key, field, by)
+  local value = redis.call('HINCRBY', key, field, by)
+  if loaded[key] ~= nil then loaded[key][field] = tostring(value) end
+  return value
 end
 
 -- Keep a key at least `ms` longer (never shortens a longer TTL).
@@ -74,11 +85,23 @@ local function keep(key, ms)
   end
 end
 
+-- Keep a hash at least `ms` longer (never shorter). Its field `keep_until` remembers the expiry
+-- set last, so a hash written on every call costs a PEXPIRE once per `ms`, not a PTTL each time.
+local function keep_hash(key, ms, now)
+  if hnum(key, 'keep_until', 0) >= now + ms then return end
+  hset(key, 'keep_until', num(now + 2 * ms))
+  redis.call('PEXPIRE', key, math.ceil(2 * ms))
+end
+
 -- The bucket now: (units available, effective capacity).
 local function bucket_now(key, b, now, window)
   local field, kind, cap, period = b[2], b[3], b[4], b[5]
   local learned = hnum(key, field .. ':cap', nil)
-  if learned and learned < cap then cap = learned end
+  if learned then
+    local since = hnum(key, field .. ':capt', nil)
+    if since and now > since then learned = learned + (now - since) * cap / RECOVER_MS end
+    if learned < cap then cap = learned end
+  end
   if kind == 0 then
     local level = hnum(key, field .. ':l', nil)
     if level == nil then return cap, cap end

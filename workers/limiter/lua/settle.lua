@@ -10,7 +10,10 @@
 --               circuit = {failures, cooldown_ms},
 --               block = {scope, ms, why} | null     (extends a block, never shortens it),
 --               disable = {key_id, why} | null,
---               observe = [{bucket spec..., remaining, limit}] }
+--               observe = [{bucket spec..., remaining, limit}],
+--               decrease = {factor, gap_ms} | null   a 429 the provider explained with no
+--                 headers: each rolling bucket of the lease gets `factor` of its limit (at
+--                 least what the job cost; at most once per gap_ms) and nothing left now }
 -- Returns {lease settled now (1) or before (0), blocked_until_ms, now_ms,
 --          1 if this call disabled the key (0 if it was disabled already or not asked)}
 
@@ -36,6 +39,17 @@ if raw then
       end
     end
   end
+  if type(spec.decrease) == 'table' then
+    for _, c in ipairs(lease.charges) do
+      local key = scopes[c[1]]
+      if c[3] == 0 and now - hnum(key, c[2] .. ':capt', 0) >= spec.decrease.gap_ms then
+        local _, cap = bucket_now(key, c, now, window)
+        local lower = math.max(c[7], cap * spec.decrease.factor)
+        hset(key, c[2] .. ':cap', num(lower), c[2] .. ':capt', num(now))
+        bucket_set(key, c, now, window, 0, lower)
+      end
+    end
+  end
   redis.call('ZREM', KEYS[4], spec.lease_id)
   redis.call('DEL', KEYS[1])
 
@@ -48,7 +62,7 @@ if raw then
       hset(state, 'open_until', num(now + spec.circuit.cooldown_ms))
       hdel(state, 'probe_until')
     end
-    keep(state, spec.circuit.cooldown_ms + KEEP_MS)
+    keep_hash(state, spec.circuit.cooldown_ms + KEEP_MS, now)
   elseif lease.probe then
     hdel(state, 'probe_until')
   end
@@ -63,7 +77,7 @@ if type(spec.block) == 'table' then
     hset(key, 'blocked_until', num(until_ms), 'blocked_why', spec.block.why)
     blocked_until = until_ms
   end
-  keep(key, blocked_until - now + KEEP_MS)
+  keep_hash(key, blocked_until - now + KEEP_MS, now)
 end
 
 local newly_disabled = 0
@@ -76,9 +90,12 @@ for _, o in ipairs(spec.observe or {}) do
   local limit = o[8]
   if type(limit) == 'number' and limit > 0 then
     if limit < o[4] then
-      hset(key, o[2] .. ':cap', num(limit))
-    else
+      if hnum(key, o[2] .. ':cap', nil) ~= limit then hset(key, o[2] .. ':cap', num(limit)) end
+    elseif hget(key, o[2] .. ':cap') then
       hdel(key, o[2] .. ':cap')
+    end
+    if hget(key, o[2] .. ':capt') then
+      hdel(key, o[2] .. ':capt')  -- the provider said it: no guess to recover from
     end
   end
   local remaining = o[7]
@@ -86,7 +103,7 @@ for _, o in ipairs(spec.observe or {}) do
     local avail, cap = bucket_now(key, o, now, window)
     if remaining < avail then bucket_set(key, o, now, window, remaining, cap) end
   end
-  keep(key, KEEP_MS)
+  keep_hash(key, KEEP_MS, now)
 end
 
 return {settled, math.floor(blocked_until), now, newly_disabled}
