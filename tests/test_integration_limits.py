@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from producer.client import default_client
 from producer.ops.stack import LocalStack
+from workers.config import Candidate
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +165,51 @@ def test_a_job_past_the_daily_quota_is_parked_with_its_chord_slot(tmp_path, redi
     assert due == pytest.approx(midnight, abs=2)
     signature = __import__("json").loads(member)["signature"]
     assert signature["options"]["task_id"] == second.id and signature["options"]["queue"] == "llm.alpha"
+
+
+QUIET = """
+[spillway]
+default_max_tokens = 32
+[providers.quiet]
+api = "openai"
+signals = "none"               # no x-ratelimit-* headers: only a 429 and its retry-after
+base_url = "https://quiet.example/v1"
+key_env = "QUIET_KEY"
+timeout_s = 5
+limits = { rpm = 120, tpm = 1000000 }
+[providers.quiet.models.q1]
+[routes.work]
+free = ["quiet:q1"]
+[simulator]
+seed = 6
+latency_ms = { median = 20, p95 = 40 }
+[simulator.providers.quiet]
+limits = { rpm = 60, tpm = 1000000 }   # really half what is configured
+"""
+
+
+def test_a_provider_without_headers_teaches_a_lower_limit_by_its_429s(tmp_path, redis_server) -> None:
+    config = tmp_path / "quiet.toml"
+    config.write_text(QUIET)
+    url = redis_server.url(10)
+    redis.Redis.from_url(url).flushdb()
+    stack = LocalStack(config, redis_url=url, workdir=str(tmp_path))
+    stack.start()
+    try:
+        stack.start_worker(concurrency=8, loglevel="WARNING")
+        stack.wait_for_workers()
+        with stack.applied() as client:
+            ids = [client.submit(f"job {i}", task="work", tier="free").id for i in range(90)]
+            store = client.runtime.store
+            deadline = time.monotonic() + 150
+            while store.count_by_status().get("succeeded", 0) < 90 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            counts = store.count_by_status()
+            status = client.runtime.limiter.snapshots([Candidate("quiet", "q1")])
+        stats = stack.simulator_stats()
+    finally:
+        stack.close()
+    assert counts == {"succeeded": 90} and len(ids) == 90
+    rpm = next(b for b in status[Candidate("quiet", "q1")].accounts[0].buckets if b.spec.field == "rpm")
+    assert rpm.cap < 120  # it learned a lower limit than the configured one…
+    assert stats["quiet"].get("rate_limited", 0) <= 10  # …after a handful of 429s (2–7 here; 18 of 60 before)
