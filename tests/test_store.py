@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import update
@@ -232,3 +233,47 @@ def test_usage_report_and_created_span_through_the_store(store: Store) -> None:
         store.usage_report(by="colour")
     first, last = store.created_span()
     assert first is not None and last is not None and first <= last and first.tzinfo is not None
+
+
+def test_a_postgres_connection_killed_while_idle_is_replaced_not_failed(pg_schema, monkeypatch) -> None:
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import PG_URL
+    from workers.store import engine
+
+    store = Store(PG_URL, schema=pg_schema)
+    admin = create_engine(PG_URL)
+    try:
+        with store.engine.connect() as conn:  # the pool's one connection, idle after this
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        with admin.begin() as conn:  # as a server restart would
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        monkeypatch.setattr(engine, "PING_IDLE_S", 0.0)  # every checkout counts as idle
+        assert isinstance(store.count_by_status(), dict)  # pinged, found dead, replaced: no error
+    finally:
+        admin.dispose()
+        store.close()
+
+
+def test_sqlite_writers_in_several_processes_queue_on_a_file_lock(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    Store(url).close()
+    code = (
+        "import sys, uuid\n"
+        "from tests.test_store import new_job\n"
+        "from workers.store import Store\n"
+        "s = Store(sys.argv[1])\n"
+        "for _ in range(100): new_job(s)\n"
+    )
+    root = str(Path(__file__).parent.parent)
+    procs = [subprocess.Popen([sys.executable, "-c", code, url], cwd=root) for _ in range(3)]
+    assert [p.wait(120) for p in procs] == [0, 0, 0]  # no "database is locked"
+    store = Store(url)
+    try:
+        assert sum(store.count_by_status().values()) == 300
+        assert (tmp_path / "shared.db.lock").exists()
+    finally:
+        store.close()
