@@ -14,15 +14,15 @@ from rich.table import Table
 
 from workers.embedded import start_redis
 
+BENCHMARKS = ["limiter", "submit", "overhead", "makespan", "waits", "batch"]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
-    parser.add_argument(
-        "--only", choices=["limiter", "submit", "overhead", "makespan", "batch"], action="append"
-    )
+    parser.add_argument("--only", choices=[*BENCHMARKS], action="append")
     args = parser.parse_args()
-    only = set(args.only or ["limiter", "submit", "overhead", "makespan", "batch"])
+    only = set(args.only or BENCHMARKS)
     console = Console()
     rows: list[tuple[str, str, str]] = []
     redis_server = start_redis()
@@ -93,6 +93,36 @@ def main() -> None:
                 ("makespan", "429s from the providers", str(r["rate_limited_429s"])),
                 ("makespan", "share on the larger provider (2/3 ideal)", f"{r['alpha_share']:.2f}"),
                 ("makespan", "submitting took", f"{r['submit_s']:.1f}s"),
+                (
+                    "makespan",
+                    "republishes (Celery retries) per job · tasks received per job (Flower)",
+                    f"{r['retries_per_job']:.2f} · {r['received_per_job']:.2f}",
+                ),
+            ]
+        if "waits" in only:
+            from bench import waits
+
+            with (
+                console.status("waiting once: one provider's rpm binds…"),
+                tempfile.TemporaryDirectory() as tmp,
+            ):
+                r = waits.run(Path(tmp))
+            rows += [
+                (
+                    "waits",
+                    f"{r['jobs']} jobs at {r['rpm']} requests/min: share that had to wait",
+                    f"{r['had_to_wait']:.2f}",
+                ),
+                (
+                    "waits",
+                    "republishes (Celery retries) per job · tasks received per job (Flower)",
+                    f"{r['retries_per_job']:.2f} · {r['received_per_job']:.2f}",
+                ),
+                (
+                    "waits",
+                    "makespan / theoretical minimum · 429s",
+                    f"{r['makespan_s']:.1f}s / {r['theoretical_min_s']:.1f}s · {r['rate_limited_429s']}",
+                ),
             ]
         if "batch" in only:
             from bench import batch_large

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from bench.common import stack_from, wait_all_final
+from bench.events import EventCounter
 from producer import submit
 from producer.client import default_client
 
@@ -57,13 +58,14 @@ def run(
     try:
         stack.start_worker(concurrency=threads, loglevel="WARNING")
         stack.wait_for_workers()
-        with stack.applied():
+        with stack.applied() as client, EventCounter(client.app) as events:
             started = time.monotonic()
             for i in range(jobs):
                 submit(f"batch item {i}", task="batch", tier="free")
             submitted = time.monotonic()
             finished = wait_all_final(default_client().runtime.store, jobs, timeout_s=600)
             split = default_client().runtime.store.count_by_status()
+            time.sleep(1.0)  # the last events are on their way
         stats = stack.simulator_stats()
     finally:
         stack.close()
@@ -78,4 +80,6 @@ def run(
         "rate_limited_429s": sum(s.get("rate_limited", 0) for s in stats.values()),
         "alpha_share": stats["alpha"].get("ok", 0) / jobs,
         "succeeded": split.get("succeeded", 0),
+        "retries_per_job": events.counts["task-retried"] / jobs,
+        "received_per_job": events.counts["task-received"] / jobs,
     }

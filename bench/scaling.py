@@ -1,0 +1,262 @@
+"""Scaling out: N worker processes and N producer processes, Spillway against plain Celery
+making the same HTTP call on the same broker, on SQLite and on PostgreSQL.
+
+Per N and store: jobs/s from the first submit to the last result stored (plain Celery: to
+the last result its producers read back), the ratio to plain Celery, worker CPU ms per job
+(every process of the worker tree), Redis commands per job (`INFO commandstats`, every
+process together) and republishes per job (Celery retries, as Flower counts them). The
+simulator answers in 50 ms and its limits are far above the load: what is measured is the
+queue, not the providers. `python -m bench.scaling --workers 1,2,4`; on a machine with many
+cores give it more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from bench.common import stack_from, wait_all_final
+from bench.events import EventCounter
+from producer.ops.stack import LocalStack
+
+CONFIG = """
+[providers.fast]
+api = "openai"
+base_url = "https://fast.example/v1"
+key_env = "FAST_KEY"
+timeout_s = 30
+limits = { rpm = 10000000, tpm = 1000000000, concurrency = 10000 }
+[providers.fast.models.f1]
+[routes."*"]
+free = ["fast:f1"]
+[simulator]
+seed = 3
+latency_ms = { median = 50, p95 = 80 }
+"""
+PG_URL = os.environ.get("SPILLWAY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def run(
+    workdir: Path,
+    *,
+    workers: list[int],
+    stores: list[str],
+    jobs_per_worker: int = 300,
+    threads: int = 16,
+) -> list[dict[str, Any]]:
+    rows, baseline = [], {}
+    for store in stores:
+        for n in workers:
+            jobs = jobs_per_worker * n
+            spillway = _one(workdir / f"{store}-{n}", store, n, jobs, threads, plain=False)
+            if n not in baseline:  # plain Celery keeps no store: one run per N serves both
+                baseline[n] = _one(workdir / f"plain-{n}", "sqlite", n, jobs, threads, plain=True)
+            plain = baseline[n]
+            rows.append(
+                {
+                    "store": store,
+                    "workers": n,
+                    "jobs": jobs,
+                    "spillway_jobs_per_s": spillway["jobs_per_s"],
+                    "plain_jobs_per_s": plain["jobs_per_s"],
+                    "ratio": spillway["jobs_per_s"] / plain["jobs_per_s"],
+                    "cpu_ms_per_job": spillway["cpu_ms_per_job"],
+                    "plain_cpu_ms_per_job": plain["cpu_ms_per_job"],
+                    "redis_commands_per_job": spillway["redis_commands_per_job"],
+                    "plain_redis_commands_per_job": plain["redis_commands_per_job"],
+                    "republishes_per_job": spillway["republishes_per_job"],
+                }
+            )
+    return rows
+
+
+def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: bool) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    extra, database_url = {}, None
+    if store == "postgresql":
+        database_url = PG_URL
+        extra["SPILLWAY_DATABASE_SCHEMA"] = f"bench_{uuid.uuid4().hex[:8]}"
+    stack = stack_from(CONFIG, workdir, database_url=database_url, extra_env=extra)
+    stack.start()
+    try:
+        if plain:
+            procs = [_start_plain_worker(stack, threads, i) for i in range(n)]
+            _wait_plain(stack, n)
+        else:
+            procs = [stack.start_worker(concurrency=threads, loglevel="WARNING") for _ in range(n)]
+            stack.wait_for_workers(n)
+        client = stack.client()
+        client.runtime  # noqa: B018 - the store's tables exist before the clock starts
+        counts = _redis_calls(stack)
+        cpu = _cpu_s(procs)
+        per = [jobs // n + (1 if i < jobs % n else 0) for i in range(n)]
+        with EventCounter(client.app) as events:
+            producers = [_start_producer(stack, k, i, plain) for i, k in enumerate(per)]
+            for p in producers:
+                p.stdout.readline()  # "ready"
+            started = time.monotonic()
+            for p in producers:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            if plain:
+                for p in producers:
+                    p.wait(600)
+                finished = time.monotonic()
+            else:
+                finished = wait_all_final(client.runtime.store, jobs, timeout_s=600)
+                for p in producers:
+                    p.wait(60)
+            cpu = _cpu_s(procs) - cpu
+            counts = _redis_calls(stack) - counts
+            time.sleep(1.0)  # the last events are on their way
+        return {
+            "jobs_per_s": jobs / (finished - started),
+            "cpu_ms_per_job": cpu * 1000 / jobs,
+            "redis_commands_per_job": counts / jobs,
+            "republishes_per_job": events.counts["task-retried"] / jobs,
+        }
+    finally:
+        stack.close()  # its workers too
+        for proc in locals().get("procs", []):
+            _stop(proc)
+        if store == "postgresql":
+            _drop_schema(extra["SPILLWAY_DATABASE_SCHEMA"])
+
+
+def _start_plain_worker(stack: LocalStack, threads: int, i: int) -> subprocess.Popen[bytes]:
+    log = open(stack.workdir / f"plain-worker{i}.log", "w")  # noqa: SIM115 - the process keeps it
+    argv = [sys.executable, "-m", "celery", "-A", "bench.plain_app", "worker", "-P", "threads"]
+    argv += ["-c", str(threads), "-Q", "plain", "-l", "WARNING", "-n", f"plain{i}-{os.getpid()}@%h"]
+    return subprocess.Popen(
+        argv, env={**os.environ, **stack.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _wait_plain(stack: LocalStack, n: int) -> None:
+    from bench.plain_app import app  # the baseline's app: only the plain runs need it
+
+    app.conf.broker_url = stack.env["CELERY_BROKER_URL"]
+    app.conf.result_backend = stack.env["CELERY_RESULT_BACKEND"]
+    deadline = time.monotonic() + 60
+    while len(app.control.ping(timeout=0.5)) < n and time.monotonic() < deadline:
+        pass
+
+
+def _start_producer(stack: LocalStack, jobs: int, i: int, plain: bool) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "bench.submitter", "--jobs", str(jobs), "--name", f"p{i}"]
+    if plain:
+        argv += ["--plain", f"{stack.simulator_url}/fast/v1/chat/completions", stack.env["FAST_KEY"]]
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **stack.env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _cpu_s(procs: list[subprocess.Popen[Any]]) -> float:
+    """User + system CPU of every process in these trees (the supervisor and its Celery child)."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    times = p.cpu_times()
+                    total += times.user + times.system
+    return total
+
+
+def _redis_calls(stack: LocalStack) -> int:
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(v["calls"]) for v in stats.values())
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+
+
+def _drop_schema(schema: str) -> None:
+    import sqlalchemy  # the benchmark's own clean-up, outside the store
+
+    engine = sqlalchemy.create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    engine.dispose()
+
+
+def main() -> None:
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(prog="python -m bench.scaling")
+    parser.add_argument("--workers", default="1,2,4", help="worker process counts (default 1,2,4)")
+    parser.add_argument("--stores", default="sqlite,postgresql")
+    parser.add_argument("--jobs-per-worker", type=int, default=300)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run(
+            Path(tmp),
+            workers=[int(n) for n in args.workers.split(",")],
+            stores=args.stores.split(","),
+            jobs_per_worker=args.jobs_per_worker,
+        )
+    table = Table(title=f"scaling on {os.cpu_count()} cores (50 ms calls, limits far above the load)")
+    for column in (
+        "store",
+        "N",
+        "jobs",
+        "Spillway jobs/s",
+        "plain jobs/s",
+        "ratio",
+        "CPU ms/job",
+        "plain CPU ms/job",
+        "Redis cmds/job",
+        "plain cmds/job",
+        "republishes/job",
+    ):
+        table.add_column(column, justify="left" if column == "store" else "right")
+    for r in rows:
+        table.add_row(
+            r["store"],
+            str(r["workers"]),
+            str(r["jobs"]),
+            f"{r['spillway_jobs_per_s']:.0f}",
+            f"{r['plain_jobs_per_s']:.0f}",
+            f"{r['ratio']:.2f}",
+            f"{r['cpu_ms_per_job']:.1f}",
+            f"{r['plain_cpu_ms_per_job']:.1f}",
+            f"{r['redis_commands_per_job']:.1f}",
+            f"{r['plain_redis_commands_per_job']:.1f}",
+            f"{r['republishes_per_job']:.2f}",
+        )
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
