@@ -277,3 +277,34 @@ def test_sqlite_writers_in_several_processes_queue_on_a_file_lock(tmp_path) -> N
         assert (tmp_path / "shared.db.lock").exists()
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_processes_starting_together_on_a_fresh_store_never_race(backend, tmp_path, request) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import PG_URL
+
+    root = str(Path(__file__).parent.parent)
+    failures = []
+    for attempt in range(3):  # each time a fresh store, six processes creating its tables at once
+        if backend == "sqlite":
+            url, schema = f"sqlite:///{tmp_path / f'cold{attempt}.db'}", ""
+        else:
+            request.getfixturevalue("pg_schema")  # PostgreSQL answers (else skipped / failed in CI)
+            url, schema = PG_URL, f"spillway_cold_{uuid.uuid4().hex[:8]}"
+        code = "import sys; from workers.store import Store; Store(sys.argv[1], schema=sys.argv[2] or None).close()"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, url, schema], cwd=root, stderr=subprocess.PIPE)
+            for _ in range(6)
+        ]
+        failures += [p.stderr.read().decode()[-300:] for p in procs if p.wait(120) != 0]
+        if schema:
+            from sqlalchemy import create_engine, text
+
+            admin = create_engine(PG_URL)
+            with admin.begin() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            admin.dispose()
+    assert failures == []

@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from workers.errors import ServiceUnavailable
 from workers.store.models import Base
 
+#: The PostgreSQL advisory lock that serializes creating the tables ("spillway" in ASCII).
+SCHEMA_LOCK_KEY = 0x7370696C6C776179
 #: A pooled PostgreSQL connection idle this long is pinged before use (a restart is noticed).
 PING_IDLE_S = 5.0
 
@@ -52,14 +54,25 @@ class Database:
             self._write_lock = WriteLock(_sqlite_path(self.url))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
-            if schema:
-                with self.engine.begin() as conn:
-                    conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-            Base.metadata.create_all(self.engine)
+            self._create_tables(schema)
         except OperationalError as exc:
             raise ServiceUnavailable(
                 f"the store at {_safe_url(self.url)} is unreachable: {exc.orig}"
             ) from exc
+
+    def _create_tables(self, schema: str | None) -> None:
+        """Create what is missing — one process at a time, or several starting together on a
+        fresh store race ("table already exists", a duplicate pg_type row)."""
+        if self.url.startswith("sqlite"):
+            with self._write_lock:
+                Base.metadata.create_all(self.engine)
+            return
+        with self.engine.begin() as conn:
+            # held until this transaction ends, by every process creating Spillway's tables
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            if schema:
+                conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+            Base.metadata.create_all(conn)
 
     @contextmanager
     def session(self, *, write: bool = True) -> Iterator[Session]:
