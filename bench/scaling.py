@@ -28,6 +28,8 @@ import redis
 from bench.common import stack_from, wait_all_final
 from bench.events import EventCounter
 from producer.ops.stack import LocalStack
+from workers.celery import make_app
+from workers.env import Env
 
 CONFIG = """
 [providers.fast]
@@ -89,14 +91,14 @@ def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: b
     stack = stack_from(CONFIG, workdir, database_url=database_url, extra_env=extra)
     stack.start()
     try:
+        client = stack.client()
+        client.runtime  # noqa: B018 - the store's tables exist before any worker starts
         if plain:
             procs = [_start_plain_worker(stack, threads, i) for i in range(n)]
             _wait_plain(stack, n)
         else:
             procs = [stack.start_worker(concurrency=threads, loglevel="WARNING") for _ in range(n)]
             stack.wait_for_workers(n)
-        client = stack.client()
-        client.runtime  # noqa: B018 - the store's tables exist before the clock starts
         counts = _redis_calls(stack)
         cpu = _cpu_s(procs)
         per = [jobs // n + (1 if i < jobs % n else 0) for i in range(n)]
@@ -143,13 +145,13 @@ def _start_plain_worker(stack: LocalStack, threads: int, i: int) -> subprocess.P
 
 
 def _wait_plain(stack: LocalStack, n: int) -> None:
-    from bench.plain_app import app  # the baseline's app: only the plain runs need it
-
-    app.conf.broker_url = stack.env["CELERY_BROKER_URL"]
-    app.conf.result_backend = stack.env["CELERY_RESULT_BACKEND"]
-    deadline = time.monotonic() + 60
-    while len(app.control.ping(timeout=0.5)) < n and time.monotonic() < deadline:
-        pass
+    app = make_app(Env.overlaid(stack.env))  # a fresh app on this stack's broker, just to ping
+    try:
+        deadline = time.monotonic() + 60
+        while len(app.control.ping(timeout=0.5)) < n and time.monotonic() < deadline:
+            pass
+    finally:
+        app.close()
 
 
 def _start_producer(stack: LocalStack, jobs: int, i: int, plain: bool) -> subprocess.Popen[str]:
