@@ -14,7 +14,7 @@ from rich.table import Table
 
 from workers.embedded import start_redis
 
-BENCHMARKS = ["limiter", "submit", "overhead", "makespan", "waits", "batch"]
+BENCHMARKS = ["limiter", "submit", "overhead", "makespan", "waits", "tokens", "batch"]
 
 
 def main() -> None:
@@ -122,6 +122,25 @@ def main() -> None:
                     "waits",
                     "makespan / theoretical minimum · 429s",
                     f"{r['makespan_s']:.1f}s / {r['theoretical_min_s']:.1f}s · {r['rate_limited_429s']}",
+                ),
+            ]
+        if "tokens" in only:
+            from bench import tokens
+
+            with console.status("Chinese vs English at a binding tpm…"), tempfile.TemporaryDirectory() as tmp:
+                r = tokens.run(Path(tmp))
+            zh, en = r["chinese"], r["english"]
+            slower = zh["makespan_s"] / en["makespan_s"]
+            rows += [
+                (
+                    "tokens",
+                    "60 jobs, tokens/min binding: Chinese (5× the estimate) vs English, makespan",
+                    f"{zh['makespan_s']:.1f}s vs {en['makespan_s']:.1f}s = {slower:.2f}",
+                ),
+                (
+                    "tokens",
+                    "input ratio learned · 429s (Chinese, English)",
+                    f"{zh['input_ratio']:.1f} · {zh['rate_limited_429s']}, {en['rate_limited_429s']}",
                 ),
             ]
         if "batch" in only:

@@ -72,6 +72,8 @@ def status_report(rt: Runtime, app: Celery | None = None) -> dict[str, Any]:
                     "until": until,
                     "why": why,
                     "in_flight": account.in_flight,
+                    # real input tokens per estimated one (4 characters a token), as learned
+                    "input_ratio": round(account.input_ratio, 2),
                     "remaining": {
                         ("" if b.scope == Scope.ACCOUNT else "model ") + b.field: {
                             "remaining": max(0, int(b.avail)),
@@ -136,6 +138,8 @@ def render_status(report: dict[str, Any], console: Console) -> None:
             if a["why"]:
                 state += f"\n[dim]{a['why']}[/]"
             remaining = "  ".join(f"{k} {v['remaining']}/{v['limit']}" for k, v in a["remaining"].items())
+            if abs(a["input_ratio"] - 1) >= 0.05:  # the provider counts input unlike the estimate
+                remaining += f"\n[dim]input ×{a['input_ratio']:g} the estimate[/]"
             keys = a["account"] if a["keys"] == [a["account"]] else f"{a['account']} ({', '.join(a['keys'])})"
             table.add_row(
                 p["provider"], a["model"], keys, state, remaining or "no limits", str(a["in_flight"]), queued

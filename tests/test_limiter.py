@@ -386,3 +386,17 @@ def test_a_429_without_headers_halves_the_limit_which_recovers_slowly(redis_clie
     ).cap == pytest.approx(22.5)
     lim.clock.advance(3600)
     assert buckets(lim)["rpm"] == 60  # fully recovered: the configured limit again
+
+
+def test_input_counted_unlike_the_estimate_is_learned_and_reserved_for(redis_client: redis.Redis) -> None:
+    lim = make(redis_client, "tpm = 100000, rpm = 1000")
+    costs = Costs.estimate(100, 0)  # 100 input tokens by the 4-characters estimate
+    for _ in range(8):  # the provider counted 500 for each (CJK text, a real tokenizer)
+        lim.settle(take(lim, costs), actual=Costs(1, 500, 500, 0), outcome="alive", input_ratio=5.0)
+    [account] = lim.snapshots([P])[P].accounts
+    assert account.input_ratio == pytest.approx(5.0, rel=0.1)
+    before = buckets(lim)["tpm"]
+    take(lim, costs)
+    assert before - buckets(lim)["tpm"] == pytest.approx(100 * account.input_ratio, rel=0.01)
+    lim.settle(take(lim, costs), actual=Costs(1, 100, 100, 0), outcome="alive", input_ratio=1.0)
+    assert lim.snapshots([P])[P].accounts[0].input_ratio < account.input_ratio  # it follows the text

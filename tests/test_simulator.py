@@ -166,3 +166,13 @@ def test_stats_reset_and_bad_control_requests(sim) -> None:
     assert bad.status_code == 400
     garbage = httpx.post(f"{server.url}/openai/v1/chat/completions", content=b"{nope")
     assert garbage.status_code == 400 and garbage.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_provider_can_count_tokens_like_a_real_tokenizer() -> None:
+    from workers.messages import estimate_tokens
+    from workers.simulator.formats import count_tokens
+
+    chinese, english = ("请用一句话解释令牌桶算法。" * 8,), ("Explain token buckets in one line. " * 3,)
+    assert count_tokens(chinese, "estimate") == estimate_tokens(chinese)  # Spillway's own count
+    assert count_tokens(chinese, "cjk") == pytest.approx(5 * estimate_tokens(chinese), rel=0.05)
+    assert count_tokens(english, "cjk") == estimate_tokens(english)  # Latin text: four chars a token

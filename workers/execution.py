@@ -321,7 +321,14 @@ class _Run:
             completion.input_tokens,
             completion.output_tokens,
         )
-        self._settle(lease, actual=used, outcome="alive", signal=completion.signal)
+        estimated = self.job.est_input_tokens
+        self._settle(
+            lease,
+            actual=used,
+            outcome="alive",
+            signal=completion.signal,
+            input_ratio=completion.input_tokens / estimated if estimated > 0 else None,
+        )
         cost = rt.settings.model(candidate).cost_usd(completion.input_tokens, completion.output_tokens)
         record = self._attempt(
             SUCCEEDED,

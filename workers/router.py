@@ -60,6 +60,13 @@ def expected_wait(snap: Snapshot, costs: Costs, share: float, extra: Costs | Non
         why = accounts[back_at.index(min(back_at))].blocked_why or "circuit open"
         ready = accounts
     pending = _pending_by_scope(snap, extra)
+    # input counted as the accounts have learned to (a tokenizer unlike the 4-chars estimate)
+    ratio = max(a.input_ratio for a in ready)
+    unit_cost = {
+        **unit_cost,
+        "input": costs.input * ratio,
+        "tokens": costs.tokens + costs.input * (ratio - 1),
+    }
     worst_ms = 0.0
     for j, spec in enumerate(snap.buckets):
         states = [a.buckets[j] for a in ready]

@@ -312,6 +312,7 @@ class Limiter:
         block_account: bool = False,
         disable_why: str | None = None,
         learn_lower: bool = False,
+        input_ratio: float | None = None,
     ) -> Settled:
         """Charge real usage and release the lease (once); apply what the provider said."""
         candidate = Candidate(lease.provider, lease.model)
@@ -342,6 +343,8 @@ class Limiter:
             "observe": self.observations(candidate, signal) if signal else [],
             # a 429 that names no limits: halve them (at most once a second), then recover slowly
             "decrease": {"factor": 0.5, "gap_ms": 1000} if learn_lower else None,
+            # real / estimated input tokens of this call: later estimates learn from it
+            "input_ratio": input_ratio,
         }
         result = self._run(self._settle, redis_keys, spec)
         return Settled(blocked_until_s=result[1] / 1000, newly_disabled=bool(result[3]))

@@ -95,6 +95,7 @@ class AccountState:
     fails: int  # failures in a row
     in_flight: int  # leases not yet expired
     buckets: tuple[BucketState, ...] = ()
+    input_ratio: float = 1.0  # real input tokens per estimated one, learned from settled calls
 
     def usable_from_ms(self, now_ms: int) -> int:
         """When a block or an open circuit lets it take work again (`now_ms` if it can now)."""
@@ -149,6 +150,7 @@ def _account(key: ApiKey, a: dict[str, Any], specs: Sequence[BucketSpec]) -> Acc
         probe_until_ms=int(a["probe_until"]),
         fails=int(a["fails"]),
         in_flight=int(a["in_flight"]),
+        input_ratio=float(a.get("in_ratio", 1)),
         buckets=tuple(
             BucketState(spec, float(b["avail"]), float(b["cap"]))
             for spec, b in zip(specs, _list(a["buckets"]), strict=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,11 +32,28 @@ class SimRequest:
     max_tokens: int
     json_mode: bool = False
     prefill: str = ""
+    tokenizer: str = "estimate"  # the provider's count: see `count_tokens`
 
     @property
     def input_tokens(self) -> int:
-        """The same count Spillway estimates: four characters a token, three per message."""
-        return estimate_tokens(self.texts) + 3 * len(self.texts)
+        return count_tokens(self.texts, self.tokenizer) + 3 * len(self.texts)
+
+
+#: CJK scripts: punctuation, kana, ideographs and extensions, Hangul, compatibility and
+#: full-width forms.
+_CJK = re.compile("[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+
+
+def count_tokens(texts: tuple[str, ...], tokenizer: str) -> int:
+    """ "estimate": Spillway's own estimate (four characters a token). "cjk": like a real
+    tokenizer, which spends about 1.25 tokens on a CJK character — five times the estimate."""
+    if tokenizer == "estimate":
+        return estimate_tokens(texts)
+    total = 0
+    for text in texts:
+        cjk = len(_CJK.findall(text))
+        total += math.ceil((len(text) - cjk) / 4) + math.ceil(cjk * 1.25)
+    return total
 
 
 def reply(request: SimRequest, provider: str) -> tuple[str, int, bool]:

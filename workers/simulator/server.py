@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -165,7 +166,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         fmt = FORMATS[provider.api]
         try:
-            req = fmt.parse("/" + rest, self.headers, body, query)
+            req = replace(fmt.parse("/" + rest, self.headers, body, query), tokenizer=provider.tokenizer)
         except BadSimRequest as exc:
             sim.count(name, "bad_request")
             self._send(400, fmt.error(400, "bad_request", str(exc)))

@@ -11,6 +11,7 @@ limits = { rpm = 15 }          # the "real" limits, if not the ones in [provider
 latency_ms = { median = 300, p95 = 900 }
 faults = { error_500 = 0.2, rate_limit = 0.1 }
 reject_keys = ["bad-*"]        # keys answered with the format's authentication error
+tokenizer = "cjk"              # count input like a real tokenizer (CJK: 5x Spillway's estimate)
 ```
 """
 
@@ -55,6 +56,7 @@ class SimProvider:
     faults: dict[str, float] = field(default_factory=dict)
     reject_keys: tuple[str, ...] = ()
     hang_s: float = 10.0
+    tokenizer: str = "estimate"  # how input tokens are counted: "estimate" or "cjk"
 
 
 @dataclass
@@ -127,6 +129,7 @@ def sim_settings(settings: Settings, *, port: int | None = None, host: str | Non
             faults=_faults(t.pop_table("faults")),
             reject_keys=tuple(t.pop_str_list("reject_keys", [])),
             hang_s=t.pop_number("hang_s", base.hang_s, minimum=0.1),
+            tokenizer=t.pop_str("tokenizer", "estimate", choices=("estimate", "cjk")),
         )
-        t.done(known=("limits", "latency_ms", "faults", "reject_keys", "hang_s"))
+        t.done(known=("limits", "latency_ms", "faults", "reject_keys", "hang_s", "tokenizer"))
     return SimSettings(host or config_host, config_port if port is None else port, seed, providers)

@@ -91,7 +91,7 @@ local function budget(i, acct)
   local wait, why, room, daily = 0, nil, 1e18, false
   for _, b in ipairs(acct.buckets) do
     local avail, cap = bucket_now(scopes[b[1]], b, now, window)
-    local cost = spec.costs[b[6]]
+    local cost = account_cost(spec.costs, b[6], scopes[2])
     local reserve = (1 - spec.share) * cap
     if cost > cap - reserve then
       return NEVER, 'never:one job needs ' .. cost .. ' of ' .. b[2] .. ' but the limit is ' .. cap, room, false
@@ -115,7 +115,7 @@ local function debit(i, acct)
   for _, b in ipairs(acct.buckets) do
     local key = scopes[b[1]]
     local avail, cap = bucket_now(key, b, now, window)
-    local cost = spec.costs[b[6]]
+    local cost = account_cost(spec.costs, b[6], scopes[2])
     bucket_set(key, b, now, window, avail - cost, cap)
     charges[#charges + 1] = {b[1], b[2], b[3], b[4], b[5], b[6], cost, window}
     local used_before, used_after = cap - avail, cap - avail + cost

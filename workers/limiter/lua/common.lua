@@ -93,6 +93,16 @@ local function keep_hash(key, ms, now)
   redis.call('PEXPIRE', key, math.ceil(2 * ms))
 end
 
+-- What a job costs an account in `unit`: its input estimate times the ratio of real to
+-- estimated input tokens the account has learned (field in_ratio of its model hash; 1 until
+-- a call has settled), so a tokenizer that counts unlike the estimate is reserved for right.
+local function account_cost(costs, unit, model_key)
+  local ratio = hnum(model_key, 'in_ratio', 1)
+  if unit == 'input' then return costs.input * ratio end
+  if unit == 'tokens' then return costs.tokens + costs.input * (ratio - 1) end
+  return costs[unit]
+end
+
 -- The bucket now: (units available, effective capacity).
 local function bucket_now(key, b, now, window)
   local field, kind, cap, period = b[2], b[3], b[4], b[5]

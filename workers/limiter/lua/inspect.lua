@@ -6,7 +6,7 @@
 --               accounts = [{key_id, concurrency, buckets}]}
 -- Returns a JSON string {now, next_reset, pending = {field: amount},
 --   accounts = [{disabled, blocked_until, blocked_why, open_until, probe_until, fails,
---                in_flight, buckets = [{field, scope, kind, avail, cap, period}]}]}
+--                in_flight, in_ratio, buckets = [{field, scope, kind, avail, cap, period}]}]}
 --   (limiter/state.py parses it: Snapshot.parse)
 
 local spec = cjson.decode(ARGV[1])
@@ -33,6 +33,7 @@ for i, acct in ipairs(spec.accounts) do
   info.probe_until = hnum(KEYS[base + 4], 'probe_until', 0)
   info.fails = hnum(KEYS[base + 4], 'fails', 0)
   info.in_flight = redis.call('ZCOUNT', KEYS[base + 3], now, '+inf')
+  info.in_ratio = hnum(scopes[2], 'in_ratio', 1)
   for _, b in ipairs(acct.buckets) do
     local avail, cap = bucket_now(scopes[b[1]], b, now, window)
     info.buckets[#info.buckets + 1] = {field = b[2], scope = b[1], kind = b[3], avail = avail,

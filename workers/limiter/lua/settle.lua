@@ -11,6 +11,8 @@
 --               block = {scope, ms, why} | null     (extends a block, never shortens it),
 --               disable = {key_id, why} | null,
 --               observe = [{bucket spec..., remaining, limit}],
+--               input_ratio = real / estimated input tokens of this call | null (learned into
+--                 the model hash's in_ratio, which later admissions multiply estimates by),
 --               decrease = {factor, gap_ms} | null   a 429 the provider explained with no
 --                 headers: each rolling bucket of the lease gets `factor` of its limit (at
 --                 least what the job cost; at most once per gap_ms) and nothing left now }
@@ -78,6 +80,16 @@ if type(spec.block) == 'table' then
     blocked_until = until_ms
   end
   keep_hash(key, blocked_until - now + KEEP_MS, now)
+end
+
+if type(spec.input_ratio) == 'number' then
+  local ratio = hnum(scopes[2], 'in_ratio', 1)
+  local learned = ratio + 0.3 * (spec.input_ratio - ratio)  -- a moving average: a few calls
+  learned = math.min(20, math.max(0.2, learned))
+  if math.abs(learned - ratio) > 0.01 * ratio then
+    hset(scopes[2], 'in_ratio', num(learned))
+    keep_hash(scopes[2], KEEP_MS, now)
+  end
 end
 
 local newly_disabled = 0
