@@ -25,26 +25,14 @@ from typing import Any
 import psutil
 import redis
 
+from bench import overhead
 from bench.common import stack_from, wait_all_final
 from bench.events import EventCounter
 from producer.ops.stack import LocalStack
 from workers.celery import make_app
 from workers.env import Env
 
-CONFIG = """
-[providers.fast]
-api = "openai"
-base_url = "https://fast.example/v1"
-key_env = "FAST_KEY"
-timeout_s = 30
-limits = { rpm = 10000000, tpm = 1000000000, concurrency = 10000 }
-[providers.fast.models.f1]
-[routes."*"]
-free = ["fast:f1"]
-[simulator]
-seed = 3
-latency_ms = { median = 50, p95 = 80 }
-"""
+CONFIG = overhead.CONFIG  # one provider far above the load, 50 ms calls
 PG_URL = os.environ.get("SPILLWAY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
