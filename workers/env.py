@@ -30,7 +30,12 @@ class Env:
     """What the environment says; every field names its variable, default and unit."""
 
     config_file: str = _var("SPILLWAY_CONFIG", DEFAULT_CONFIG_FILE, "path", "the config file")
-    redis_url: str = _var("SPILLWAY_REDIS_URL", DEFAULT_REDIS_URL, "URL", "the limiter's Redis")
+    redis_url: str = _var(
+        "SPILLWAY_REDIS_URL",
+        DEFAULT_REDIS_URL,
+        "URL",
+        "the limiter's Redis (`redis+cluster://host:port`: a Redis Cluster; then set the broker's own)",
+    )
     broker_url: str | None = _var(
         "CELERY_BROKER_URL", None, "URL", "the broker (Redis or RabbitMQ); default `$SPILLWAY_REDIS_URL`"
     )
@@ -129,7 +134,13 @@ class Env:
             raw = source.get(name, "") if name else ""
             if name and raw.strip():
                 values[f.name] = _parse(name, raw.strip(), f.default)
-        return cls(**values, environ=source)
+        env = cls(**values, environ=source)
+        if env.redis_url.startswith("redis+cluster://") and not (env.broker_url and env.result_backend):
+            raise ConfigError(
+                "$SPILLWAY_REDIS_URL names a Redis Cluster: set $CELERY_BROKER_URL and "
+                "$CELERY_RESULT_BACKEND to a Redis (or RabbitMQ) of their own"
+            )
+        return env
 
     @classmethod
     def overlaid(cls, variables: Mapping[str, str]) -> Env:

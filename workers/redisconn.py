@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
+
+#: A limiter on Redis Cluster: ``redis+cluster://host:port`` names any node of it.
+CLUSTER_SCHEME = "redis+cluster://"
 
 
 def connect(url: str) -> redis.Redis:
     """A client that rides out a blip (a few quick retries) but fails within seconds."""
+    if url.startswith(CLUSTER_SCHEME):
+        # Every limiter key of a provider carries its hash tag: each script touches one slot.
+        return RedisCluster.from_url(  # type: ignore[return-value]
+            "redis://" + url.removeprefix(CLUSTER_SCHEME), socket_timeout=5, socket_connect_timeout=1
+        )
     return redis.Redis.from_url(
         url,
         socket_timeout=5,

@@ -31,6 +31,7 @@ class LocalStack:
         *,
         redis_url: str | None = None,
         celery_broker_url: str | None = None,
+        celery_result_backend: str | None = None,
         database_url: str | None = None,
         workdir: str | None = None,
         keys_per_provider: dict[str, int] | None = None,
@@ -44,6 +45,7 @@ class LocalStack:
         self.redis_url = redis_url
         self.redis_db = redis_db
         self.celery_broker_url = celery_broker_url
+        self.celery_result_backend = celery_result_backend
         self.database_url = database_url or f"sqlite:///{self.workdir / 'spillway.db'}"
         self.keys_per_provider = keys_per_provider or {}
         self.extra_env = extra_env or {}
@@ -74,7 +76,7 @@ class LocalStack:
             "SPILLWAY_CONFIG": self.config_path,
             "SPILLWAY_REDIS_URL": self.redis_url,
             "CELERY_BROKER_URL": self.celery_broker_url or broker,
-            "CELERY_RESULT_BACKEND": broker,
+            "CELERY_RESULT_BACKEND": self.celery_result_backend or broker,
             "SPILLWAY_DATABASE_URL": self.database_url,
             **fake_keys(settings, self.keys_per_provider),
             **self.extra_env,

@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from workers import constants
 from workers.config import Candidate, ProviderConfig, Settings
@@ -360,7 +361,10 @@ class Limiter:
         return out
 
     def snapshots(self, candidates: list[Candidate]) -> dict[Candidate, Snapshot]:
-        """Every candidate's state in one pipelined round trip."""
+        """Every candidate's state in one pipelined round trip (on Redis Cluster, which pipelines
+        no scripts, one script call per candidate: each touches one provider's slot)."""
+        if isinstance(self.redis, RedisCluster):
+            return {c: self._snapshot_one(c) for c in candidates}
         pipe = self.redis.pipeline(transaction=False)
         plans = []
         for candidate in candidates:
@@ -384,6 +388,16 @@ class Limiter:
             candidate: Snapshot.parse(candidate, keys, self.buckets(candidate), raw)
             for (candidate, keys), raw in zip(plans, results, strict=True)
         }
+
+    def _snapshot_one(self, candidate: Candidate) -> Snapshot:
+        provider = self.settings.providers[candidate.provider]
+        keys = self.keyring.keys(candidate.provider)
+        redis_keys = [self.keys.disabled(provider.name), self.keys.pending(provider.name)]
+        for k in keys:
+            redis_keys += self.keys.account(provider.name, k.account, candidate.model)
+        spec = {**self.clock.spec(), "day_shift_ms": self._day_shift_ms(provider)}
+        raw = self._run(self._inspect, redis_keys, {**spec, "accounts": self._accounts(candidate, keys)})
+        return Snapshot.parse(candidate, keys, self.buckets(candidate), raw)
 
     def add_pending(self, placed: dict[Candidate, Costs]) -> None:
         """Count work queued for a provider (placement reads it; acquire takes it off)."""
