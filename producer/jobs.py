@@ -15,7 +15,7 @@ from workers import cache, callbacks, dispatch
 from workers.cache import CachedAnswer
 from workers.config import Candidate
 from workers.constants import queue_name
-from workers.errors import InputError, ServiceUnavailable
+from workers.errors import IdempotencyConflict, InputError, ServiceUnavailable
 from workers.limiter import Costs
 from workers.messages import ChatRequest, build_request
 from workers.results import JobResult
@@ -80,9 +80,6 @@ def submit(
     rt = client.runtime
     if idempotency_key is not None:
         _check_str(idempotency_key, "idempotency_key")
-        existing = rt.store.by_idempotency_key(idempotency_key)
-        if existing is not None:
-            return JobHandle(existing.id, client)
     request = prepare(
         rt,
         task,
@@ -96,6 +93,10 @@ def submit(
         json_mode=json_mode,
         preferred_provider=preferred_provider,
     )
+    if idempotency_key is not None:
+        existing = rt.store.by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return JobHandle(_same_request(existing, task, tier, request, idempotency_key), client)
     if callback_url is not None:
         _check_url(callback_url)
         callbacks.secret(rt.env)  # signing needs it: fail now, not when the result is ready
@@ -133,9 +134,20 @@ def submit(
         existing = rt.store.by_idempotency_key(idempotency_key or "")
         if existing is None:
             raise
-        return JobHandle(existing.id, client)  # a concurrent submit with the same key won
+        # a concurrent submit with the same key won
+        return JobHandle(_same_request(existing, task, tier, request, idempotency_key or ""), client)
     publish(client, [dispatch.Target(job_id, target.provider, target.model, rt.priority(tier))])
     return JobHandle(job_id, client)
+
+
+def _same_request(existing: Any, task: str, tier: str, request: ChatRequest, key: str) -> str:
+    """The job an idempotency key already names — if it names this very request."""
+    if (existing.task_type, existing.tier, existing.request) != (task, tier, request.to_json()):
+        raise IdempotencyConflict(
+            f"idempotency_key: {key!r} was already used for a different request "
+            "(task, tier, messages or options differ); use a new key for a new request"
+        )
+    return existing.id
 
 
 def cached_answer(rt: Runtime, task: str, tier: str, request: ChatRequest) -> CachedAnswer | None:
@@ -165,10 +177,11 @@ def _store_cached(
     try:
         rt.store.add_jobs([row])
     except DuplicateJob:
-        existing = rt.store.by_idempotency_key(extra.get("idempotency_key") or "")
+        key = extra.get("idempotency_key") or ""
+        existing = rt.store.by_idempotency_key(key)
         if existing is None:
             raise
-        return JobHandle(existing.id, client)
+        return JobHandle(_same_request(existing, task, tier, request, key), client)
     if extra.get("callback_url"):
         dispatch.deliver_callback(client.app, job_id)
     return JobHandle(job_id, client)

@@ -16,7 +16,7 @@ from producer.client import default_client
 from producer.usage import parse_since, usage_report
 from tests.conftest import A, B, add_job
 from workers import callbacks
-from workers.errors import ConfigError, InputError
+from workers.errors import ConfigError, IdempotencyConflict, InputError
 from workers.execution import run_job
 
 
@@ -124,6 +124,17 @@ def test_signatures_verify_and_tampering_fails() -> None:
     assert not callbacks.verify(body, "garbage", key)
 
 
+def test_verify_takes_the_secret_as_str_and_calls_any_malformed_header_invalid() -> None:
+    key = "whsec-abc"  # as the environment gives it
+    body = b'{"job_id": "1"}'
+    header = callbacks.sign(body, key.encode(), timestamp=1_000_000)
+    assert callbacks.verify(body, header, key, now=1_000_010)
+    assert callbacks.verify(body.decode(), header.encode(), key, now=1_000_010)  # str body, bytes header
+    t = header.split(",")[0]
+    for malformed in (None, "", t, t + ",v1=", t + ",v1=é", "t=x,v1=00", "v1=00", b"\xff\xfe", 42):
+        assert callbacks.verify(body, malformed, key, now=1_000_010) is False  # no exception
+
+
 @pytest.mark.integration
 def test_callback_arrives_signed_and_is_retried_while_the_backend_is_down(e2e_stack) -> None:
     receiver = Receiver(fail_first=1)
@@ -156,6 +167,22 @@ def test_a_callback_needs_the_signing_secret(e2e_stack) -> None:
         pytest.raises(ConfigError, match="SPILLWAY_CALLBACK_SECRET"),
     ):
         client.submit("x", task="chat", tier="pro", callback_url="http://127.0.0.1:9/hook")
+
+
+@pytest.mark.integration
+def test_an_idempotency_key_reused_for_another_request_is_a_conflict(e2e_stack) -> None:
+    with e2e_stack.applied() as client:
+        first = client.submit("summarise order 7", task="chat", tier="free", idempotency_key="order-7")
+        before = sum(client.runtime.store.count_by_status().values())
+        for other in (
+            {"prompt": "summarise order 8"},  # another body
+            {"prompt": "summarise order 7", "max_tokens": 99},  # other options
+        ):
+            with pytest.raises(IdempotencyConflict, match="idempotency_key: 'order-7' was already used"):
+                client.submit(task="chat", tier="free", idempotency_key="order-7", **other)
+        assert sum(client.runtime.store.count_by_status().values()) == before  # nothing stored
+        again = client.submit("summarise order 7", task="chat", tier="free", idempotency_key="order-7")
+        assert again.id == first.id  # the same request still finds its job
 
 
 @pytest.mark.integration

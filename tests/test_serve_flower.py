@@ -91,6 +91,16 @@ def test_bad_bodies_get_clear_4xx(api, body: bytes, status: int, message: str) -
     assert message in answer.json()["error"]["message"]
 
 
+def test_an_idempotency_key_reused_for_another_body_is_409(api) -> None:
+    first = {"prompt": "invoice 12", "task": "chat", "tier": "pro", "idempotency_key": "inv-12-http"}
+    assert api.post("/v1/jobs", json=first).status_code == 202
+    again = api.post("/v1/jobs", json=first)
+    assert again.status_code == 202  # the same request: the same job
+    other = api.post("/v1/jobs", json={**first, "prompt": "invoice 13"})
+    assert other.status_code == 409
+    assert "was already used for a different request" in other.json()["error"]["message"]
+
+
 def test_unknown_job_and_path(api) -> None:
     assert api.get("/v1/jobs/" + "f" * 32).status_code == 404
     assert api.get("/v2/nothing").status_code == 404

@@ -41,18 +41,30 @@ def sign(body: bytes, key: bytes, timestamp: int | None = None) -> str:
 
 
 def verify(
-    body: bytes, header: str, key: bytes, *, tolerance_s: float = 300, now: float | None = None
+    body: bytes | str,
+    header: str | bytes | None,
+    key: bytes | str,
+    *,
+    tolerance_s: float = 300,
+    now: float | None = None,
 ) -> bool:
-    """What a receiver does: recompute the HMAC, compare in constant time, refuse stale ones."""
+    """What a receiver does: recompute the HMAC, compare in constant time, refuse stale ones.
+    Takes the secret as the environment gives it (str) or as bytes; any malformed header —
+    missing, not ASCII, no t or v1 — is simply not valid (False), never an exception."""
     try:
-        parts = dict(item.split("=", 1) for item in header.split(","))
-        t = int(parts["t"])
-    except (ValueError, KeyError):
+        text = header.decode("ascii") if isinstance(header, bytes) else header
+        if not isinstance(text, str) or not text.isascii():
+            return False
+        parts = dict(item.split("=", 1) for item in text.split(","))
+        t, given = int(parts["t"]), parts["v1"]
+        raw = body.encode() if isinstance(body, str) else body
+        secret = key.encode() if isinstance(key, str) else key
+    except (ValueError, KeyError, UnicodeError, AttributeError, TypeError):
         return False
     if abs((time.time() if now is None else now) - t) > tolerance_s:
         return False
-    expected = sign(body, key, t).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
+    expected = sign(raw, secret, t).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, given)
 
 
 def deliver(url: str, job_id: str, payload: dict[str, Any], client: httpx.Client, key: bytes) -> None:

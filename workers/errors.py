@@ -3,7 +3,8 @@
     SpillwayError
     ├── ConfigError            the TOML file or environment is wrong (names file and key path)
     ├── InputError             a job or batch line is wrong (names the field or line)
-    │   └── NoRouteError       no candidate of the chain is usable (says why, per candidate)
+    │   ├── NoRouteError       no candidate of the chain is usable (says why, per candidate)
+    │   └── IdempotencyConflict  an idempotency key already names a different request
     ├── ServiceUnavailable     Redis, the broker or the store cannot be reached
     └── ProviderError          a provider call failed (provider, status, what it said)
         ├── RetryableError     worth trying again, here later or elsewhere now
@@ -41,6 +42,11 @@ class ConfigError(SpillwayError):
 
 class InputError(SpillwayError, ValueError):
     """A job, request or batch line is invalid; the message names what was wrong."""
+
+
+class IdempotencyConflict(InputError):
+    """The idempotency key was used for a different request: answering with that job would
+    hand one client's answer to another (HTTP 409)."""
 
 
 class NoRouteError(InputError):

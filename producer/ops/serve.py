@@ -27,7 +27,7 @@ from tornado.web import Application, HTTPError, RequestHandler
 from producer.client import Client
 from producer.status import status_report
 from producer.usage import parse_since, usage_report
-from workers.errors import InputError, NoRouteError, ServiceUnavailable, SpillwayError
+from workers.errors import IdempotencyConflict, InputError, NoRouteError, ServiceUnavailable, SpillwayError
 from workers.runtime import Runtime
 
 log = logging.getLogger("spillway.serve")
@@ -117,6 +117,8 @@ class Base(RequestHandler):
             return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
         except NoRouteError as exc:
             raise HTTPError(422, reason=str(exc)) from exc
+        except IdempotencyConflict as exc:
+            raise HTTPError(409, reason=str(exc)) from exc
         except InputError as exc:
             raise HTTPError(422, reason=str(exc)) from exc
         except ServiceUnavailable as exc:
