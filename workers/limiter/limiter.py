@@ -363,41 +363,35 @@ class Limiter:
     def snapshots(self, candidates: list[Candidate]) -> dict[Candidate, Snapshot]:
         """Every candidate's state in one pipelined round trip (on Redis Cluster, which pipelines
         no scripts, one script call per candidate: each touches one provider's slot)."""
+        calls = {c: self._inspect_call(c) for c in candidates}
         if isinstance(self.redis, RedisCluster):
-            return {c: self._snapshot_one(c) for c in candidates}
-        pipe = self.redis.pipeline(transaction=False)
-        plans = []
-        for candidate in candidates:
-            provider = self.settings.providers[candidate.provider]
-            keys = self.keyring.keys(candidate.provider)
-            redis_keys = [self.keys.disabled(provider.name), self.keys.pending(provider.name)]
-            for k in keys:
-                redis_keys += self.keys.account(provider.name, k.account, candidate.model)
-            spec = {
-                **self.clock.spec(),
-                "day_shift_ms": self._day_shift_ms(provider),
-                "accounts": self._accounts(candidate, keys),
-            }
-            self._run(self._inspect, redis_keys, spec, client=pipe)
-            plans.append((candidate, keys))
-        try:
-            results = pipe.execute()
-        except redis.RedisError as exc:
-            raise ServiceUnavailable(f"the limiter's Redis does not answer: {exc}") from exc
+            results = [self._run(self._inspect, redis_keys, spec) for _, redis_keys, spec in calls.values()]
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for _, redis_keys, spec in calls.values():
+                self._run(self._inspect, redis_keys, spec, client=pipe)
+            try:
+                results = pipe.execute()
+            except redis.RedisError as exc:
+                raise ServiceUnavailable(f"the limiter's Redis does not answer: {exc}") from exc
         return {
             candidate: Snapshot.parse(candidate, keys, self.buckets(candidate), raw)
-            for (candidate, keys), raw in zip(plans, results, strict=True)
+            for (candidate, (keys, _, _)), raw in zip(calls.items(), results, strict=True)
         }
 
-    def _snapshot_one(self, candidate: Candidate) -> Snapshot:
+    def _inspect_call(self, candidate: Candidate) -> tuple[list[ApiKey], list[str], dict[str, Any]]:
+        """The keys, Redis keys and spec of one `inspect.lua` call."""
         provider = self.settings.providers[candidate.provider]
         keys = self.keyring.keys(candidate.provider)
         redis_keys = [self.keys.disabled(provider.name), self.keys.pending(provider.name)]
         for k in keys:
             redis_keys += self.keys.account(provider.name, k.account, candidate.model)
-        spec = {**self.clock.spec(), "day_shift_ms": self._day_shift_ms(provider)}
-        raw = self._run(self._inspect, redis_keys, {**spec, "accounts": self._accounts(candidate, keys)})
-        return Snapshot.parse(candidate, keys, self.buckets(candidate), raw)
+        spec = {
+            **self.clock.spec(),
+            "day_shift_ms": self._day_shift_ms(provider),
+            "accounts": self._accounts(candidate, keys),
+        }
+        return keys, redis_keys, spec
 
     def add_pending(self, placed: dict[Candidate, Costs]) -> None:
         """Count work queued for a provider (placement reads it; acquire takes it off)."""
