@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -168,16 +169,35 @@ def start_cluster(masters: int = 3, *, tries: int = 3) -> EmbeddedCluster:
     raise AssertionError("unreachable")
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too. Redis refuses ports above
+    55535 for that reason, and the kernel's ephemeral range (up to 60999) often hands one out."""
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        if _port_free(port) and _port_free(port + 10000):
+            return port
+    raise ServiceUnavailable("no free port pair for a cluster node between 20000 and 55000")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _start_cluster(masters: int) -> EmbeddedCluster:
     server, cli = shutil.which("redis-server", path="/usr/bin:/usr/local/bin"), shutil.which("redis-cli")
     if not server or not cli:
         raise ServiceUnavailable("a Redis Cluster needs the redis-server and redis-cli binaries")
     tmp = tempfile.TemporaryDirectory(prefix="spillway-cluster-")
-    cluster = EmbeddedCluster([free_port() for _ in range(masters)], _tmp=tmp)
+    cluster = EmbeddedCluster([free_cluster_port() for _ in range(masters)], _tmp=tmp)
     for port in cluster.ports:
         argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
         argv += ["--cluster-config-file", f"{tmp.name}/nodes-{port}.conf", "--save", "", "--appendonly", "no"]
-        argv += ["--dir", tmp.name, "--logfile", ""]
+        argv += ["--dir", tmp.name, "--logfile", f"{tmp.name}/node-{port}.log"]
         cluster._nodes.append(
             subprocess.Popen(
                 argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -186,8 +206,12 @@ def _start_cluster(masters: int) -> EmbeddedCluster:
     try:
         deadline = time.monotonic() + 20
         while not all(answers(f"redis://127.0.0.1:{p}") for p in cluster.ports):
-            if time.monotonic() > deadline:
-                raise ServiceUnavailable("the cluster's nodes did not start")
+            nodes = zip(cluster.ports, cluster._nodes, strict=True)
+            exited = [port for port, node in nodes if node.poll() is not None]
+            if exited or time.monotonic() > deadline:
+                port = exited[0] if exited else cluster.ports[0]
+                log = _tail(f"{tmp.name}/node-{port}.log")
+                raise ServiceUnavailable(f"the cluster node on port {port} did not start: {log}")
             time.sleep(0.05)
         nodes = [f"127.0.0.1:{p}" for p in cluster.ports]
         create = subprocess.run(
@@ -210,6 +234,14 @@ def _start_cluster(masters: int) -> EmbeddedCluster:
         cluster.stop()
         raise
     return cluster
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as log:
+            return log.read()[-300:].strip() or "(its log is empty)"
+    except OSError:
+        return "(no log)"
 
 
 def _cluster_ok(cli: str, port: int) -> bool:
