@@ -206,8 +206,8 @@ def _start_cluster(masters: int) -> EmbeddedCluster:
     try:
         deadline = time.monotonic() + 20
         while not all(answers(f"redis://127.0.0.1:{p}") for p in cluster.ports):
-            nodes = zip(cluster.ports, cluster._nodes, strict=True)
-            exited = [port for port, node in nodes if node.poll() is not None]
+            pairs = zip(cluster.ports, cluster._nodes, strict=True)
+            exited = [port for port, node in pairs if node.poll() is not None]
             if exited or time.monotonic() > deadline:
                 port = exited[0] if exited else cluster.ports[0]
                 log = _tail(f"{tmp.name}/node-{port}.log")
