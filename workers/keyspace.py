@@ -19,30 +19,23 @@ class Keyspace:
     # -- the limiter: one hash tag per provider -------------------------------------------------
 
     def provider(self, provider: str, *parts: str) -> str:
-        """``<prefix>:{<provider>}:<parts…>``, e.g. the "disabled keys" hash or a lease record."""
+        """``<prefix>:{<provider>}:<parts…>``, e.g. the pending hash or a reservation."""
         return ":".join((self.prefix, f"{{{provider}}}", *parts))
-
-    def disabled(self, provider: str) -> str:
-        return self.provider(provider, "disabled")
 
     def pending(self, provider: str) -> str:
         return self.provider(provider, "pending")
-
-    def lease(self, provider: str, lease_id: str) -> str:
-        return self.provider(provider, "lease", lease_id)
 
     def reservation(self, provider: str, reservation_id: str) -> str:
         return self.provider(provider, "resv", reservation_id)
 
     @lru_cache(maxsize=4096)  # noqa: B019 - a few hundred accounts, built on every limiter call
     def account(self, provider: str, account: str, model: str) -> tuple[str, ...]:
-        """One account's keys, in the order the scripts take them: its account-wide buckets,
-        its buckets for `model`, its leases and its state (block, circuit)."""
+        """One account's keys, in the order the scripts take them: its account-wide hash
+        (buckets, block, circuit, disabled keys), its buckets for `model`, its leases."""
         return (
             self.provider(provider, "a", account, "b", "*"),
             self.provider(provider, "a", account, "b", model),
             self.provider(provider, "a", account, "leases"),
-            self.provider(provider, "a", account, "state"),
         )
 
     # -- the rest ---------------------------------------------------------------------------------

@@ -91,6 +91,8 @@ class Lease:
     key: ApiKey
     now_ms: int
     crossed: tuple[str, ...] = ()  # daily quotas this debit took past 90%: "rpd:901:1000"
+    charges: str = "[]"  # what acquire charged (its JSON), for settle to refund against
+    probe: bool = False  # this call is the half-open circuit's probe
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class Limiter:
         self._buckets: dict[Candidate, tuple[BucketSpec, ...]] = {}
         # What the scripts take for a candidate's accounts, built once (the hot path sends it).
         self._lua_specs: dict[Candidate, tuple[list[list[Any]], int]] = {}
+        self._pending_kept: dict[str, float] = {}  # pending hash -> when its TTL was renewed
 
     # -- bucket specs -----------------------------------------------------------------------
 
@@ -192,9 +195,9 @@ class Limiter:
         # process's clock is good enough here and saves a round trip; the scripts use Redis TIME.
         return provider.daily_reset.offset_ms(self.clock.local_now_s())
 
-    def _run(self, script: Any, keys: list[str], spec: dict[str, Any], client: Any = None) -> Any:
+    def _run(self, script: Any, keys: list[str], spec: dict[str, Any]) -> Any:
         try:
-            return script(keys=keys, args=[json.dumps(spec)], client=client)
+            return script(keys=keys, args=[json.dumps(spec)])
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"the limiter's Redis does not answer: {exc}") from exc
 
@@ -227,8 +230,16 @@ class Limiter:
         )
         if result[0] == 1:
             crossed = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in result[3] or ())
+            charges = result[4].decode() if isinstance(result[4], bytes) else str(result[4])
             return Lease(
-                lease_id, candidate.provider, candidate.model, keys[result[1] - 1], result[2], crossed
+                lease_id,
+                candidate.provider,
+                candidate.model,
+                keys[result[1] - 1],
+                result[2],
+                crossed,
+                charges,
+                bool(result[5]),
             )
         return self._denied(result)
 
@@ -266,11 +277,7 @@ class Limiter:
         provider = self.settings.providers[candidate.provider]
         keys = self.keyring.keys(candidate.provider)
         lease_id = uuid.uuid4().hex
-        redis_keys = [
-            self.keys.disabled(provider.name),
-            self.keys.pending(provider.name),
-            self.keys.lease(provider.name, lease_id),
-        ]
+        redis_keys = [self.keys.pending(provider.name)]
         for k in keys:
             redis_keys += self.keys.account(provider.name, k.account, candidate.model)
         spec = {
@@ -318,15 +325,13 @@ class Limiter:
         """Charge real usage and release the lease (once); apply what the provider said."""
         candidate = Candidate(lease.provider, lease.model)
         provider = self.settings.providers[lease.provider]
-        redis_keys = [
-            self.keys.lease(provider.name, lease.lease_id),
-            *self.keys.account(provider.name, lease.key.account, lease.model),
-            self.keys.disabled(provider.name),
-        ]
+        redis_keys = list(self.keys.account(provider.name, lease.key.account, lease.model))
         spec = {
             **self.clock.spec(),
             "day_shift_ms": self._day_shift_ms(provider),
             "lease_id": lease.lease_id,
+            "charges": lease.charges,
+            "probe": int(lease.probe),
             "actual": actual.as_dict() if actual else None,
             "outcome": outcome,
             "circuit": {
@@ -366,24 +371,42 @@ class Limiter:
         calls = {c: self._inspect_call(c) for c in candidates}
         if isinstance(self.redis, RedisCluster):
             results = [self._run(self._inspect, redis_keys, spec) for _, redis_keys, spec in calls.values()]
+        elif len(calls) == 1:
+            [(_, redis_keys, spec)] = calls.values()
+            results = [self._run(self._inspect, redis_keys, spec)]
         else:
-            pipe = self.redis.pipeline(transaction=False)
-            for _, redis_keys, spec in calls.values():
-                self._run(self._inspect, redis_keys, spec, client=pipe)
-            try:
-                results = pipe.execute()
-            except redis.RedisError as exc:
-                raise ServiceUnavailable(f"the limiter's Redis does not answer: {exc}") from exc
+            results = self._inspect_pipelined([(k, s) for _, k, s in calls.values()])
         return {
             candidate: Snapshot.parse(candidate, keys, self.buckets(candidate), raw)
             for (candidate, (keys, _, _)), raw in zip(calls.items(), results, strict=True)
         }
 
+    def _inspect_pipelined(self, calls: list[tuple[list[str], dict[str, Any]]]) -> list[Any]:
+        """EVALSHA each call in one round trip. (redis-py's script pipelines send a SCRIPT
+        EXISTS first, every time; here the script is loaded only when Redis says it lacks it.)"""
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for redis_keys, spec in calls:
+                pipe.evalsha(self._inspect.sha, len(redis_keys), *redis_keys, json.dumps(spec))
+            try:
+                results = pipe.execute(raise_on_error=False)
+                missing = any(isinstance(r, redis.exceptions.NoScriptError) for r in results)
+                if not missing:
+                    for r in results:
+                        if isinstance(r, Exception):
+                            raise r
+                    return results
+                if attempt == 0:
+                    self.redis.script_load(self._inspect.script)  # a Redis that restarted empty
+            except redis.RedisError as exc:
+                raise ServiceUnavailable(f"the limiter's Redis does not answer: {exc}") from exc
+        raise ServiceUnavailable("the limiter's Redis lost its inspect script twice in a row")
+
     def _inspect_call(self, candidate: Candidate) -> tuple[list[ApiKey], list[str], dict[str, Any]]:
         """The keys, Redis keys and spec of one `inspect.lua` call."""
         provider = self.settings.providers[candidate.provider]
         keys = self.keyring.keys(candidate.provider)
-        redis_keys = [self.keys.disabled(provider.name), self.keys.pending(provider.name)]
+        redis_keys = [self.keys.pending(provider.name)]
         for k in keys:
             redis_keys += self.keys.account(provider.name, k.account, candidate.model)
         spec = {
@@ -394,13 +417,18 @@ class Limiter:
         return keys, redis_keys, spec
 
     def add_pending(self, placed: dict[Candidate, Costs]) -> None:
-        """Count work queued for a provider (placement reads it; acquire takes it off)."""
+        """Count work queued for a provider (placement reads it; acquire takes it off). The
+        hash expires after PENDING_TTL_S without new work; its TTL is renewed once a minute
+        per process, not on every job."""
         pipe = self.redis.pipeline(transaction=False)
+        now = time.monotonic()
         for candidate, costs in placed.items():
             key = self.keys.pending(candidate.provider)
             for name, amount in self._pending_fields(candidate, costs).items():
                 pipe.hincrbyfloat(key, name, amount)
-            pipe.expire(key, constants.PENDING_TTL_S)
+            if self._pending_kept.get(key, -1e9) + 60 < now:
+                pipe.expire(key, constants.PENDING_TTL_S)
+                self._pending_kept[key] = now
         try:
             pipe.execute()
         except redis.RedisError as exc:

@@ -76,23 +76,22 @@ ATTEMPT_COLUMNS = tuple(c.name for c in ATTEMPTS.columns if c.name != "id")
 
 # The hot path's statements, built once (Core, bound parameters): a worker runs them per job.
 _CLAIM = (
-    update(JOBS)
+    update(Job)
     .where(
-        JOBS.c.id == bindparam("b_id"),
-        JOBS.c.status.in_((QUEUED, PARKED))
-        | (
-            (JOBS.c.status == RUNNING)
-            & (JOBS.c.lease_until.is_(None) | (JOBS.c.lease_until < bindparam("b_now")))
-        ),
+        Job.id == bindparam("b_id"),
+        Job.status.in_((QUEUED, PARKED))
+        | ((Job.status == RUNNING) & (Job.lease_until.is_(None) | (Job.lease_until < bindparam("b_now")))),
     )
     .values(
-        crashes=JOBS.c.crashes + case((JOBS.c.status == RUNNING, 1), else_=0),
+        crashes=Job.crashes + case((Job.status == RUNNING, 1), else_=0),
         status=RUNNING,
-        runs=JOBS.c.runs + 1,
+        runs=Job.runs + 1,
         lease_until=bindparam("b_lease"),
-        started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
+        started_at=func.coalesce(Job.started_at, bindparam("b_now")),
         updated_at=bindparam("b_now"),
     )
+    .returning(Job)
+    .execution_options(synchronize_session=False, populate_existing=True)
 )
 _FINISH = (
     update(JOBS)
@@ -173,8 +172,11 @@ class JobStore(Database):
         now = utcnow()
         params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
         with self.session() as s:
-            taken = s.connection().execute(_CLAIM, params).rowcount
-            job = s.get(Job, job_id, populate_existing=True)
+            # one round trip when the job is taken (the hot path); a second read only when not
+            job = s.scalars(_CLAIM, params).first()
+            taken = job is not None
+            if job is None:
+                job = s.get(Job, job_id, populate_existing=True)
             if job is None:
                 return Claim("missing")
             if not taken:

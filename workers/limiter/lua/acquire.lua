@@ -5,11 +5,10 @@
 -- and every later job sees the budget gone. A reserved job redeems its reservation here
 -- (`reservation`): the lease is taken without a second debit.
 --
--- KEYS[1]  disabled keys hash      key_id -> why
--- KEYS[2]  pending hash            "<model>|<unit>" -> work queued for this provider
--- KEYS[3]  lease record            string, created here (JSON of what was charged)
--- KEYS[4+4(i-1) .. 7+4(i-1)]  for account i: "*" hash, model hash, leases zset, state hash
--- KEYS[4+4n]  reservation record   (n accounts; only with `reserve_ms` or `reservation`)
+-- KEYS[1]  pending hash            "<model>|<unit>" -> work queued for this provider
+-- KEYS[2+3(i-1) .. 4+3(i-1)]  for account i: "*" hash (its buckets, blocks, circuit and
+--                             disabled keys "off:<key_id>"), model hash, leases zset
+-- KEYS[2+3n]  reservation record   (n accounts; only with `reserve_ms` or `reservation`)
 -- ARGV[1]  JSON {offset_ms, stopped_ms (tests only), day_shift_ms, lease_id, lease_ttl_ms,
 --                probe_ttl_ms, share,
 --                costs = {requests, tokens, input, output}, dequeue = {field: amount} | null,
@@ -20,9 +19,11 @@
 --                reservation = true | null       redeem the record at KEYS[4+4n]
 --                stale_ms                        a reservation redeemed later than this is
 --                                                refunded and the job admitted afresh}
--- Returns  {1, account index (1-based), now_ms, crossed}   the lease is taken; `crossed` lists
---                                                 "field:used:limit" of daily quotas this debit
---                                                 took past ALERT_AT (90%) — once per window
+-- Returns  {1, account index (1-based), now_ms, crossed, charges, probe}   the lease is taken;
+--                                                 `crossed` lists "field:used:limit" of daily
+--                                                 quotas this debit took past ALERT_AT (90%),
+--                                                 once per window; `charges` (JSON) and `probe`
+--                                                 go back to settle with the lease
 --          {2, account index, ready_at_ms, now_ms}   reserved: call at ready_at_ms, not before
 --          {0, wait_ms, why, now_ms}              nothing admits (or reserves) now; earliest retry
 --                                                 in wait_ms (why "never:<reason>" when waiting
@@ -34,32 +35,33 @@ local window = math.floor((now + spec.day_shift_ms) / DAY_MS)
 local next_reset = (window + 1) * DAY_MS - spec.day_shift_ms
 local NEVER = 1e15
 local ALERT_AT = 0.9
-local RESERVATION = KEYS[4 + 4 * #spec.accounts]
+local PENDING = KEYS[1]
+local RESERVATION = KEYS[2 + 3 * #spec.accounts]
 local reserving = type(spec.reserve_ms) == 'number'
 
 if type(spec.dequeue) == 'table' then
   for field, amount in pairs(spec.dequeue) do
-    local left = hnum(KEYS[2], field, 0) - amount
-    if left <= 0 then hdel(KEYS[2], field) else hset(KEYS[2], field, num(left)) end
+    local left = hnum(PENDING, field, 0) - amount
+    if left <= 0 then hdel(PENDING, field) else hset(PENDING, field, num(left)) end
   end
 end
 
 local function keys_of(i)
-  local base = 3 + (i - 1) * 4
-  return {KEYS[base + 1], KEYS[base + 2]}, KEYS[base + 3], KEYS[base + 4]
+  local base = 1 + (i - 1) * 3
+  return {KEYS[base + 1], KEYS[base + 2]}, KEYS[base + 3]
 end
 
 -- What keeps account i from a call now, budget aside: (wait_ms, why, probe). A reservation
 -- does not look at concurrency: that is checked when it is redeemed.
 local function gate(i, acct, with_concurrency)
-  local scopes, leases, state = keys_of(i)
+  local scopes, leases = keys_of(i)
+  local state = scopes[1]
   local wait, why, probe = 0, nil, false
   local function worse(w, reason)
     if w > wait then wait, why = w, reason end
   end
-  if hget(KEYS[1], acct.key_id) then
-    worse(NEVER, 'never:key disabled: ' .. hget(KEYS[1], acct.key_id))
-  end
+  local off = hget(state, 'off:' .. acct.key_id)
+  if off then worse(NEVER, 'never:key disabled: ' .. off) end
   for s = 1, 2 do
     local until_ms = hnum(scopes[s], 'blocked_until', 0)
     if until_ms > now then
@@ -75,9 +77,9 @@ local function gate(i, acct, with_concurrency)
     probe = true
   end
   if with_concurrency and acct.concurrency > 0 then
-    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-    if redis.call('ZCARD', leases) >= acct.concurrency then
-      local first = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+    -- leases past their time (a worker that died) do not count; take_lease prunes them daily
+    if redis.call('ZCOUNT', leases, now, '+inf') >= acct.concurrency then
+      local first = redis.call('ZRANGEBYSCORE', leases, now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
       worse(math.max(1, math.min(tonumber(first[2]) - now, 250)), 'concurrency')
     end
   end
@@ -141,12 +143,18 @@ local function refund(i, charges)
   end
 end
 
+-- The lease: a member of the account's leases set until settle removes it (once: settle acts
+-- only if its ZREM did) or its time passes. What it charged travels with the job, not in Redis.
 local function take_lease(i, charges, probe)
-  local _, leases, state = keys_of(i)
+  local scopes, leases = keys_of(i)
+  if hnum(scopes[1], 'leases_pruned', 0) + DAY_MS < now then  -- leases of workers that died
+    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+    hset(scopes[1], 'leases_pruned', num(now))
+  end
   redis.call('ZADD', leases, now + spec.lease_ttl_ms, spec.lease_id)
-  keep(leases, spec.lease_ttl_ms)
-  if probe then hset(state, 'probe_until', num(now + spec.probe_ttl_ms)) end
-  redis.call('SET', KEYS[3], cjson.encode({charges = charges, probe = probe}), 'PX', spec.lease_ttl_ms)
+  redis.call('PEXPIRE', leases, spec.lease_ttl_ms)  -- the newest lease is the last to expire
+  if probe then hset(scopes[1], 'probe_until', num(now + spec.probe_ttl_ms)) end
+  return cjson.encode(charges), probe and 1 or 0
 end
 
 -- 1. A reservation made for this job: a little early, it waits; in time, it becomes the lease;
@@ -157,13 +165,13 @@ if spec.reservation then
     local r = cjson.decode(raw)
     local acct = spec.accounts[r.account]
     if acct ~= nil and acct.key_id == r.key_id then
-      if now < r.ready_at then return {0, r.ready_at - now, 'reserved', now} end
+      if now < r.ready_at then return done({0, r.ready_at - now, 'reserved', now}) end
       redis.call('DEL', RESERVATION)
       if now <= r.ready_at + spec.stale_ms then
         local wait, _, probe = gate(r.account, acct, true)
         if wait <= 0 then
-          take_lease(r.account, r.charges, probe)
-          return {1, r.account, now, {}}
+          local charges, probed = take_lease(r.account, r.charges, probe)
+          return done({1, r.account, now, {}, charges, probed})
         end
       end
       refund(r.account, r.charges)
@@ -200,15 +208,15 @@ if reserving then
     local record = {account = reservable, key_id = acct.key_id, ready_at = ready_at, charges = charges}
     redis.call('SET', RESERVATION, cjson.encode(record), 'PX',
       math.ceil(ready_at - now + spec.stale_ms + spec.lease_ttl_ms))
-    return {2, reservable, ready_at, now}
+    return done({2, reservable, ready_at, now})
   end
-  return {0, math.ceil(soonest or NEVER), soonest_why, now}
+  return done({0, math.ceil(soonest or NEVER), soonest_why, now})
 end
 
 if best == nil then
-  return {0, math.ceil(soonest or NEVER), soonest_why, now}
+  return done({0, math.ceil(soonest or NEVER), soonest_why, now})
 end
 
 local charges, crossed = debit(best, spec.accounts[best])
-take_lease(best, charges, best_probe)
-return {1, best, now, crossed}
+local charged, probed = take_lease(best, charges, best_probe)
+return done({1, best, now, crossed, charged, probed})

@@ -28,9 +28,20 @@ local function num(x)
   return string.format('%.17g', x)
 end
 
--- Each hash is read once per script (HGETALL) and served from memory after that; every write
--- goes through hset/hdel/hincr, which write through to that copy, so no hash is read twice.
-local loaded = {}
+-- Each hash is read once per script (HGETALL) and served from memory after that. Writes go to
+-- that copy and are written back at the end of the script (`flush`): one HSET and one HDEL per
+-- hash however many fields changed, then its PEXPIRE. Every script returns through `done`.
+local loaded, dirty, dirty_order, expire_ms = {}, {}, {}, {}
+
+local function changes(key)
+  local d = dirty[key]
+  if d == nil then
+    d = {}
+    dirty[key] = d
+    dirty_order[#dirty_order + 1] = key
+  end
+  return d
+end
 
 local function hash(key)
   local h = loaded[key]
@@ -38,6 +49,7 @@ local function hash(key)
     h = {}
     local flat = redis.call('HGETALL', key)
     for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+    for f, v in pairs(dirty[key] or {}) do h[f] = v or nil end  -- written before it was read
     loaded[key] = h
   end
   return h
@@ -54,35 +66,49 @@ local function hnum(key, field, default)
 end
 
 local function hset(key, ...)
-  local h, args = loaded[key], {...}
-  if h ~= nil then
-    for i = 1, #args, 2 do h[args[i]] = tostring(args[i + 1]) end
+  local h, d, args = loaded[key], changes(key), {...}
+  for i = 1, #args, 2 do
+    local v = tostring(args[i + 1])
+    d[args[i]] = v
+    if h ~= nil then h[args[i]] = v end
   end
-  return redis.call('HSET', key, ...)
 end
 
 local function hdel(key, ...)
-  local h, args = loaded[key], {...}
-  if h ~= nil then
-    for i = 1, #args do h[args[i]] = nil end
+  local h, d = loaded[key], changes(key)
+  for _, f in ipairs({...}) do
+    d[f] = false
+    if h ~= nil then h[f] = nil end
   end
-  return redis.call('HDEL', key, ...)
 end
 
 local function hincr(key, field, by)
-  local value = redis.call('HINCRBY', key, field, by)
-  if loaded[key] ~= nil then loaded[key][field] = tostring(value) end
+  local value = hnum(key, field, 0) + by
+  hset(key, field, value)
   return value
 end
 
--- Keep a key at least `ms` longer (never shortens a longer TTL).
-local function keep(key, ms)
-  local ttl = redis.call('PTTL', key)
-  if ttl >= 0 and ttl < ms then
-    redis.call('PEXPIRE', key, math.ceil(ms))
-  elseif ttl == -1 then
-    redis.call('PEXPIRE', key, math.ceil(ms))
+-- Write every changed hash back (see above); called once, by `done`.
+local function flush()
+  for _, key in ipairs(dirty_order) do
+    local sets, dels = {}, {}
+    for f, v in pairs(dirty[key]) do
+      if v then
+        sets[#sets + 1] = f
+        sets[#sets + 1] = v
+      else
+        dels[#dels + 1] = f
+      end
+    end
+    if #sets > 0 then redis.call('HSET', key, unpack(sets)) end
+    if #dels > 0 then redis.call('HDEL', key, unpack(dels)) end
+    if expire_ms[key] then redis.call('PEXPIRE', key, expire_ms[key]) end
   end
+end
+
+local function done(result)
+  flush()
+  return result
 end
 
 -- Keep a hash at least `ms` longer (never shorter). Its field `keep_until` remembers the expiry
@@ -90,7 +116,7 @@ end
 local function keep_hash(key, ms, now)
   if hnum(key, 'keep_until', 0) >= now + ms then return end
   hset(key, 'keep_until', num(now + 2 * ms))
-  redis.call('PEXPIRE', key, math.ceil(2 * ms))
+  expire_ms[key] = math.ceil(2 * ms)
 end
 
 -- What a job costs an account in `unit`: its input estimate times the ratio of real to

@@ -1,7 +1,7 @@
 -- inspect: read one provider's state without changing it, for placement and `spillway status`.
 --
--- KEYS[1] disabled keys hash   KEYS[2] pending hash
--- KEYS[3+4(i-1) .. 6+4(i-1)]  for account i: "*" hash, model hash, leases zset, state hash
+-- KEYS[1] pending hash
+-- KEYS[2+3(i-1) .. 4+3(i-1)]  for account i: "*" hash, model hash, leases zset
 -- ARGV[1] JSON {offset_ms, stopped_ms (tests only), day_shift_ms,
 --               accounts = [{key_id, concurrency, buckets}]}
 -- Returns a JSON string {now, next_reset, pending = {field: amount},
@@ -14,14 +14,14 @@ local now = now_ms(spec)
 local window = math.floor((now + spec.day_shift_ms) / DAY_MS)
 local out = {now = now, next_reset = (window + 1) * DAY_MS - spec.day_shift_ms, pending = {}, accounts = {}}
 
-local flat = redis.call('HGETALL', KEYS[2])
+local flat = redis.call('HGETALL', KEYS[1])
 for i = 1, #flat, 2 do out.pending[flat[i]] = tonumber(flat[i + 1]) end
 
 for i, acct in ipairs(spec.accounts) do
-  local base = 2 + (i - 1) * 4
+  local base = 1 + (i - 1) * 3
   local scopes = {KEYS[base + 1], KEYS[base + 2]}
   local info = {buckets = {}, blocked_until = 0, blocked_why = ''}
-  info.disabled = hget(KEYS[1], acct.key_id) or ''
+  info.disabled = hget(scopes[1], 'off:' .. acct.key_id) or ''
   for s = 1, 2 do
     local until_ms = hnum(scopes[s], 'blocked_until', 0)
     if until_ms > info.blocked_until then
@@ -29,9 +29,9 @@ for i, acct in ipairs(spec.accounts) do
       info.blocked_why = hget(scopes[s], 'blocked_why') or ''
     end
   end
-  info.open_until = hnum(KEYS[base + 4], 'open_until', 0)
-  info.probe_until = hnum(KEYS[base + 4], 'probe_until', 0)
-  info.fails = hnum(KEYS[base + 4], 'fails', 0)
+  info.open_until = hnum(scopes[1], 'open_until', 0)
+  info.probe_until = hnum(scopes[1], 'probe_until', 0)
+  info.fails = hnum(scopes[1], 'fails', 0)
   info.in_flight = redis.call('ZCOUNT', KEYS[base + 3], now, '+inf')
   info.in_ratio = hnum(scopes[2], 'in_ratio', 1)
   for _, b in ipairs(acct.buckets) do

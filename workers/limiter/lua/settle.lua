@@ -2,9 +2,10 @@
 -- apply what the provider said (remaining/limit headers, a block, a disabled key).
 -- The lease part happens once per lease: settling twice refunds nothing twice.
 --
--- KEYS[1] lease record   KEYS[2] "*" hash   KEYS[3] model hash   KEYS[4] leases zset
--- KEYS[5] state hash     KEYS[6] disabled keys hash
+-- KEYS[1] "*" hash (buckets, blocks, circuit, disabled keys)   KEYS[2] model hash
+-- KEYS[3] leases zset
 -- ARGV[1] JSON {offset_ms, stopped_ms (tests only), day_shift_ms, lease_id,
+--               charges = what acquire charged (its JSON, as it returned it), probe = 0 | 1,
 --               actual = {requests, tokens, input, output} | null  (null: keep the charge),
 --               outcome = "alive" | "failed" | "none"               (circuit breaker input),
 --               circuit = {failures, cooldown_ms},
@@ -22,13 +23,12 @@
 local spec = cjson.decode(ARGV[1])
 local now = now_ms(spec)
 local window = math.floor((now + spec.day_shift_ms) / DAY_MS)
-local scopes = {KEYS[2], KEYS[3]}
+local scopes = {KEYS[1], KEYS[2]}
 
-local raw = redis.call('GET', KEYS[1])
 local settled = 0
-if raw then
+if redis.call('ZREM', KEYS[3], spec.lease_id) == 1 then  -- once: a lease is removed once
   settled = 1
-  local lease = cjson.decode(raw)
+  local lease = {charges = cjson.decode(spec.charges), probe = spec.probe == 1}
   if type(spec.actual) == 'table' then
     for _, c in ipairs(lease.charges) do
       local delta = c[7] - spec.actual[c[6]]
@@ -52,12 +52,11 @@ if raw then
       end
     end
   end
-  redis.call('ZREM', KEYS[4], spec.lease_id)
-  redis.call('DEL', KEYS[1])
-
-  local state = KEYS[5]
+  local state = KEYS[1]
   if spec.outcome == 'alive' then
-    hdel(state, 'fails', 'open_until', 'probe_until')
+    for _, f in ipairs({'fails', 'open_until', 'probe_until'}) do
+      if hget(state, f) then hdel(state, f) end
+    end
   elseif spec.outcome == 'failed' then
     local fails = hincr(state, 'fails', 1)
     if lease.probe or fails >= spec.circuit.failures then
@@ -94,7 +93,12 @@ end
 
 local newly_disabled = 0
 if type(spec.disable) == 'table' then
-  newly_disabled = redis.call('HSETNX', KEYS[6], spec.disable.key_id, spec.disable.why)
+  local field = 'off:' .. spec.disable.key_id
+  if not hget(KEYS[1], field) then
+    hset(KEYS[1], field, spec.disable.why)
+    keep_hash(KEYS[1], KEEP_MS, now)
+    newly_disabled = 1
+  end
 end
 
 for _, o in ipairs(spec.observe or {}) do
@@ -118,4 +122,4 @@ for _, o in ipairs(spec.observe or {}) do
   keep_hash(key, KEEP_MS, now)
 end
 
-return {settled, math.floor(blocked_until), now, newly_disabled}
+return done({settled, math.floor(blocked_until), now, newly_disabled})
