@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,8 +14,10 @@ import pytest
 
 from producer import Client, Env
 from producer.client import default_client
+from producer.ops.stack import LocalStack
 from producer.usage import parse_since, usage_report
-from tests.conftest import A, B, add_job
+from tests.conftest import CONFIGS, A, B, add_job
+from tests.faultkit import wait_for
 from workers import callbacks
 from workers.errors import ConfigError, IdempotencyConflict, InputError
 from workers.execution import run_job
@@ -214,3 +217,37 @@ def test_cache_hit_spends_nothing_and_stays_in_its_tier(e2e_stack) -> None:
     assert calls_after - calls_before == 1  # only the pro-tier job called the provider
     free = next(g for g in usage["groups"] if g["tier"] == "free")
     assert free["cached"] >= 1
+
+
+@pytest.mark.integration
+def test_a_callback_waits_for_a_worker_that_has_the_secret(tmp_path) -> None:
+    """The producer has the secret, the first worker has not: the delivery is not lost but
+    waits, and a worker with the secret delivers it once the first one is gone."""
+    stack = LocalStack(
+        CONFIGS / "e2e.toml",
+        workdir=str(tmp_path),
+        extra_env={"SPILLWAY_CALLBACK_SECRET": "whsec-test-0123456789"},
+    )
+    receiver = Receiver()
+    stack.start()
+    try:
+        first = stack.start_worker(concurrency=4, extra_env={"SPILLWAY_CALLBACK_SECRET": ""})
+        stack.wait_for_workers()
+        with stack.applied() as client:
+            handle = client.submit("call me back", task="chat", tier="pro", callback_url=receiver.url)
+            assert handle.wait(60).status == "succeeded"
+        log = stack.workdir / "worker0.log"
+        wait_for(
+            lambda: "waits for a worker that can sign it" in log.read_text(), timeout_s=30, what="the wait"
+        )
+        assert receiver.bodies == []  # nothing unsigned went out
+        stack.kill_worker(first, signal.SIGTERM)  # a warm shutdown hands its messages back
+        stack.start_worker(concurrency=4)
+        wait_for(lambda: receiver.bodies, timeout_s=60, what="the callback from the worker with the secret")
+    finally:
+        receiver.close()
+        stack.close()
+    [(headers, body)] = receiver.bodies
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert callbacks.verify(body, lower["x-spillway-signature"], "whsec-test-0123456789")
+    assert json.loads(body)["job_id"] == handle.id

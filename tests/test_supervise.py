@@ -53,6 +53,31 @@ def test_a_child_that_keeps_dying_is_restarted_then_given_up(tmp_path) -> None:
     assert "6 deaths within a minute; giving up" in err
 
 
+def test_a_child_is_told_to_stop_when_its_supervisor_is_killed(tmp_path) -> None:
+    got, ready = tmp_path / "got", tmp_path / "ready"
+    proc = _supervisor(
+        tmp_path,
+        f"""
+        import os, signal, sys, time
+        def on(signum, _):
+            open({str(got)!r}, "w").write(signal.Signals(signum).name)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, on)
+        open({str(ready)!r}, "w").write(str(os.getpid()))
+        for _ in range(600):  # at most 60 s: an orphan the test would otherwise leave behind
+            time.sleep(0.1)
+        """,
+    )
+    wait_for(lambda: ready.exists() and ready.read_text(), timeout_s=20, what="the child to start")
+    child = psutil.Process(int(ready.read_text()))
+    proc.kill()  # SIGKILL: the supervisor can pass nothing on
+    proc.wait(10)
+    wait_for(lambda: got.exists() and got.read_text(), timeout_s=10, what="the orphan to get SIGTERM")
+    assert got.read_text() == "SIGTERM"
+    psutil.wait_procs([child], timeout=10)
+    assert not child.is_running()
+
+
 @pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
 def test_a_requested_stop_reaches_the_child_as_a_warm_shutdown_and_ends_everything(tmp_path, sent) -> None:
     got, starts, ready = tmp_path / "got", tmp_path / "starts", tmp_path / "ready"

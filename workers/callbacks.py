@@ -74,5 +74,9 @@ def deliver(url: str, job_id: str, payload: dict[str, Any], client: httpx.Client
     client.post(url, content=body, headers=headers, timeout=10).raise_for_status()
 
 
+#: A delivery waiting for a worker with the secret looks again at least this often.
+SECRET_WAIT_MAX_S = 60.0
+
+
 def backoff_s(delivery: int) -> float:
     return float(min(2 ** (delivery + 1), 300))

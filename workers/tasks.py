@@ -18,6 +18,7 @@ from workers import batches, callbacks, dispatch, execution, parking
 from workers.celery import app
 from workers.config import Candidate
 from workers.constants import DELIVER_CALLBACK_TASK, FINISH_BATCH_TASK, RUN_JOB_TASK, queue_name
+from workers.errors import ConfigError
 from workers.results import JobResult
 from workers.runtime import runtime
 
@@ -53,18 +54,27 @@ def run_job(
     )
 
 
-@app.task(bind=True, name=DELIVER_CALLBACK_TASK, max_retries=callbacks.MAX_DELIVERIES, ignore_result=True)
-def deliver_callback(self: Task, job_id: str) -> None:
-    """POST a final job's result to its callback_url, signed; back off while the backend is down."""
+@app.task(bind=True, name=DELIVER_CALLBACK_TASK, max_retries=None, ignore_result=True)
+def deliver_callback(self: Task, job_id: str, waits: int = 0) -> None:
+    """POST a final job's result to its callback_url, signed; back off while the backend is down.
+    A worker without the signing secret does not drop it: the delivery waits (`waits` counts
+    those rounds, which are no deliveries) until a worker that has the secret takes it."""
     rt = runtime()
     job = rt.store.job(job_id)
     if job is None or not job.callback_url:
         return
+    try:
+        key = callbacks.secret(rt.env)
+    except ConfigError as exc:
+        log.warning("callback for job %s waits for a worker that can sign it: %s", job_id, exc)
+        countdown = min(callbacks.backoff_s(waits), callbacks.SECRET_WAIT_MAX_S)
+        retry = {"args": (job_id,), "kwargs": {"waits": waits + 1}}
+        raise self.retry(countdown=countdown, exc=None, **retry) from None
     payload = JobResult.from_job(job).to_json()
     try:
-        callbacks.deliver(job.callback_url, job_id, payload, rt.http, callbacks.secret(rt.env))
+        callbacks.deliver(job.callback_url, job_id, payload, rt.http, key)
     except httpx.HTTPError as exc:
-        delivery = self.request.retries
+        delivery = self.request.retries - waits
         if delivery >= callbacks.MAX_DELIVERIES:
             log.error(
                 "callback for job %s given up after %d tries (%s)", job_id, delivery + 1, type(exc).__name__
