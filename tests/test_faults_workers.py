@@ -143,3 +143,67 @@ def test_a_job_that_kills_its_worker_every_time_is_failed(tmp_path, redis_server
         f"the worker running this job died {crashes} times; it is failed so it cannot take more workers down"
     )
     assert kills == crashes
+
+
+#: Shipped defaults everywhere (visibility timeout 900 s, a 60 s provider timeout, so a store
+#: lease of about 77 s): only the provider is slow, so a killed worker holds running and
+#: prefetched jobs.
+DEFAULTS_CONFIG = """
+[providers.steady]
+api = "openai"
+base_url = "https://steady.example/v1"
+key_env = "STEADY_KEY"
+[providers.steady.models.s1]
+[routes.work]
+free = ["steady:s1"]
+[simulator]
+seed = 5
+[simulator.providers.steady]
+latency_ms = { median = 4000, p95 = 4100 }
+"""
+
+
+def test_a_dead_workers_jobs_run_again_within_a_minute_with_defaults(tmp_path, redis_server) -> None:
+    config = tmp_path / "defaults.toml"
+    config.write_text(DEFAULTS_CONFIG)
+    redis.Redis.from_url(redis_server.url(12)).flushdb()
+    stack = LocalStack(config, redis_url=redis_server.url(12), workdir=str(tmp_path))  # no overrides
+    try:
+        stack.start()
+        doomed = stack.start_worker(concurrency=4, loglevel="WARNING")
+        stack.wait_for_workers()
+        with stack.applied() as client:
+            store = client.runtime.store
+            ids = [client.submit(f"held job {i}", task="work", tier="free").id for i in range(8)]
+            wait_for(
+                lambda: sum(store.job(i).status == "running" for i in ids) == 4,
+                timeout_s=60,
+                what="the first worker to run four jobs",
+            )
+            time.sleep(1.0)  # and to hold the next ones it prefetched
+            running = {i for i in ids if store.job(i).status == "running"}
+            stack.kill_worker(doomed)  # SIGKILL: four calls in flight, messages unacked
+            killed_at = time.monotonic()
+            stack.start_worker(concurrency=4, loglevel="WARNING")
+
+            def again() -> bool:
+                jobs = [store.job(i) for i in running]
+                return all(j.runs >= 2 or j.status in ("succeeded", "failed") for j in jobs)
+
+            wait_for(again, timeout_s=120, what="the dead worker's running jobs to run again")
+            back_after_s = time.monotonic() - killed_at
+            assert wait_until(all_final(store, ids), timeout_s=90), store.count_by_status()
+            result = audit(store, ids)
+    finally:
+        stack.close()
+    LEDGER.add(
+        Row(
+            f"worker SIGKILLed, defaults: its jobs ran again after {back_after_s:.0f} s",
+            faults=1,
+            submitted=len(ids),
+            lost=result.lost,
+            charged_twice=result.charged_twice,
+        )
+    )
+    assert back_after_s <= 60, f"the dead worker's jobs ran again only after {back_after_s:.0f} s"
+    assert result.lost == 0 and result.charged_twice == 0

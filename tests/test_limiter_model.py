@@ -30,9 +30,10 @@ class Model:
     level: dict[str, float] = field(default_factory=dict)  # rolling: level; daily: used
     stamp: dict[str, float] = field(default_factory=dict)  # rolling: time; daily: window
     # lease id -> (expires at, charges): the script stops counting a lease once the clock passes
-    # its expiry; its record (what settle refunds) lives that long in Redis's own time, which
-    # hardly moves during a test, so a late settle still refunds.
+    # its expiry, and a settle refunds while the lease is in the set: taking a lease drops the
+    # expired ones, at most once a day (`pruned_at`), so a late settle may still refund.
     leases: dict[str, tuple[float, list[tuple[str, float, float]]]] = field(default_factory=dict)
+    pruned_at: float = 0
 
     def avail(self, name: str, now: int) -> float:
         kind, period, cap, _ = LIMITS[name]
@@ -63,6 +64,9 @@ class Model:
         )
 
     def take(self, lease_id: str, costs: Costs, now: int, ttl_ms: int) -> None:
+        if self.pruned_at + DAY_MS < now:
+            self.leases = {k: v for k, v in self.leases.items() if v[0] > now}
+            self.pruned_at = now
         unit = costs.as_dict()
         charges = []
         for name, spec in LIMITS.items():
@@ -72,6 +76,8 @@ class Model:
 
     def settle(self, lease_id: str, actual: Costs, now: int) -> None:
         unit = actual.as_dict()
+        if lease_id not in self.leases:
+            return  # pruned: nothing to give back
         _, charges = self.leases.pop(lease_id)
         for name, charged, window in charges:
             kind, _, cap, u = LIMITS[name]

@@ -52,10 +52,10 @@ def message_task_ids(app: Celery, queues: list[str]) -> set[str] | None:
                 pipe.lrange(name, 0, -1)
         pipe.hvals("unacked")
         *lists, unacked = pipe.execute()
-    ids = {_task_id(json.loads(raw)) for lst in lists for raw in lst}
-    ids |= {_task_id(json.loads(raw)[0]) for raw in unacked}
+    ids = {task_id_of(json.loads(raw)) for lst in lists for raw in lst}
+    ids |= {task_id_of(json.loads(raw)[0]) for raw in unacked}
     return ids
 
 
-def _task_id(message: dict[str, Any]) -> str:
+def task_id_of(message: dict[str, Any]) -> str:
     return (message.get("headers") or {}).get("id") or ""

@@ -44,6 +44,13 @@ class Keyspace:
         """Sorted set of jobs waiting for a quota reset, scored by when they are due."""
         return f"{self.prefix}:parked"
 
+    def alive(self) -> str:
+        """Hash: worker node name -> its last beat (time, the messages it holds)."""
+        return f"{self.prefix}:alive"
+
+    def orphans_lock(self) -> str:
+        return f"{self.prefix}:orphans:lock"
+
     def recover_lock(self) -> str:
         return f"{self.prefix}:recover:lock"
 

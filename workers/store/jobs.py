@@ -263,6 +263,24 @@ class JobStore(Database):
             )
         return done.rowcount == 1
 
+    def end_leases(self, task_ids: Sequence[str], *, untouched_for_s: float) -> int:
+        """Let go of the leases of running jobs whose worker is gone, so the next delivery
+        claims them at once (counted as a crash). Only runs claimed `untouched_for_s` ago or
+        earlier: a run a live worker claimed since its last beat keeps its lease."""
+        before = utcnow() - timedelta(seconds=untouched_for_s)
+        with self.session() as s:
+            done = s.execute(
+                update(Job)
+                .where(
+                    Job.status == RUNNING,
+                    Job.updated_at < before,
+                    func.coalesce(Job.task_id, Job.id).in_(list(task_ids)),
+                )
+                .values(lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
+        return done.rowcount
+
     @cached_property
     def _insert_attempt(self) -> Insert:
         """Record an attempt unless (job, number) is there; built once (the upsert is per dialect)."""

@@ -78,8 +78,8 @@ local function gate(i, acct, with_concurrency)
   end
   if with_concurrency and acct.concurrency > 0 then
     -- leases past their time (a worker that died) do not count; take_lease prunes them daily
-    if redis.call('ZCOUNT', leases, now, '+inf') >= acct.concurrency then
-      local first = redis.call('ZRANGEBYSCORE', leases, now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    if redis.call('ZCOUNT', leases, '(' .. num(now), '+inf') >= acct.concurrency then
+      local first = redis.call('ZRANGEBYSCORE', leases, '(' .. num(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
       worse(math.max(1, math.min(tonumber(first[2]) - now, 250)), 'concurrency')
     end
   end

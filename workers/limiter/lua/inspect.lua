@@ -32,7 +32,7 @@ for i, acct in ipairs(spec.accounts) do
   info.open_until = hnum(scopes[1], 'open_until', 0)
   info.probe_until = hnum(scopes[1], 'probe_until', 0)
   info.fails = hnum(scopes[1], 'fails', 0)
-  info.in_flight = redis.call('ZCOUNT', KEYS[base + 3], now, '+inf')
+  info.in_flight = redis.call('ZCOUNT', KEYS[base + 3], '(' .. num(now), '+inf')
   info.in_ratio = hnum(scopes[2], 'in_ratio', 1)
   for _, b in ipairs(acct.buckets) do
     local avail, cap = bucket_now(scopes[b[1]], b, now, window)
