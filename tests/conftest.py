@@ -219,13 +219,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if not LEDGER.rows:
         return
     mode = "full" if FULL else "quick (SPILLWAY_FAULTS=full for the long version)"
+    w = max(44, *(len(r.scenario) + 1 for r in LEDGER.rows))
     lines = [
         f"fault suite — {mode}",
-        f"{'scenario':<44}{'faults':>8}{'jobs':>8}{'lost':>6}{'charged 2x':>12}{'bad inputs':>12}{'rejected ok':>13}",
+        f"{'scenario':<{w}}{'faults':>8}{'jobs':>8}{'lost':>6}{'charged 2x':>12}{'bad inputs':>12}{'rejected ok':>13}",
     ]
     for r in LEDGER.rows:
         lines.append(
-            f"{r.scenario:<44}{r.faults:>8}{r.submitted:>8}{r.lost:>6}{r.charged_twice:>12}"
+            f"{r.scenario:<{w}}{r.faults:>8}{r.submitted:>8}{r.lost:>6}{r.charged_twice:>12}"
             f"{r.bad_inputs:>12}{r.rejected_cleanly:>13}"
         )
     total = [
@@ -233,7 +234,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         for k in ("faults", "submitted", "lost", "charged_twice", "bad_inputs", "rejected_cleanly")
     ]
     lines.append(
-        f"{'total':<44}{total[0]:>8}{total[1]:>8}{total[2]:>6}{total[3]:>12}{total[4]:>12}{total[5]:>13}"
+        f"{'total':<{w}}{total[0]:>8}{total[1]:>8}{total[2]:>6}{total[3]:>12}{total[4]:>12}{total[5]:>13}"
     )
     terminalreporter.write_sep("=", "faults")
     for line in lines:

@@ -181,3 +181,18 @@ def test_example_config_is_valid_and_covers_the_providers() -> None:
             assert s.chain(task, tier).candidates
     assert s.providers["ollama"].key_env is None
     assert s.providers["groq"].signals == "groq"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    ("anchor", "key"),
+    [
+        ('key_env = "GROQ_API_KEY"', "providers.groq.timeout_s"),
+        ("input_per_mtok = 0.59", 'providers.groq.models."llama-3.3-70b-versatile".output_per_mtok'),
+    ],
+)
+def test_a_float_that_is_not_a_number_is_refused(anchor: str, key: str, value: str) -> None:
+    name = key.rsplit(".", 1)[1]
+    message = error_of(BASE.replace(anchor, f"{anchor}\n{name} = {value}"))
+    shown = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[value]
+    assert f"{key}: expected a number" in message and message.endswith(f"got {shown}")

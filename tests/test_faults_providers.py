@@ -117,3 +117,64 @@ def test_a_provider_with_every_key_invalid_is_disabled(tmp_path, redis_server) -
     assert result.lost == 0 and states == {"disabled"}
     disabled = [line for line in log.splitlines() if "disabled: the provider rejected it" in line]
     assert len(disabled) == 2 and all("alpha key k" in line for line in disabled)
+
+
+#: One provider, every setting the shipped default (circuit: 5 failures, a probe after 5 s,
+#: growing to a 300 s cooldown); its jobs have nowhere else to go, so they wait for it.
+SOLO_CONFIG = """
+[providers.solo]
+api = "openai"
+base_url = "https://solo.example/v1"
+key_env = "SOLO_KEY"
+[providers.solo.models.s1]
+[routes.work]
+free = ["solo:s1"]
+[simulator]
+seed = 9
+latency_ms = { median = 50, p95 = 80 }
+"""
+
+
+def test_a_provider_that_comes_back_runs_its_jobs_within_seconds(tmp_path, redis_server) -> None:
+    import redis
+
+    from producer.ops.stack import LocalStack
+
+    outage_s = 60 if FULL else 15
+    config = tmp_path / "solo.toml"
+    config.write_text(SOLO_CONFIG)
+    redis.Redis.from_url(redis_server.url(10)).flushdb()
+    stack = LocalStack(config, redis_url=redis_server.url(10), workdir=str(tmp_path))  # defaults
+    try:
+        stack.start()
+        stack.start_worker(concurrency=8, loglevel="WARNING")
+        stack.wait_for_workers()
+        with stack.applied() as client:
+            store = client.runtime.store
+            stack.set_faults("solo", {"error_500": 1.0})
+            started = time.monotonic()
+            ids = [client.submit(f"waits for solo {i}", task="work", tier="free").id for i in range(20)]
+            time.sleep(max(0.0, outage_s - (time.monotonic() - started)))  # the outage itself
+            failed_calls = stack.simulator_stats()["solo"].get("fault_error_500", 0)
+            stack.set_faults("solo", {})
+            back = time.monotonic()
+            assert wait_until(all_final(store, ids), timeout_s=120), store.count_by_status()
+            back_after_s = time.monotonic() - back
+            result = audit(store, ids)
+            jobs = store.jobs(ids)
+    finally:
+        stack.close()
+    LEDGER.add(
+        Row(
+            f"provider down {outage_s} s, defaults: its jobs done {back_after_s:.0f} s after its return",
+            faults=failed_calls,
+            submitted=len(ids),
+            lost=result.lost,
+            charged_twice=result.charged_twice,
+        )
+    )
+    assert result.lost == 0 and result.charged_twice == 0
+    assert all(j.status == "succeeded" for j in jobs.values()), {j.id: j.error for j in jobs.values()}
+    # five failures open the circuit; then only its probes reach the provider
+    assert failed_calls <= 5 + 8 + 4, failed_calls
+    assert back_after_s <= 30, f"the provider's jobs ran only {back_after_s:.0f} s after it was back"

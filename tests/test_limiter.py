@@ -153,20 +153,34 @@ def test_block_of_an_account_blocks_every_model(redis_client: redis.Redis) -> No
 
 
 def test_circuit_opens_after_failures_then_lets_one_probe(redis_client: redis.Redis) -> None:
-    lim = make(redis_client, "rpm = 100", extra="circuit = { failures = 3, cooldown_s = 30 }")
+    lim = make(
+        redis_client, "rpm = 100", extra="circuit = { failures = 3, probe_after_s = 4, cooldown_s = 10 }"
+    )
     for _ in range(3):
         lim.settle(take(lim), actual=Costs(1), outcome="failed")
     denied = take(lim)
-    assert denied.why == "circuit open" and denied.wait_s == pytest.approx(30, abs=0.5)
-    lim.clock.advance(30.1)
-    probe = take(lim)
-    assert isinstance(probe, Lease)
-    assert take(lim).why == "circuit half-open: probe in flight"
-    lim.settle(probe, actual=Costs(1), outcome="failed")  # the probe failed: open again
-    assert take(lim).why == "circuit open"
-    lim.clock.advance(30.1)
-    lim.settle(take(lim), actual=Costs(1), outcome="alive")  # the probe worked: closed
+    assert denied.why == "circuit open" and denied.wait_s == pytest.approx(4, abs=0.5)
+    # each failed probe keeps it open 1.5 times longer, up to the cooldown: 4, 6, 9, 10, 10 s
+    for open_s in (6, 9, 10, 10):
+        lim.clock.advance(take(lim).wait_s + 0.01)
+        probe = take(lim)
+        assert isinstance(probe, Lease)
+        assert take(lim).why == "circuit half-open: probe in flight"
+        settled = lim.settle(probe, actual=Costs(1), outcome="failed")  # still down: open again
+        assert not settled.recovered
+        denied = take(lim)
+        assert denied.why == "circuit open" and denied.wait_s == pytest.approx(open_s, abs=0.05)
+    lim.clock.advance(10.1)
+    assert lim.settle(take(lim), actual=Costs(1), outcome="alive").recovered  # the probe worked: closed
     assert all(isinstance(take(lim), Lease) for _ in range(5))
+    # a call admitted before the circuit opened and failing after it does not move its probe
+    straggler = take(lim)
+    for _ in range(3):
+        lim.settle(take(lim), actual=Costs(1), outcome="failed")
+    assert take(lim).wait_s == pytest.approx(4, abs=0.05)
+    lim.clock.advance(1)
+    lim.settle(straggler, actual=Costs(1), outcome="failed")
+    assert take(lim).wait_s == pytest.approx(3, abs=0.05)
 
 
 def test_success_resets_the_failure_count(redis_client: redis.Redis) -> None:

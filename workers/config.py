@@ -75,7 +75,8 @@ class DailyReset:
 @dataclass(frozen=True)
 class Circuit:
     failures: int = constants.CIRCUIT_FAILURES
-    cooldown_s: float = constants.CIRCUIT_COOLDOWN_S
+    probe_after_s: float = constants.CIRCUIT_PROBE_S  # the first probe; then 1.5x each time
+    cooldown_s: float = constants.CIRCUIT_COOLDOWN_S  # the longest it stays open between probes
 
 
 @dataclass(frozen=True)
@@ -296,9 +297,10 @@ def _provider(name: str, t: Table, simulator_url: str | None) -> ProviderConfig:
     circuit_t = t.pop_table("circuit")
     circuit = Circuit(
         failures=circuit_t.pop_int("failures", constants.CIRCUIT_FAILURES),
+        probe_after_s=circuit_t.pop_number("probe_after_s", constants.CIRCUIT_PROBE_S, minimum=0.1),
         cooldown_s=circuit_t.pop_number("cooldown_s", constants.CIRCUIT_COOLDOWN_S, minimum=0.1),
     )
-    circuit_t.done(known=("failures", "cooldown_s"))
+    circuit_t.done(known=("failures", "probe_after_s", "cooldown_s"))
     config = ProviderConfig(
         name=name,
         api=api,

@@ -32,9 +32,13 @@ MAX_HOPS = 8
 #: A job whose worker died this many times while running it is failed as a poison job.
 MAX_CRASHES = 3
 
-#: Circuit breaker: consecutive 5xx/timeouts that open it, and how long it stays open.
+#: Circuit breaker: consecutive 5xx/timeouts that open it; it is probed (one call) after
+#: CIRCUIT_PROBE_S, and each failed probe keeps it open 1.5 times longer, up to the cooldown.
 CIRCUIT_FAILURES = 5
+CIRCUIT_PROBE_S = 5.0
 CIRCUIT_COOLDOWN_S = 300.0
+#: A job that finds the circuit's probe in flight looks again this soon (or when it ends).
+PROBE_RECHECK_S = 5.0
 
 #: Extra time a concurrency lease lives beyond the call's timeout, so a crashed worker frees it.
 LEASE_MARGIN_S = 10.0

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from workers import cache
+from workers import cache, parking
 from workers.alerts import quota_crossed
 from workers.config import Candidate, Chain
 from workers.errors import (
@@ -379,8 +379,16 @@ class _Run:
         )
 
     def _settle(self, lease: Lease, **kwargs: Any) -> Settled | None:
+        rt = self.rt
         try:
-            return self.rt.limiter.settle(lease, **kwargs)
+            settled = rt.limiter.settle(lease, **kwargs)
+            # a probe decided the circuit: jobs parked behind it look again now (it is back) or
+            # at the next probe (still down), not at the end of the probe's own long lease
+            due_s = rt.limiter.now_s() if settled.recovered else settled.reprobe_at_s
+            if due_s:
+                with contextlib.suppress(redis.RedisError):  # they wake at their time anyway
+                    parking.wake(rt.redis, rt.keys, lease.provider, due_s)
+            return settled
         except ServiceUnavailable as exc:  # the lease expires on its own; the result still counts
             log.warning("could not settle lease of job %s: %s", self.job.id, exc)
             return None

@@ -47,3 +47,17 @@ def release_due(client: redis.Redis, keys: Keyspace, app: Celery, now_s: float, 
             continue
         released += 1
     return released
+
+
+def wake(client: redis.Redis, keys: Keyspace, provider: str, due_s: float, limit: int = 10_000) -> int:
+    """Make every job parked for `provider` due at `due_s` at the latest: now when its circuit
+    closed (it is back), or at its next probe when a probe failed (jobs parked behind a probe
+    in flight look again then). ZADD XX leaves alone one that was taken meanwhile."""
+    parked, woken = keys.parked(), 0
+    for member, due in client.zrangebyscore(parked, due_s, "+inf", start=0, num=limit, withscores=True):
+        kwargs = json.loads(member)["signature"].get("kwargs") or {}
+        if kwargs.get("provider") == provider and due > due_s:
+            woken += client.zadd(parked, {member: due_s}, xx=True, ch=True)
+    if woken:
+        log.info("%d job(s) parked for %s are due again at %.0f", woken, provider, due_s)
+    return woken

@@ -7,6 +7,7 @@ got "fast"``. Keys left over when a table is finished are errors too.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -85,7 +86,7 @@ class Table:
         present, value = self._take(key, default)
         if not present:
             return value
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         if ok and (value < minimum or (maximum is not None and value > maximum)):
             ok = False
         if not ok:

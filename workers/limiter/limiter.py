@@ -110,6 +110,8 @@ class Reserved:
 class Settled:
     blocked_until_s: float  # 0 if the account is not blocked
     newly_disabled: bool  # this settle disabled the key (the first of its rejected calls)
+    recovered: bool = False  # this call closed an open circuit: the provider is back
+    reprobe_at_s: float = 0.0  # this call was a probe that failed: the next one is due then
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,7 @@ class Limiter:
             "lease_id": lease_id,
             "lease_ttl_ms": int(lease_ttl_s * 1000),
             "probe_ttl_ms": int((provider.timeout_s + self.settings.lease_margin_s) * 1000),
+            "probe_recheck_ms": int(constants.PROBE_RECHECK_S * 1000),
             "share": share,
             "costs": costs.as_dict(),
             "dequeue": self._pending_fields(candidate, dequeue) if dequeue else None,
@@ -336,6 +339,7 @@ class Limiter:
             "outcome": outcome,
             "circuit": {
                 "failures": provider.circuit.failures,
+                "probe_ms": int(provider.circuit.probe_after_s * 1000),
                 "cooldown_ms": int(provider.circuit.cooldown_s * 1000),
             },
             "block": None
@@ -353,7 +357,12 @@ class Limiter:
             "input_ratio": input_ratio,
         }
         result = self._run(self._settle, redis_keys, spec)
-        return Settled(blocked_until_s=result[1] / 1000, newly_disabled=bool(result[3]))
+        return Settled(
+            blocked_until_s=result[1] / 1000,
+            newly_disabled=bool(result[3]),
+            recovered=bool(result[4]),
+            reprobe_at_s=result[5] / 1000,
+        )
 
     def observations(self, candidate: Candidate, signal: RateLimitSignal) -> list[list[Any]]:
         """Each window the provider reported, matched to the configured bucket it describes."""

@@ -10,7 +10,7 @@
 --                             disabled keys "off:<key_id>"), model hash, leases zset
 -- KEYS[2+3n]  reservation record   (n accounts; only with `reserve_ms` or `reservation`)
 -- ARGV[1]  JSON {offset_ms, stopped_ms (tests only), day_shift_ms, lease_id, lease_ttl_ms,
---                probe_ttl_ms, share,
+--                probe_ttl_ms, probe_recheck_ms (how soon a job behind a probe looks again), share,
 --                costs = {requests, tokens, input, output}, dequeue = {field: amount} | null,
 --                accounts = [{key_id, concurrency, buckets = [bucket spec, ...]}],
 --                margin_ms                       a wait for a refill is this much longer
@@ -73,7 +73,11 @@ local function gate(i, acct, with_concurrency)
     worse(open_until - now, 'circuit open')
   elseif open_until > 0 then
     local probe_until = hnum(state, 'probe_until', 0)
-    if probe_until > now then worse(probe_until - now, 'circuit half-open: probe in flight') end
+    -- a job behind a probe in flight looks again soon (a probe usually takes a call's time),
+    -- not at the end of the probe's long lease
+    if probe_until > now then
+      worse(math.min(probe_until - now, spec.probe_recheck_ms), 'circuit half-open: probe in flight')
+    end
     probe = true
   end
   if with_concurrency and acct.concurrency > 0 then

@@ -8,7 +8,9 @@
 --               charges = what acquire charged (its JSON, as it returned it), probe = 0 | 1,
 --               actual = {requests, tokens, input, output} | null  (null: keep the charge),
 --               outcome = "alive" | "failed" | "none"               (circuit breaker input),
---               circuit = {failures, cooldown_ms},
+--               circuit = {failures, probe_ms, cooldown_ms}: after `failures` failed calls
+--                 in a row the account's circuit opens for probe_ms; then one call probes it,
+--                 and each failed probe keeps it open 1.5 times longer, up to cooldown_ms,
 --               block = {scope, ms, why} | null     (extends a block, never shortens it),
 --               disable = {key_id, why} | null,
 --               observe = [{bucket spec..., remaining, limit}],
@@ -18,14 +20,16 @@
 --                 headers: each rolling bucket of the lease gets `factor` of its limit (at
 --                 least what the job cost; at most once per gap_ms) and nothing left now }
 -- Returns {lease settled now (1) or before (0), blocked_until_ms, now_ms,
---          1 if this call disabled the key (0 if it was disabled already or not asked)}
+--          1 if this call disabled the key (0 if it was disabled already or not asked),
+--          1 if this call closed an open or half-open circuit (its provider is back),
+--          when the circuit's next probe is due if this call was a probe that failed, else 0}
 
 local spec = cjson.decode(ARGV[1])
 local now = now_ms(spec)
 local window = math.floor((now + spec.day_shift_ms) / DAY_MS)
 local scopes = {KEYS[1], KEYS[2]}
 
-local settled = 0
+local settled, recovered, reprobe_at = 0, 0, 0
 if redis.call('ZREM', KEYS[3], spec.lease_id) == 1 then  -- once: a lease is removed once
   settled = 1
   local lease = {charges = cjson.decode(spec.charges), probe = spec.probe == 1}
@@ -54,16 +58,25 @@ if redis.call('ZREM', KEYS[3], spec.lease_id) == 1 then  -- once: a lease is rem
   end
   local state = KEYS[1]
   if spec.outcome == 'alive' then
-    for _, f in ipairs({'fails', 'open_until', 'probe_until'}) do
+    recovered = hnum(state, 'open_until', 0) > 0 and 1 or 0
+    for _, f in ipairs({'fails', 'open_until', 'probe_until', 'open_ms'}) do
       if hget(state, f) then hdel(state, f) end
     end
   elseif spec.outcome == 'failed' then
     local fails = hincr(state, 'fails', 1)
-    if lease.probe or fails >= spec.circuit.failures then
-      hset(state, 'open_until', num(now + spec.circuit.cooldown_ms))
+    local c = spec.circuit
+    local step = nil
+    if lease.probe then  -- the provider is still down: look again later, a little later each time
+      step = math.min(math.max(hnum(state, 'open_ms', 0) * 1.5, c.probe_ms), c.cooldown_ms)
+    elseif fails >= c.failures and hnum(state, 'open_until', 0) == 0 then  -- it opens now
+      step = math.min(c.probe_ms, c.cooldown_ms)
+    end  -- (a call admitted before it opened and failing now changes nothing)
+    if step then
+      hset(state, 'open_until', num(now + step), 'open_ms', num(step))
       hdel(state, 'probe_until')
+      if lease.probe then reprobe_at = now + step end
     end
-    keep_hash(state, spec.circuit.cooldown_ms + KEEP_MS, now)
+    keep_hash(state, c.cooldown_ms + KEEP_MS, now)
   elseif lease.probe then
     hdel(state, 'probe_until')
   end
@@ -122,4 +135,4 @@ for _, o in ipairs(spec.observe or {}) do
   keep_hash(key, KEEP_MS, now)
 end
 
-return done({settled, math.floor(blocked_until), now, newly_disabled})
+return done({settled, math.floor(blocked_until), now, newly_disabled, recovered, reprobe_at})
