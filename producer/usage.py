@@ -1,5 +1,7 @@
 """`spillway usage`: requests, tokens, dollars, failures, re-routes and latency, from the store's
-ledger of attempts (every provider call is one), grouped as asked; cached answers apart.
+ledger of attempts (every provider call is one), grouped as asked; cached answers apart. "in
+doubt" counts calls whose worker died after the request left: charged at their estimate (the
+input estimate and max_tokens), since whether and how the provider answered is unknown.
 
 The query is the store's (`Store.usage_report`); here are `--since` and the table."""
 
@@ -53,6 +55,7 @@ def render_usage(report: dict[str, Any], console: Console) -> None:
         "cost_usd",
         "failures",
         "reroutes",
+        "in_doubt",
         "cached",
         "latency_p50_ms",
         "latency_p95_ms",

@@ -25,6 +25,8 @@ class Row:
     charged_twice: int = 0
     bad_inputs: int = 0
     rejected_cleanly: int = 0
+    provider_calls: int | None = None  # calls the simulator received (an outside count) ...
+    ledger_calls: int | None = None  # ... and the calls on the store's ledger of attempts
 
 
 @dataclass
@@ -195,3 +197,14 @@ def all_final(store: Store, job_ids: list[str]) -> Callable[[], bool]:
         return open_jobs == 0
 
     return check
+
+
+def ledger_calls(store: Store, job_ids: list[str]) -> int:
+    """Attempts that made (or may have made: in doubt) a provider call."""
+    with store.session(write=False) as s:
+        return s.scalar(select(func.count()).where(Attempt.job_id.in_(job_ids), Attempt.called.is_(True)))
+
+
+def provider_calls(stats: dict[str, dict[str, int]]) -> int:
+    """Every request the simulator received, over every provider."""
+    return sum(counter.get("requests", 0) for counter in stats.values())

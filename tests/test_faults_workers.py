@@ -11,7 +11,17 @@ import redis
 
 from producer.ops.stack import LocalStack
 from tests.conftest import CONFIGS
-from tests.faultkit import LEDGER, Row, all_final, audit, size, wait_for, wait_until
+from tests.faultkit import (
+    LEDGER,
+    Row,
+    all_final,
+    audit,
+    ledger_calls,
+    provider_calls,
+    size,
+    wait_for,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -71,6 +81,7 @@ def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
                 what="the batch's chord callback to finish it",
             )
             result, batch = audit(store, ids), store.batch(handle.id)
+            seen, on_ledger = provider_calls(stack.simulator_stats()), ledger_calls(store, ids)
     finally:
         stack.close()
     LEDGER.add(
@@ -80,9 +91,14 @@ def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
             submitted=jobs,
             lost=result.lost,
             charged_twice=result.charged_twice,
+            provider_calls=seen,
+            ledger_calls=on_ledger,
         )
     )
     assert result.lost == 0 and result.charged_twice == 0 and result.ledger_mismatch == 0
+    # every call the provider saw is on the ledger; at most one per crash is there in doubt
+    # without having reached it (the worker died between the ledger's write and the request)
+    assert seen <= on_ledger <= seen + kills, (seen, on_ledger)
     assert batch.finished_at is not None and batch.summary["total"] == jobs
     assert batch.callback_runs == batch.chords  # one callback per chord, each run once
 

@@ -12,7 +12,17 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from workers.errors import InputError
-from workers.store import FAILED, SUCCEEDED, AttemptRecord, DuplicateJob, Job, Store, utcnow
+from workers.store import (
+    FAILED,
+    IN_DOUBT,
+    STARTED,
+    SUCCEEDED,
+    AttemptRecord,
+    DuplicateJob,
+    Job,
+    Store,
+    utcnow,
+)
 
 
 def new_job(store: Store, **extra: object) -> str:
@@ -109,6 +119,30 @@ def test_expired_lease_counts_a_crash_and_poison_fails_the_job(store: Store) -> 
     assert poison.state == "poison"
     job = store.job(job_id)
     assert job.status == FAILED and job.error_kind == "poison" and "died 3 times" in job.error
+
+
+def test_a_call_whose_run_died_is_on_the_ledger_in_doubt_at_its_estimate(store: Store) -> None:
+    job_id = new_job(store)
+    assert store.claim(job_id, lease_s=30, max_crashes=3).state == "run"
+    store.start_attempt(job_id, 1, attempt(STARTED, input_tokens=4, output_tokens=8, cost_usd=0.002))
+    assert store.usage_report(by="provider")["total"]["requests"] == 0  # in flight: not yet counted
+    expire_lease(store, job_id)  # the worker died after the request left
+    again = store.claim(job_id, lease_s=30, max_crashes=3)
+    assert again.state == "run" and again.job.calls == 1  # the call it may have made
+    store.start_attempt(job_id, 2, attempt(STARTED, input_tokens=4, output_tokens=8, cost_usd=0.002))
+    done = attempt(input_tokens=4, output_tokens=5, cost_usd=0.001)  # the answer replaces the estimate
+    assert store.finish(job_id, 2, done, status=SUCCEEDED, text="ok", input_tokens=4, output_tokens=5)
+    assert store.job(job_id).calls == 2
+    assert [(a.number, a.outcome, a.output_tokens) for a in store.attempts(job_id)] == [
+        (1, IN_DOUBT, 8),
+        (2, SUCCEEDED, 5),
+    ]
+    total = store.usage_report(by="provider")["total"]
+    assert (total["requests"], total["in_doubt"], total["output_tokens"]) == (2, 1, 13)
+    assert total["cost_usd"] == pytest.approx(0.003)
+    # a finished attempt is never overwritten, not even by a late "started"
+    store.start_attempt(job_id, 2, attempt(STARTED, output_tokens=99))
+    assert [a.outcome for a in store.attempts(job_id)] == [IN_DOUBT, SUCCEEDED]
 
 
 def test_requeue_hands_the_job_on_and_records_the_hop(store: Store) -> None:

@@ -44,7 +44,7 @@ from workers.messages import ChatRequest
 from workers.providers.transport import complete
 from workers.router import AfterError, Fail, JobFacts, Move, NoRoom, Park, Reason, next_hop
 from workers.runtime import Runtime
-from workers.store import FAILED, SUCCEEDED, AttemptRecord, Job, aware, utcnow
+from workers.store import FAILED, STARTED, SUCCEEDED, AttemptRecord, Job, aware, utcnow
 from workers.strategies import Option
 
 log = logging.getLogger("spillway.execution")
@@ -309,26 +309,14 @@ class _Run:
     def _call(self, lease: Lease) -> Outcome:
         rt, candidate = self.rt, self.candidate
         provider = rt.settings.providers[candidate.provider]
-        started, clock = utcnow(), time.monotonic()
+        started = utcnow()
+        self._on_the_ledger(lease, started)
+        clock = time.monotonic()
         try:
             completion = complete(rt.http, provider, candidate.model, self.request, lease.key.secret)
         except ProviderError as exc:
             return self._after_error(lease, exc, started, (time.monotonic() - clock) * 1000)
         latency_ms = (time.monotonic() - clock) * 1000
-        used = Costs(
-            1,
-            completion.input_tokens + completion.output_tokens,
-            completion.input_tokens,
-            completion.output_tokens,
-        )
-        estimated = self.job.est_input_tokens
-        self._settle(
-            lease,
-            actual=used,
-            outcome="alive",
-            signal=completion.signal,
-            input_ratio=completion.input_tokens / estimated if estimated > 0 else None,
-        )
         cost = rt.settings.model(candidate).cost_usd(completion.input_tokens, completion.output_tokens)
         record = self._attempt(
             SUCCEEDED,
@@ -356,6 +344,20 @@ class _Run:
             error=None,
             error_kind=None,
         )
+        # the ledger first (above), then the limiter: a crash in between costs a refund, not a record
+        estimated = self.job.est_input_tokens
+        self._settle(
+            lease,
+            actual=Costs(
+                1,
+                completion.input_tokens + completion.output_tokens,
+                completion.input_tokens,
+                completion.output_tokens,
+            ),
+            outcome="alive",
+            signal=completion.signal,
+            input_ratio=completion.input_tokens / estimated if estimated > 0 else None,
+        )
         if not stored:  # another run of this job finished first: its result is the one
             return Done(summary(rt.store.job(self.job.id)))
         if self.cache_key is not None and completion.finish_reason != "error":
@@ -377,6 +379,25 @@ class _Run:
                 None,
             ),
         )
+
+    def _on_the_ledger(self, lease: Lease, started: Any) -> None:
+        """The call goes on the ledger before its request leaves, at the estimate; if the
+        store cannot take it, the call is not made (and the lease's budget goes back)."""
+        costs, candidate = self.costs, self.candidate
+        record = self._attempt(
+            STARTED,
+            called=True,
+            key_id=lease.key.key_id,
+            started=started,
+            input_tokens=int(costs.input),
+            output_tokens=int(costs.output),
+            cost_usd=self.rt.settings.model(candidate).cost_usd(int(costs.input), int(costs.output)),
+        )
+        try:
+            self.rt.store.start_attempt(self.job.id, self.job.runs, record)
+        except Exception:
+            self._settle(lease, actual=Costs(0, 0, 0, 0), outcome="none")
+            raise
 
     def _settle(self, lease: Lease, **kwargs: Any) -> Settled | None:
         rt = self.rt

@@ -2,16 +2,31 @@
 
 from workers.store.engine import aware, utcnow
 from workers.store.jobs import AttemptRecord, Claim, DuplicateJob
-from workers.store.models import FAILED, FINAL, OPEN, PARKED, QUEUED, RUNNING, SUCCEEDED, Attempt, Batch, Job
+from workers.store.models import (
+    FAILED,
+    FINAL,
+    IN_DOUBT,
+    OPEN,
+    PARKED,
+    QUEUED,
+    RUNNING,
+    STARTED,
+    SUCCEEDED,
+    Attempt,
+    Batch,
+    Job,
+)
 from workers.store.store import Store
 
 __all__ = [
     "FAILED",
     "FINAL",
+    "IN_DOUBT",
     "OPEN",
     "PARKED",
     "QUEUED",
     "RUNNING",
+    "STARTED",
     "SUCCEEDED",
     "Attempt",
     "AttemptRecord",

@@ -20,7 +20,18 @@ from sqlalchemy.exc import IntegrityError
 from workers import constants
 from workers.errors import SpillwayError
 from workers.store.engine import Database, aware, utcnow
-from workers.store.models import FAILED, FINAL, OPEN, PARKED, QUEUED, RUNNING, Attempt, Job
+from workers.store.models import (
+    FAILED,
+    FINAL,
+    IN_DOUBT,
+    OPEN,
+    PARKED,
+    QUEUED,
+    RUNNING,
+    STARTED,
+    Attempt,
+    Job,
+)
 
 
 class DuplicateJob(SpillwayError):
@@ -179,6 +190,8 @@ class JobStore(Database):
                 job = s.get(Job, job_id, populate_existing=True)
             if job is None:
                 return Claim("missing")
+            if taken and job.runs > 1:
+                job.calls += self._in_doubt(s, job_id, job.runs)
             if not taken:
                 if job.status in FINAL:
                     return Claim("final", job)
@@ -193,6 +206,24 @@ class JobStore(Database):
                 job.lease_until = None
                 return Claim("poison", job)
             return Claim("run", job)
+
+    def start_attempt(self, job_id: str, run: int, attempt: AttemptRecord) -> None:
+        """Put a call on the ledger before its request leaves (outcome STARTED, usage and cost
+        at the estimate): a run that dies before its outcome is written leaves it there."""
+        now = utcnow()
+        with self.session() as s:
+            s.connection().execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
+
+    @staticmethod
+    def _in_doubt(s: Any, job_id: str, run: int) -> int:
+        """Calls earlier runs of the job started and never finished (their worker died after
+        the request left): IN_DOUBT, charged at the estimate they were recorded with."""
+        done = s.connection().execute(
+            update(ATTEMPTS)
+            .where(ATTEMPTS.c.job_id == job_id, ATTEMPTS.c.outcome == STARTED, ATTEMPTS.c.number < run)
+            .values(outcome=IN_DOUBT, error="its worker died during the call: charged at the estimate")
+        )
+        return done.rowcount
 
     def finish(self, job_id: str, run: int, attempt: AttemptRecord | None, **result: Any) -> bool:
         """Record the last attempt and the job's final state, once. False: it was final already.
@@ -283,12 +314,14 @@ class JobStore(Database):
 
     @cached_property
     def _insert_attempt(self) -> Insert:
-        """Record an attempt unless (job, number) is there; built once (the upsert is per dialect)."""
+        """Record an attempt; over (job, number) only while that one is STARTED (the call's
+        outcome replaces its estimate), never over a finished one. Built once, per dialect."""
         insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
-        return (
-            insert(ATTEMPTS)
-            .values({c: bindparam(f"b_{c}") for c in ATTEMPT_COLUMNS})
-            .on_conflict_do_nothing(index_elements=["job_id", "number"])
+        statement = insert(ATTEMPTS).values({c: bindparam(f"b_{c}") for c in ATTEMPT_COLUMNS})
+        return statement.on_conflict_do_update(
+            index_elements=["job_id", "number"],
+            set_={c: statement.excluded[c] for c in ATTEMPT_COLUMNS if c not in ("job_id", "number")},
+            where=ATTEMPTS.c.outcome == STARTED,
         )
 
 

@@ -10,6 +10,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 QUEUED, RUNNING, PARKED, SUCCEEDED, FAILED = "queued", "running", "parked", "succeeded", "failed"
 FINAL = (SUCCEEDED, FAILED)
+# An attempt is STARTED before its request leaves; a run that dies before writing its outcome
+# leaves it so, and the job's next run marks it IN_DOUBT (charged at its estimate).
+STARTED, IN_DOUBT = "started", "in_doubt"
 OPEN = (QUEUED, RUNNING, PARKED)
 
 Stamp = DateTime(timezone=True)
@@ -98,7 +101,8 @@ class Attempt(Base):
     key_id: Mapped[str | None] = mapped_column(String(32))
     task_type: Mapped[str] = mapped_column(String(64))
     tier: Mapped[str] = mapped_column(String(64))
-    outcome: Mapped[str] = mapped_column(String(32))  # succeeded | <error kind> | rerouted
+    # succeeded | <error kind> | rerouted | started (the call is out) | in_doubt (its run died)
+    outcome: Mapped[str] = mapped_column(String(32))
     called: Mapped[bool] = mapped_column(default=True)  # False: re-routed before any HTTP call
     moved_to: Mapped[str | None] = mapped_column(String(64))  # the provider the job went to next
     error: Mapped[str | None] = mapped_column(Text)

@@ -13,7 +13,7 @@ from sqlalchemy import case, func, select
 
 from workers.errors import InputError
 from workers.store.engine import Database, aware
-from workers.store.models import SUCCEEDED, Attempt, Job
+from workers.store.models import IN_DOUBT, STARTED, SUCCEEDED, Attempt, Job
 
 GROUPINGS = ("provider", "model", "key", "task", "tier", "day")
 
@@ -54,7 +54,10 @@ class ReportStore(Database):
             func.sum(
                 case((Attempt.moved_to.is_not(None) & (Attempt.moved_to != Attempt.provider), 1), else_=0)
             ),
-        ).group_by(*keys)
+            func.sum(case((Attempt.outcome == IN_DOUBT, 1), else_=0)),
+        )
+        # calls in flight count once their outcome is known
+        totals = totals.where(Attempt.outcome != STARTED).group_by(*keys)
         latencies = select(*keys, Attempt.latency_ms).where(called, Attempt.latency_ms.is_not(None))
         cached = select(*_keys(by, Job), func.count()).where(Job.cached.is_(True)).group_by(*_keys(by, Job))
         if since is not None:
@@ -65,7 +68,7 @@ class ReportStore(Database):
         rows: dict[str, dict[str, Any]] = {}
         with self.session(write=False) as s:
             for row in s.execute(totals):
-                requests, tin, tout, cost, failures, reroutes = row[n:]
+                requests, tin, tout, cost, failures, reroutes, in_doubt = row[n:]
                 rows[_name(row[:n])] = {
                     "requests": int(requests or 0),
                     "input_tokens": int(tin or 0),
@@ -73,6 +76,7 @@ class ReportStore(Database):
                     "cost_usd": round(float(cost or 0.0), 6),
                     "failures": int(failures or 0),
                     "reroutes": int(reroutes or 0),
+                    "in_doubt": int(in_doubt or 0),
                     "cached": 0,
                     "latency_ms": [],
                 }
@@ -88,6 +92,7 @@ class ReportStore(Database):
                         "cost_usd": 0.0,
                         "failures": 0,
                         "reroutes": 0,
+                        "in_doubt": 0,
                         "cached": 0,
                         "latency_ms": [],
                     },
@@ -100,10 +105,8 @@ class ReportStore(Database):
             entry["latency_p50_ms"] = _percentile(samples, 0.50)
             entry["latency_p95_ms"] = _percentile(samples, 0.95)
             groups.append({by: name, **entry})
-        total = {
-            k: sum(g[k] for g in groups)
-            for k in ("requests", "input_tokens", "output_tokens", "failures", "reroutes", "cached")
-        }
+        summed = ("requests", "input_tokens", "output_tokens", "failures", "reroutes", "in_doubt", "cached")
+        total = {k: sum(g[k] for g in groups) for k in summed}
         total["cost_usd"] = round(sum(g["cost_usd"] for g in groups), 6)
         return {"by": by, "since": since.isoformat() if since else None, "groups": groups, "total": total}
 
