@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
+from tests.faultkit import LEDGER, Row
 from workers.errors import InputError
 from workers.store import (
     FAILED,
@@ -322,7 +323,8 @@ def test_processes_starting_together_on_a_fresh_store_never_race(backend, tmp_pa
 
     root = str(Path(__file__).parent.parent)
     failures = []
-    for attempt in range(3):  # each time a fresh store, six processes creating its tables at once
+    rounds, together = 4, 10  # 40 starts: each round a fresh store, ten processes creating it at once
+    for attempt in range(rounds):
         if backend == "sqlite":
             url, schema = f"sqlite:///{tmp_path / f'cold{attempt}.db'}", ""
         else:
@@ -331,7 +333,7 @@ def test_processes_starting_together_on_a_fresh_store_never_race(backend, tmp_pa
         code = "import sys; from workers.store import Store; Store(sys.argv[1], schema=sys.argv[2] or None).close()"
         procs = [
             subprocess.Popen([sys.executable, "-c", code, url, schema], cwd=root, stderr=subprocess.PIPE)
-            for _ in range(6)
+            for _ in range(together)
         ]
         failures += [p.stderr.read().decode()[-300:] for p in procs if p.wait(120) != 0]
         if schema:
@@ -341,4 +343,41 @@ def test_processes_starting_together_on_a_fresh_store_never_race(backend, tmp_pa
             with admin.begin() as conn:
                 conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
             admin.dispose()
+    starts = rounds * together
+    LEDGER.add(Row(f"cold starts together, {backend}: {len(failures)} of {starts} failed", faults=starts))
     assert failures == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_store_has_a_schema_version_and_migrates_it_once(backend, tmp_path, request, monkeypatch) -> None:
+    from sqlalchemy import select
+
+    from tests.conftest import PG_URL
+    from workers.errors import ConfigError
+    from workers.store import engine
+    from workers.store.models import Meta
+
+    if backend == "sqlite":
+        url, schema = f"sqlite:///{tmp_path / 'versions.db'}", None
+    else:
+        url, schema = PG_URL, request.getfixturevalue("pg_schema")
+
+    def version(store: Store) -> str:
+        with store.session(write=False) as s:
+            return s.scalar(select(Meta.value).where(Meta.key == "schema_version"))
+
+    first = Store(url, schema=schema)
+    assert version(first) == str(engine.SCHEMA_VERSION)
+    job_id = new_job(first)
+    first.close()
+    steps: list[int] = []  # a next version: its step runs once, in the first process that opens it
+    monkeypatch.setattr(engine, "SCHEMA_VERSION", engine.SCHEMA_VERSION + 1)
+    monkeypatch.setitem(engine.MIGRATIONS, engine.SCHEMA_VERSION - 1, lambda conn: steps.append(1))
+    for _ in range(2):
+        upgraded = Store(url, schema=schema)
+        assert version(upgraded) == str(engine.SCHEMA_VERSION) and upgraded.job(job_id) is not None
+        upgraded.close()
+    assert steps == [1]
+    monkeypatch.setattr(engine, "SCHEMA_VERSION", engine.SCHEMA_VERSION - 1)  # an older Spillway
+    with pytest.raises(ConfigError, match="newer than this Spillway"):
+        Store(url, schema=schema)

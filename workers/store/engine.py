@@ -10,23 +10,28 @@ import contextlib
 import fcntl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from workers.errors import ServiceUnavailable
-from workers.store.models import Base
+from workers.errors import ConfigError, ServiceUnavailable
+from workers.store.models import Base, Meta
 
 #: The PostgreSQL advisory lock that serializes creating the tables ("spillway" in ASCII).
 SCHEMA_LOCK_KEY = 0x7370696C6C776179
 #: A pooled PostgreSQL connection idle this long is pinged before use (a restart is noticed).
 PING_IDLE_S = 5.0
+
+#: The layout of the tables. A change to it bumps this and adds the step from the version
+#: before to MIGRATIONS, which every process runs once (under the schema lock) on its way in.
+SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}  # from version N to N + 1
 
 
 def utcnow() -> datetime:
@@ -64,8 +69,9 @@ class Database:
         """Create what is missing — one process at a time, or several starting together on a
         fresh store race ("table already exists", a duplicate pg_type row)."""
         if self.url.startswith("sqlite"):
-            with self._write_lock:
-                Base.metadata.create_all(self.engine)
+            with self._write_lock, self.engine.begin() as conn:
+                Base.metadata.create_all(conn)
+                _migrate(conn, self.url)
             return
         with self.engine.begin() as conn:
             # held until this transaction ends, by every process creating Spillway's tables
@@ -73,6 +79,7 @@ class Database:
             if schema:
                 conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
             Base.metadata.create_all(conn)
+            _migrate(conn, self.url)
 
     @contextmanager
     def session(self, *, write: bool = True) -> Iterator[Session]:
@@ -85,6 +92,24 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _migrate(conn: Connection, url: str) -> None:
+    """Bring the store to SCHEMA_VERSION (a store from before versions is version 1)."""
+    meta = Meta.__table__
+    row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+    version = int(row[0]) if row else 1
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"the store at {_safe_url(url)} has schema version {version}, newer than this "
+            f"Spillway's ({SCHEMA_VERSION}): upgrade Spillway before pointing it at this store"
+        )
+    for step in range(version, SCHEMA_VERSION):
+        MIGRATIONS[step](conn)
+    if row is None:
+        conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+    elif version != SCHEMA_VERSION:
+        conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 
 
 class WriteLock:

@@ -112,3 +112,12 @@ class Attempt(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     started_at: Mapped[datetime] = mapped_column(Stamp, index=True)
     finished_at: Mapped[datetime] = mapped_column(Stamp)
+
+
+class Meta(Base):
+    """Facts about the store itself: `schema_version` (see `engine.SCHEMA_VERSION`)."""
+
+    __tablename__ = "spillway_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
