@@ -93,6 +93,7 @@ class Lease:
     crossed: tuple[str, ...] = ()  # daily quotas this debit took past 90%: "rpd:901:1000"
     charges: str = "[]"  # what acquire charged (its JSON), for settle to refund against
     probe: bool = False  # this call is the half-open circuit's probe
+    in_ratio: str = "1"  # the model's learned input ratio when the lease was taken
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ class Limiter:
                 crossed,
                 charges,
                 bool(result[5]),
+                result[6].decode() if isinstance(result[6], bytes) else str(result[6]),
             )
         return self._denied(result)
 
@@ -335,6 +337,7 @@ class Limiter:
             "lease_id": lease.lease_id,
             "charges": lease.charges,
             "probe": int(lease.probe),
+            "known_ratio": lease.in_ratio,
             "actual": actual.as_dict() if actual else None,
             "outcome": outcome,
             "circuit": {

@@ -19,11 +19,12 @@
 --                reservation = true | null       redeem the record at KEYS[4+4n]
 --                stale_ms                        a reservation redeemed later than this is
 --                                                refunded and the job admitted afresh}
--- Returns  {1, account index (1-based), now_ms, crossed, charges, probe}   the lease is taken;
+-- Returns  {1, account index (1-based), now_ms, crossed, charges, probe, in_ratio}   the lease;
 --                                                 `crossed` lists "field:used:limit" of daily
 --                                                 quotas this debit took past ALERT_AT (90%),
---                                                 once per window; `charges` (JSON) and `probe`
---                                                 go back to settle with the lease
+--                                                 once per window; `charges` (JSON), `probe`
+--                                                 and the model's input ratio go back to settle
+--                                                 with the lease
 --          {2, account index, ready_at_ms, now_ms}   reserved: call at ready_at_ms, not before
 --          {0, wait_ms, why, now_ms}              nothing admits (or reserves) now; earliest retry
 --                                                 in wait_ms (why "never:<reason>" when waiting
@@ -158,7 +159,8 @@ local function take_lease(i, charges, probe)
   redis.call('ZADD', leases, now + spec.lease_ttl_ms, spec.lease_id)
   redis.call('PEXPIRE', leases, spec.lease_ttl_ms)  -- the newest lease is the last to expire
   if probe then hset(scopes[1], 'probe_until', num(now + spec.probe_ttl_ms)) end
-  return cjson.encode(charges), probe and 1 or 0
+  -- the model's learned input ratio goes with the lease too: settle learns from it unread
+  return cjson.encode(charges), probe and 1 or 0, tostring(hnum(scopes[2], 'in_ratio', 1))
 end
 
 -- 1. A reservation made for this job: a little early, it waits; in time, it becomes the lease;
@@ -174,8 +176,8 @@ if spec.reservation then
       if now <= r.ready_at + spec.stale_ms then
         local wait, _, probe = gate(r.account, acct, true)
         if wait <= 0 then
-          local charges, probed = take_lease(r.account, r.charges, probe)
-          return done({1, r.account, now, {}, charges, probed})
+          local charges, probed, ratio = take_lease(r.account, r.charges, probe)
+          return done({1, r.account, now, {}, charges, probed, ratio})
         end
       end
       refund(r.account, r.charges)
@@ -222,5 +224,5 @@ if best == nil then
 end
 
 local charges, crossed = debit(best, spec.accounts[best])
-local charged, probed = take_lease(best, charges, best_probe)
-return done({1, best, now, crossed, charged, probed})
+local charged, probed, ratio = take_lease(best, charges, best_probe)
+return done({1, best, now, crossed, charged, probed, ratio})

@@ -6,6 +6,7 @@
 -- KEYS[3] leases zset
 -- ARGV[1] JSON {offset_ms, stopped_ms (tests only), day_shift_ms, lease_id,
 --               charges = what acquire charged (its JSON, as it returned it), probe = 0 | 1,
+--               known_ratio = the model's input ratio when the lease was taken,
 --               actual = {requests, tokens, input, output} | null  (null: keep the charge),
 --               outcome = "alive" | "failed" | "none"               (circuit breaker input),
 --               circuit = {failures, probe_ms, cooldown_ms}: after `failures` failed calls
@@ -95,12 +96,17 @@ if type(spec.block) == 'table' then
 end
 
 if type(spec.input_ratio) == 'number' then
-  local ratio = hnum(scopes[2], 'in_ratio', 1)
+  -- from the ratio the lease was admitted with (the model hash is not read again for it; its
+  -- TTL is kept by every debit)
+  local ratio = tonumber(spec.known_ratio) or hnum(scopes[2], 'in_ratio', 1)
   local learned = ratio + 0.3 * (spec.input_ratio - ratio)  -- a moving average: a few calls
   learned = math.min(20, math.max(0.2, learned))
   if math.abs(learned - ratio) > 0.01 * ratio then
-    hset(scopes[2], 'in_ratio', num(learned))
-    keep_hash(scopes[2], KEEP_MS, now)
+    if loaded[scopes[2]] or dirty[scopes[2]] then
+      hset(scopes[2], 'in_ratio', num(learned))
+    else
+      redis.call('HSET', scopes[2], 'in_ratio', num(learned))
+    end
   end
 end
 
