@@ -36,7 +36,7 @@ class EventCounter:
         kind, uuid = event.get("type", ""), event.get("uuid")
         if kind == "task-received":
             self._names[uuid] = event.get("name", "")
-        if uuid and self._names.get(uuid) == self.task:
+        if uuid and self._names.get(uuid, "").split("[", 1)[0] == self.task:  # shadow names too
             self.counts[kind] += 1
 
     def _run(self) -> None:

@@ -48,6 +48,13 @@ def job_kwargs(
     return kwargs
 
 
+def shown_name(provider: str, model: str) -> str:
+    """The name Flower, events and worker logs show for a job's message (Celery's `shadow`):
+    `spillway.run_job[groq:llama-3.3-70b-versatile]`, so Flower's task list and its filters
+    tell providers and models apart. The worker still runs it as `spillway.run_job`."""
+    return f"{RUN_JOB_TASK}[{provider}:{model}]"
+
+
 def job_signature(app: Celery, target: Target, **options: Any) -> Signature:
     return app.signature(
         RUN_JOB_TASK,
@@ -55,6 +62,7 @@ def job_signature(app: Celery, target: Target, **options: Any) -> Signature:
         task_id=target.task_id or target.job_id,
         queue=queue_name(target.provider),
         priority=target.priority,
+        shadow=shown_name(target.provider, target.model),
         **options,
     )
 

@@ -40,7 +40,10 @@ def run_job(
     kwargs = dispatch.job_kwargs(job_id, target.provider, target.model, outcome.hop, outcome.reservation)
     if outcome.park_until_s is not None:
         sig = self.signature_from_request(
-            kwargs=kwargs, queue=queue_name(target.provider), priority=outcome.priority
+            kwargs=kwargs,
+            queue=queue_name(target.provider),
+            priority=outcome.priority,
+            shadow=dispatch.shown_name(target.provider, target.model),
         )
         parking.park(rt.redis, rt.keys, dict(sig), outcome.park_until_s, job_id)
         due = datetime.fromtimestamp(outcome.park_until_s, UTC)
@@ -51,6 +54,7 @@ def run_job(
         countdown=outcome.countdown_s,
         max_retries=None,
         priority=outcome.priority,
+        shadow=dispatch.shown_name(target.provider, target.model),
     )
 
 
