@@ -13,8 +13,13 @@ COPY workers ./workers
 COPY producer ./producer
 COPY examples ./examples
 RUN pip install ".[postgres]" \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin spillway
+    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin spillway \
+    && install -d -o spillway -g spillway -m 0750 /data
 
+# The code stays in root-owned /app; the working directory is /data, the user's own (mount a
+# volume there): the default SQLite store (sqlite:///spillway.db) and relative output paths
+# land there. docker-compose.yml sets PostgreSQL instead.
+WORKDIR /data
 USER spillway
 ENTRYPOINT ["spillway"]
 CMD ["--help"]
