@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from producer.batchfile import BadLine, BatchItem, check_item, read_jsonl, validate
-from producer.jobs import job_row
+from producer.jobs import MAX_NAME_CHARS, check_text, job_row
 from workers import cache, dispatch, reconciler
 from workers.config import Candidate
 from workers.errors import InputError, ServiceUnavailable
@@ -223,8 +223,13 @@ def run_batch(
     client: Client, source: Source, *, task: str, tier: str, key: str | None, skip_invalid: bool
 ) -> BatchHandle:
     rt = client.runtime
+    check_text(task, "task", max_chars=MAX_NAME_CHARS)
+    check_text(tier, "tier", max_chars=MAX_NAME_CHARS)
+    if key is not None:
+        check_text(key, "batch_key", max_chars=MAX_NAME_CHARS)  # the batch's fingerprint column
     rt.settings.chain(task, tier)  # an unknown default task type or tier fails before anything
-    good, bad = validate(rt, source(), task, tier)
+    good_ids: dict[str, int] = {}
+    good, bad = validate(rt, source(), task, tier, seen=good_ids)
     if bad and not skip_invalid:
         raise BatchInputError(bad)
     if not good and not bad:
@@ -237,7 +242,11 @@ def run_batch(
         # Resuming: jobs an earlier run stored but never got to publish go out again (once).
         reconciler.recover_once(rt, client.app, idle_for_s=RESUME_IDLE_S, confirm_s=0.5, batch_id=batch_id)
     enqueuer = _Enqueuer(
-        client, batch_id, rt.store.batch_states(batch_id), chords_before=batch.chords if batch else 0
+        client,
+        batch_id,
+        rt.store.batch_states(batch_id),
+        chords_before=batch.chords if batch else 0,
+        good_ids=set(good_ids),
     )
     bad_lines = {b.line: b for b in bad}
     for chunk in _chunks(source(), CHUNK):
@@ -251,12 +260,18 @@ class _Enqueuer:
     """Places, stores and publishes a batch chunk by chunk, each chunk a chord of its own."""
 
     def __init__(
-        self, client: Client, batch_id: str, states: dict[str, tuple[str, str]], chords_before: int
+        self,
+        client: Client,
+        batch_id: str,
+        states: dict[str, tuple[str, str]],
+        chords_before: int,
+        good_ids: set[str] | None = None,
     ) -> None:
         self.client = client
         self.rt = client.runtime
         self.batch_id = batch_id
         self.states = states  # custom_id -> (job id, status) of what this batch already holds
+        self.good_ids = good_ids or set()  # custom ids of the good lines: a bad line never takes one
         self.chords = chords_before
         self.header: list[dispatch.Target] = []
         self.sent = 0
@@ -272,6 +287,14 @@ class _Enqueuer:
                     rows.append(row)
                 continue
             known = self.states.get(item.custom_id)
+            if known and not known[0]:
+                # An invalid line's row holds this custom_id (an earlier run of an edited file):
+                # this line cannot have it too, and a job with no id is never sent.
+                taken = f"custom_id {item.custom_id!r} is taken by an invalid line of this batch"
+                row = self._bad_row(BadLine(item.line, None, taken))
+                if row is not None:
+                    rows.append(row)
+                continue
             if known and known[1] != FAILED:
                 continue  # succeeded, or still on its way: resuming skips it
             job_id = known[0] if known else uuid.uuid4().hex
@@ -344,7 +367,11 @@ class _Enqueuer:
         if marker in self.states:
             return None  # written by an earlier run of this batch
         self.states[marker] = ("", FAILED)
-        keep_id = bad.custom_id if bad.custom_id and bad.custom_id not in self.states else None
+        # The line's custom_id, unless a good line (or an earlier row) has it: custom ids are unique
+        # in a batch, and a good line may come later (a bad line first, then a good one, same id).
+        keep_id = bad.custom_id
+        if not keep_id or keep_id in self.states or keep_id in self.good_ids:
+            keep_id = None
         if keep_id:
             self.states[keep_id] = ("", FAILED)
         return {

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from producer.jobs import prepare
+from producer.jobs import check_text, prepare
 from workers.errors import InputError
 from workers.messages import ChatRequest
 from workers.runtime import Runtime
@@ -105,6 +105,10 @@ def check_item(rt: Runtime, number: int, value: Any, task: str, tier: str) -> Ba
             f"characters, got {_short(custom_id)}",
         )
     try:
+        check_text(custom_id, "custom_id", max_chars=MAX_CUSTOM_ID)  # NUL, lone surrogates
+    except InputError as exc:
+        return BadLine(number, None, str(exc))
+    try:
         fields = _openai_fields(value) if "body" in value or "url" in value else _plain_fields(value)
         item_task, item_tier = fields.pop("task", task), fields.pop("tier", tier)
         request = prepare(rt, item_task, item_tier, **fields)
@@ -163,9 +167,11 @@ def validate(
     numbered: Iterable[tuple[int, Any]],
     task: str,
     tier: str,
+    seen: dict[str, int] | None = None,
 ) -> tuple[int, list[BadLine]]:
-    """Check every line; (count of good items, every bad line). Keeps only the custom ids."""
-    seen: dict[str, int] = {}
+    """Check every line; (count of good items, every bad line). Keeps only the custom ids: the
+    good lines' go in `seen` (custom_id -> line), if given."""
+    seen = {} if seen is None else seen
     bad: list[BadLine] = []
     good = 0
     for number, value in numbered:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from workers.config import Candidate
 from workers.constants import queue_name
 from workers.errors import IdempotencyConflict, InputError, ServiceUnavailable
 from workers.limiter import Costs
-from workers.messages import ChatRequest, build_request
+from workers.messages import MAX_PROMPT_CHARS, ChatRequest, build_request
 from workers.results import JobResult
 from workers.runtime import Runtime
 from workers.store import SUCCEEDED, DuplicateJob, utcnow
@@ -26,6 +27,15 @@ if TYPE_CHECKING:
     from producer.client import Client
 
 log = logging.getLogger("spillway.producer")
+
+# What the store's columns hold (workers/store/models.py), checked here so that every backend
+# refuses the same input with the same error; PostgreSQL would raise a DataError instead.
+MAX_NAME_CHARS = 64  # task, tier, preferred_provider
+MAX_IDEMPOTENCY_KEY = 256
+MAX_CALLBACK_URL = 8192
+#: More output tokens than any model generates: a bigger number is a mistake, not a request.
+MAX_TOKENS = 1_000_000
+MAX_DEADLINE_S = 365 * 86400
 
 
 @dataclass(frozen=True)
@@ -74,12 +84,20 @@ def submit(
     idempotency_key: str | None = None,
     callback_url: str | None = None,
     deadline_s: float | None = None,
+    idempotency_scope: str | None = None,
 ) -> JobHandle:
     """`Client.submit`: store one job and publish it to the provider queue that can finish it
-    soonest; returns as soon as the job is stored and published."""
+    soonest; returns as soon as the job is stored and published.
+
+    `idempotency_scope` (e.g. the caller `spillway serve` authenticated) is stored in front of
+    the key, so the same key from two scopes names two jobs."""
     rt = client.runtime
+    key = None
     if idempotency_key is not None:
-        _check_str(idempotency_key, "idempotency_key")
+        prefix = f"{idempotency_scope}:" if idempotency_scope else ""
+        check_text(idempotency_key, "idempotency_key", max_chars=MAX_IDEMPOTENCY_KEY - len(prefix))
+        key = prefix + idempotency_key
+    deadline_s = check_deadline(deadline_s)
     request = prepare(
         rt,
         task,
@@ -93,8 +111,8 @@ def submit(
         json_mode=json_mode,
         preferred_provider=preferred_provider,
     )
-    if idempotency_key is not None:
-        existing = rt.store.by_idempotency_key(idempotency_key)
+    if key is not None:
+        existing = rt.store.by_idempotency_key(key)
         if existing is not None:
             return JobHandle(_same_request(existing, task, tier, request, idempotency_key), client)
     if callback_url is not None:
@@ -102,13 +120,13 @@ def submit(
         callbacks.secret(rt.env)  # signing needs it: fail now, not when the result is ready
     extra = {
         "preferred_provider": preferred_provider,
-        "idempotency_key": idempotency_key,
+        "idempotency_key": key,
         "callback_url": callback_url,
         "deadline_s": deadline_s,
     }
     answer = cached_answer(rt, task, tier, request)
     if answer is not None:
-        return _store_cached(client, task, tier, request, answer, **extra)
+        return _store_cached(client, task, tier, request, answer, shown_key=idempotency_key, **extra)
     costs = Costs.estimate(request.estimated_input_tokens(), request.max_tokens)
     try:
         target = rt.router.place(task, tier, costs, preferred=preferred_provider).candidate
@@ -123,7 +141,7 @@ def submit(
         tier,
         request,
         preferred_provider=preferred_provider,
-        idempotency_key=idempotency_key,
+        idempotency_key=key,
         callback_url=callback_url,
         deadline_s=deadline_s,
         target=target,
@@ -131,7 +149,7 @@ def submit(
     try:
         rt.store.add_jobs([row])
     except DuplicateJob:
-        existing = rt.store.by_idempotency_key(idempotency_key or "")
+        existing = rt.store.by_idempotency_key(key or "")
         if existing is None:
             raise
         # a concurrent submit with the same key won
@@ -162,7 +180,13 @@ def cached_answer(rt: Runtime, task: str, tier: str, request: ChatRequest) -> Ca
 
 
 def _store_cached(
-    client: Client, task: str, tier: str, request: ChatRequest, answer: CachedAnswer, **extra: Any
+    client: Client,
+    task: str,
+    tier: str,
+    request: ChatRequest,
+    answer: CachedAnswer,
+    shown_key: str | None = None,
+    **extra: Any,
 ) -> JobHandle:
     """A cache hit is a job that is done when it is stored: no message, no quota."""
     rt = client.runtime
@@ -177,11 +201,10 @@ def _store_cached(
     try:
         rt.store.add_jobs([row])
     except DuplicateJob:
-        key = extra.get("idempotency_key") or ""
-        existing = rt.store.by_idempotency_key(key)
+        existing = rt.store.by_idempotency_key(extra.get("idempotency_key") or "")
         if existing is None:
             raise
-        return JobHandle(_same_request(existing, task, tier, request, key), client)
+        return JobHandle(_same_request(existing, task, tier, request, shown_key or ""), client)
     if extra.get("callback_url"):
         dispatch.deliver_callback(client.app, job_id)
     return JobHandle(job_id, client)
@@ -191,11 +214,20 @@ def prepare(
     rt: Runtime, task: object, tier: object, *, preferred_provider: object = None, **fields: Any
 ) -> ChatRequest:
     """Validate a job's fields against the config; errors name the field that is wrong."""
-    _check_str(task, "task")
-    _check_str(tier, "tier")
+    check_text(task, "task", max_chars=MAX_NAME_CHARS)
+    check_text(tier, "tier", max_chars=MAX_NAME_CHARS)
     chain = rt.settings.chain(task, tier)
+    max_tokens = fields.get("max_tokens")
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and abs(max_tokens) > MAX_TOKENS:
+        raise InputError(
+            f"max_tokens: expected a positive integer of at most {MAX_TOKENS:,}, got {_shown(max_tokens)}"
+        )
     request = build_request(default_max_tokens=rt.settings.default_max_tokens, **fields)
+    for i, sequence in enumerate(request.stop):
+        check_text(sequence, f"stop[{i}]", max_chars=MAX_PROMPT_CHARS, blank=True)
     candidates = rt.router.candidates(task, tier)
+    if preferred_provider is not None:
+        check_text(preferred_provider, "preferred_provider", max_chars=MAX_NAME_CHARS)
     if preferred_provider is not None and preferred_provider not in {c.provider for c in chain.candidates}:
         raise InputError(f"preferred_provider: {preferred_provider!r} is not in the {task}/{tier} chain")
     limits = [rt.settings.model(c).max_output_tokens for c in candidates]
@@ -217,8 +249,7 @@ def job_row(
     deadline_s: float | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    if deadline_s is not None and (not isinstance(deadline_s, int | float) or deadline_s <= 0):
-        raise InputError(f"deadline_s: expected a positive number of seconds, got {deadline_s!r}")
+    deadline_s = check_deadline(deadline_s)
     return {
         "id": job_id,
         "task_type": task,
@@ -251,11 +282,50 @@ def publish(client: Client, targets: list[dispatch.Target]) -> None:
         ) from exc
 
 
-def _check_str(value: object, what: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise InputError(f"{what}: expected a non-empty string, got {value!r}")
+def check_text(value: object, what: str, *, max_chars: int, blank: bool = False) -> str:
+    """A string every store backend keeps as given: at most `max_chars` (its column), no NUL
+    (PostgreSQL text cannot hold one) and valid UTF-8 (no lone surrogate); not blank, unless
+    `blank`. The error names `what` and the limit."""
+    if not isinstance(value, str) or not (blank or value.strip()):
+        raise InputError(f"{what}: expected a non-empty string, got {_shown(value)}")
+    if len(value) > max_chars:
+        raise InputError(f"{what}: at most {max_chars} characters, got {len(value):,}")
+    if "\x00" in value:
+        raise InputError(f"{what}: must not contain NUL (\\x00), found at character {value.index(chr(0))}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what}: not valid UTF-8 (a lone surrogate at character {exc.start})") from None
+    return value
+
+
+def check_deadline(deadline_s: object) -> float | None:
+    """`deadline_s` as a float, or None; a bool, NaN, infinity or more than a year is refused
+    (the deadline is a timestamp: a huge number overflows it)."""
+    if deadline_s is None:
+        return None
+    if (
+        isinstance(deadline_s, bool)
+        or not isinstance(deadline_s, int | float)
+        or not math.isfinite(deadline_s)
+        or not 0 < deadline_s <= MAX_DEADLINE_S
+    ):
+        raise InputError(
+            f"deadline_s: expected a number of seconds above 0 and at most {MAX_DEADLINE_S:,} "
+            f"(365 days), got {_shown(deadline_s)}"
+        )
+    return float(deadline_s)
+
+
+def _shown(value: object) -> str:
+    """A short repr for an error message (an int of thousands of digits cannot even be printed)."""
+    if isinstance(value, int) and abs(value) > 10**18:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
 
 
 def _check_url(url: object) -> None:
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise InputError(f"callback_url: expected an http:// or https:// URL, got {url!r}")
+        raise InputError(f"callback_url: expected an http:// or https:// URL, got {_shown(url)}")
+    check_text(url, "callback_url", max_chars=MAX_CALLBACK_URL)

@@ -29,7 +29,13 @@ def parse_since(text: str | None, now: datetime | None = None) -> datetime | Non
     now = now or datetime.now(UTC)
     relative = _RELATIVE.fullmatch(text.strip())
     if relative:
-        return now - timedelta(**{_UNIT[relative.group(2)]: int(relative.group(1))})
+        try:
+            return now - timedelta(**{_UNIT[relative.group(2)]: int(relative.group(1))})
+        except (OverflowError, ValueError):  # beyond what a date holds (year 1)
+            raise InputError(
+                f"--since: {text.strip()[:40]!r} reaches back before the year 1; "
+                "give a date or a shorter span"
+            ) from None
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:

@@ -102,3 +102,29 @@ def test_items_may_override_task_tier_and_sizes(rt) -> None:
         "free",
     )
     assert (item.task, item.tier, item.request.max_tokens) == ("solo", "free", 7)
+
+
+def test_lines_the_store_could_not_hold_are_bad_lines(rt, tmp_path) -> None:
+    """PostgreSQL refuses NUL and lone surrogates, and every column has a length: such a line is
+    a bad line here, never a database error (and a batch row with no jobs) later."""
+    path = lines_file(
+        tmp_path,
+        [
+            '{"custom_id": "a\\u0000", "prompt": "x"}',  # 1 NUL
+            '{"custom_id": "\\ud800", "prompt": "x"}',  # 2 a lone surrogate
+            '{"custom_id": "t", "prompt": "x", "task": "' + "t" * 65 + '"}',  # 3 longer than its column
+            '{"custom_id": "m", "prompt": "x", "max_tokens": 1' + "0" * 30 + "}",  # 4 no model makes that
+            '{"custom_id": "s", "prompt": "x", "stop": ["\\ud800"]}',  # 5 a lone surrogate
+            '{"custom_id": "fine", "prompt": "x"}',  # 6
+        ],
+    )
+    seen: dict[str, int] = {}
+    good, bad = validate(rt, read_jsonl(path), "chat", "free", seen=seen)
+    assert (good, seen) == (1, {"fine": 6})
+    by_line = {b.line: b for b in bad}
+    assert by_line[1].error == "custom_id: must not contain NUL (\\x00), found at character 1"
+    assert by_line[2].error == "custom_id: not valid UTF-8 (a lone surrogate at character 0)"
+    assert by_line[1].custom_id is None and by_line[2].custom_id is None  # not storable either
+    assert by_line[3].error == "task: at most 64 characters, got 65"
+    assert by_line[4].error.startswith("max_tokens: expected a positive integer of at most 1,000,000")
+    assert by_line[5].error == "stop[0]: not valid UTF-8 (a lone surrogate at character 0)"

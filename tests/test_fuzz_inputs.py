@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,16 +22,19 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import func, select
 
-from producer.batchfile import OPENAI_URL, BadLine, BatchItem, check_item
+from producer.batchfile import MAX_CUSTOM_ID, OPENAI_URL, BadLine, BatchItem, check_item
 from producer.cli import main
 from producer.client import default_client
+from producer.jobs import MAX_DEADLINE_S, MAX_IDEMPOTENCY_KEY, MAX_NAME_CHARS, MAX_TOKENS
 from tests.conftest import CONFIGS
 from tests.faultkit import Tally, size
 from workers.config import Settings, settings_from_data
 from workers.errors import ConfigError, InputError
 from workers.messages import MAX_PROMPT_CHARS
 from workers.runtime import Runtime
+from workers.store import Batch, Job
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EXAMPLES = size(60, 600)
@@ -53,6 +57,11 @@ weird_text = st.one_of(
     st.just("x" * (MAX_PROMPT_CHARS + 1)),
     st.text(max_size=200),
     st.just("nested " + "[" * 2000),
+)
+#: What the outside fault harness sent: past a column's length, NUL (PostgreSQL text cannot
+#: hold it), lone surrogates, numbers past any sane bound, a bool for a number, a list for a name.
+harness_values = st.sampled_from(
+    ["k" * 257, "t" * 65, "a\x00b", "\ud800", 10**30, 1e300, 1e50, math.nan, math.inf, True, []]
 )
 nested = st.recursive(
     st.integers(),
@@ -88,6 +97,14 @@ def rt() -> Runtime:
     return default_client().runtime
 
 
+def stored_rows() -> int:
+    """Jobs and batches in the store: what a refused input must not add to."""
+    with rt().store.session(write=False) as s:
+        return s.scalar(select(func.count()).select_from(Job)) + s.scalar(
+            select(func.count()).select_from(Batch)
+        )
+
+
 def names_a_field(message: str, fields: Iterable[str]) -> bool:
     return any(f in message for f in fields)
 
@@ -121,6 +138,11 @@ def not_positive_int(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int) or value < 1
 
 
+def not_storable(value: object, max_chars: int) -> bool:
+    """Not a non-blank string every store backend keeps as given (length, NUL, UTF-8)."""
+    return not usable_text(value) or len(value) > max_chars or "\x00" in value
+
+
 # -- the Python API ---------------------------------------------------------------------------
 
 
@@ -129,6 +151,8 @@ def api_bad_because(config: Settings, fields: Mapping[str, Any]) -> str | None:
     route = route_bad_because(config, fields.get("task"), fields.get("tier"))
     if route:
         return route
+    if not_storable(fields["task"], MAX_NAME_CHARS):
+        return f"the task name is longer than its column ({MAX_NAME_CHARS})"
     messages, prompt = fields.get("messages"), fields.get("prompt")
     if messages is None and not usable_text(prompt):
         return "prompt is not a usable string"
@@ -136,6 +160,8 @@ def api_bad_because(config: Settings, fields: Mapping[str, Any]) -> str | None:
         return "messages is not a non-empty list"
     if fields.get("max_tokens") is not None and not_positive_int(fields["max_tokens"]):
         return "max_tokens is not a positive integer"
+    if fields.get("max_tokens") is not None and fields["max_tokens"] > MAX_TOKENS:
+        return f"max_tokens is more than {MAX_TOKENS:,}"
     t = fields.get("temperature")
     if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 2):
         return "temperature is not a number within 0..2"
@@ -147,6 +173,20 @@ def api_bad_because(config: Settings, fields: Mapping[str, Any]) -> str | None:
     key = fields.get("idempotency_key")
     if key is not None and not (isinstance(key, str) and key.strip()):
         return "idempotency_key is not a non-empty string"
+    if key is not None and not_storable(key, MAX_IDEMPOTENCY_KEY):
+        return "idempotency_key is too long, holds NUL or is not valid UTF-8"
+    if isinstance(url, str) and "\x00" in url:
+        return "callback_url holds NUL"
+    deadline = fields.get("deadline_s")
+    if deadline is not None and (
+        isinstance(deadline, bool)
+        or not isinstance(deadline, int | float)
+        or not (math.isfinite(deadline) and 0 < deadline <= MAX_DEADLINE_S)
+    ):
+        return "deadline_s is not a number of seconds within (0, one year]"
+    preferred = fields.get("preferred_provider")
+    if preferred is not None and not isinstance(preferred, str):
+        return "preferred_provider is not a string"
     return None
 
 
@@ -236,7 +276,7 @@ def quiet_stack(redis_server, tmp_path_factory):
                 "system",
             ]
         ),
-        junk,
+        st.one_of(junk, harness_values),
         max_size=2,
     ),
 )
@@ -259,6 +299,36 @@ def test_python_api(quiet_stack) -> None:
     tally.check()
 
 
+GOOD_JOB = {"prompt": "a good prompt", "task": "chat", "tier": "free"}
+#: What the outside fault harness found taken, refused only by PostgreSQL, or raising another
+#: exception (tests/test_bad_inputs.py runs them on both backends).
+HARNESS_API_INPUTS = [
+    {"idempotency_key": "k" * (MAX_IDEMPOTENCY_KEY + 1)},
+    {"idempotency_key": "a\x00b"},
+    {"idempotency_key": "a\ud800"},
+    {"max_tokens": 10**30},
+    {"max_tokens": MAX_TOKENS + 1},
+    {"deadline_s": True},
+    {"deadline_s": 1e50},
+    {"deadline_s": 1e300},
+    {"deadline_s": math.nan},
+    {"deadline_s": math.inf},
+    {"preferred_provider": []},
+    {"preferred_provider": {"groq": 1}},
+    {"callback_url": "https://example.com/\x00"},
+    {"stop": ["\ud800"]},
+    {"task": "t" * (MAX_NAME_CHARS + 1)},
+]
+
+
+def test_python_api_inputs_the_fault_harness_found(quiet_stack) -> None:
+    tally = Tally.on("bad input: Python API (fault harness)")
+    for fields in HARNESS_API_INPUTS:
+        observe_api(tally, {**GOOD_JOB, **fields}, claim_bad="the fault harness found it")
+    tally.check()
+    assert tally.row.rejected_cleanly == len(HARNESS_API_INPUTS)
+
+
 # -- the CLI ----------------------------------------------------------------------------------
 
 
@@ -274,15 +344,22 @@ def cli_bad_because(
         try:
             if int(max_tokens) < 1:
                 return "--max-tokens is not positive"
+            if int(max_tokens) > MAX_TOKENS:
+                return f"--max-tokens is more than {MAX_TOKENS:,}"
         except ValueError:
             return "--max-tokens is not an integer"
     return None
 
 
 def cli_outcome(
-    exit_code: int, exception: BaseException | None, output: str, stored: int, job_known: bool
+    exit_code: int,
+    exception: BaseException | None,
+    output: str,
+    stored: int,
+    job_known: bool,
+    fields: Iterable[str] = CLI_FIELDS,
 ) -> tuple[bool, list[str]]:
-    """(refused, problems) of one `spillway submit`."""
+    """(refused, problems) of one `spillway submit` (or another command naming `fields`)."""
     problems = []
     if exception is not None and not isinstance(exception, SystemExit):
         problems.append(f"raised {type(exception).__name__}: {exception}")
@@ -297,8 +374,10 @@ def cli_outcome(
     lowered = output.lower()
     if "error" not in lowered:
         problems.append(f"no error in the output: {output[:200]!r}")
-    elif not names_a_field(lowered, CLI_FIELDS):
+    elif not names_a_field(lowered, fields):
         problems.append(f"the output names no option: {output[:200]!r}")
+    if "internal error" in lowered:
+        problems.append("an internal error")
     if stored:
         problems.append(f"{stored} job(s) stored anyway")
     return True, problems
@@ -341,6 +420,52 @@ def test_cli(quiet_stack) -> None:
     tally.check()
 
 
+#: (arguments, the option the error must name): each found exiting 70 (an internal error), or
+#: taken, by the outside fault harness. {tmp} is a fresh folder, {good} a good input file in it.
+HARNESS_CLI_INPUTS = [
+    (
+        ["batch", "{tmp}/missing.jsonl", "--task", "chat", "--tier", "free", "-o", "{tmp}/out.jsonl"],
+        "in.jsonl",
+    ),
+    (["batch", "{good}", "--task", "chat", "--tier", "free", "-o", "{tmp}/no/such/out.jsonl"], "--output"),
+    (["batch", "{good}", "--task", "chat", "--tier", "free", "-o", "{good}/out.jsonl"], "--output"),
+    (["usage", "--since", "99999999999h"], "--since"),
+    (["recover", "--idle", "nan"], "--idle"),
+    (["recover", "--idle", "1e300"], "--idle"),
+    (["recover", "--idle", "-5"], "--idle"),
+    (["simulate", "--port", "70000"], "--port"),
+    (
+        ["submit", "--task", "chat", "--tier", "free", "--prompt", "x", "--wait", "--timeout", "nan"],
+        "--timeout",
+    ),
+    (["route", "--task", "chat", "--tier", "free", "--max-tokens", "-3"], "--max-tokens"),
+    (
+        ["submit", "--task", "chat", "--tier", "free", "--prompt", "x", "--max-tokens", str(10**30)],
+        "max_tokens",
+    ),
+    (
+        ["submit", "--task", "chat", "--tier", "free", "--prompt", "x", "--idempotency-key", "k" * 257],
+        "idempotency_key",
+    ),
+]
+
+
+def test_cli_inputs_the_fault_harness_found(quiet_stack, tmp_path) -> None:
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"custom_id": "a", "prompt": "fine"}\n')
+    tally = Tally.on("bad input: the CLI (fault harness)")
+    for args, option in HARNESS_CLI_INPUTS:
+        args = [a.format(tmp=tmp_path, good=good) for a in args]
+        before = stored_rows()
+        result = CliRunner().invoke(main, args, catch_exceptions=True)
+        stored = stored_rows() - before
+        output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+        refused, problems = cli_outcome(result.exit_code, result.exception, output, stored, False, (option,))
+        tally.record(args, rejected=refused, problems=problems, bad_because="the fault harness found it")
+    tally.check()
+    assert tally.row.rejected_cleanly == len(HARNESS_CLI_INPUTS)
+
+
 # -- batch lines ------------------------------------------------------------------------------
 
 
@@ -350,6 +475,8 @@ def batch_bad_because(value: object) -> str | None:
     custom_id = value.get("custom_id")
     if not (isinstance(custom_id, str) and custom_id.strip()):
         return "custom_id is not a non-empty string"
+    if not_storable(custom_id, MAX_CUSTOM_ID):
+        return "custom_id is too long, holds NUL or is not valid UTF-8"
     if ("url" in value or "body" in value) and value.get("url") != OPENAI_URL:
         return f"an OpenAI line whose url is not {OPENAI_URL}"
     return None
@@ -384,6 +511,7 @@ def observe_batch_line(tally: Tally, value: object) -> bool:
         junk,
         nested,
         st.fixed_dictionaries({"custom_id": junk, "prompt": st.one_of(junk, weird_text)}),
+        st.fixed_dictionaries({"custom_id": harness_values, "prompt": st.just("x")}),
         st.fixed_dictionaries(
             {
                 "custom_id": st.text(min_size=1, max_size=5),
@@ -402,6 +530,24 @@ def test_batch_lines(quiet_stack) -> None:
     tally = Tally.on("bad input: batch lines (hypothesis)")
     fuzz_batch_lines(tally)
     tally.check()
+
+
+HARNESS_BATCH_LINES = [
+    {"custom_id": "a\x00", "prompt": "x"},
+    {"custom_id": "a\ud800", "prompt": "x"},
+    {"custom_id": "c" * (MAX_CUSTOM_ID + 1), "prompt": "x"},
+    {"custom_id": "a", "prompt": "x", "task": "t" * (MAX_NAME_CHARS + 1)},
+    {"custom_id": "a", "prompt": "x", "max_tokens": 10**30},
+]
+
+
+def test_batch_lines_the_fault_harness_found(quiet_stack) -> None:
+    tally = Tally.on("bad input: batch lines (fault harness)")
+    for value in HARNESS_BATCH_LINES:
+        refused, problems = batch_outcome(check_item(rt(), 7, value, "chat", "free"))
+        tally.record(value, rejected=refused, problems=problems, bad_because="the fault harness found it")
+    tally.check()
+    assert tally.row.rejected_cleanly == len(HARNESS_BATCH_LINES)
 
 
 def test_batch_file_with_raw_garbage(quiet_stack, tmp_path) -> None:

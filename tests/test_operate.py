@@ -251,3 +251,10 @@ def test_a_callback_waits_for_a_worker_that_has_the_secret(tmp_path) -> None:
     lower = {k.lower(): v for k, v in headers.items()}
     assert callbacks.verify(body, lower["x-spillway-signature"], "whsec-test-0123456789")
     assert json.loads(body)["job_id"] == handle.id
+
+
+def test_since_too_far_back_is_an_input_error_naming_since() -> None:
+    for text in ("99999999999h", "9" * 30 + "w", "9" * 5000 + "d"):
+        with pytest.raises(InputError, match=r"^--since: .* reaches back before the year 1"):
+            parse_since(text)
+    assert parse_since("1000000h").year < 1970  # far, but a date

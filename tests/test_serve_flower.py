@@ -83,12 +83,45 @@ def test_submit_and_read_a_job_over_http(api) -> None:
             422,
             "max_tokens: expected a positive integer",
         ),
+        # an outside fault harness found these 500s, or taken (tests/test_bad_inputs.py has more)
+        *(
+            (
+                b'{"prompt": "x", "task": "chat", "tier": "pro", "deadline_s": %s}' % value,
+                422,
+                "deadline_s: expected a number of seconds above 0 and at most 31,536,000",
+            )
+            for value in (b"1e300", b"NaN", b"Infinity", b"true")
+        ),
+        (
+            b'{"prompt": "x", "task": "chat", "tier": "pro", "max_tokens": 1%s}' % (b"0" * 30),
+            422,
+            "max_tokens: expected a positive integer of at most 1,000,000",
+        ),
+        (
+            b'{"prompt": "x", "task": "chat", "tier": "pro", "idempotency_key": "a\\u0000"}',
+            422,
+            "idempotency_key: must not contain NUL",
+        ),
     ],
 )
 def test_bad_bodies_get_clear_4xx(api, body: bytes, status: int, message: str) -> None:
     answer = api.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
     assert answer.status_code == status
     assert message in answer.json()["error"]["message"]
+
+
+def test_a_body_over_8_mib_is_a_413_that_says_so(api) -> None:
+    answer = api.post(
+        "/v1/jobs", content=b"{" + b" " * (8 * 2**20), headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 413
+    assert answer.json()["error"]["message"].startswith("the body is larger than 8 MiB")
+
+
+def test_usage_since_beyond_a_date_is_a_422_naming_since(api) -> None:
+    answer = api.get("/v1/usage", params={"since": "99999999999h"})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["message"].startswith("--since: '99999999999h' reaches back")
 
 
 def test_an_idempotency_key_reused_for_another_body_is_409(api) -> None:

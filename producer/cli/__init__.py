@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -11,11 +12,13 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 from producer.cli import batch as batchcli
+from producer.cli.client import check_urls, checked_client
 from producer.cli.live import closed_line
-from producer.client import default_client
+from producer.jobs import MAX_TOKENS
 from producer.status import render_route, render_status, route_report, status_report
 from producer.usage import parse_since, render_usage, usage_report
 from workers import reconciler
@@ -29,6 +32,25 @@ from workers.supervise import supervise
 console = Console()
 err_console = Console(stderr=True)
 
+#: The most seconds an option takes (ten years): more overflows a date, nan and inf never end.
+MAX_SECONDS = 10 * 365 * 86400
+PORT = click.IntRange(0, 65535)
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds from 0 to MAX_SECONDS; the error names the option."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected a number of seconds, got {value!r}", param, ctx)
+        if not math.isfinite(number) or not 0 <= number <= MAX_SECONDS:
+            self.fail(f"expected a number of seconds from 0 to {MAX_SECONDS:,}, got {value!r}", param, ctx)
+        return number
+
 
 class SpillwayGroup(click.Group):
     """Every Spillway error ends as one clear line on stderr, never a traceback."""
@@ -37,10 +59,12 @@ class SpillwayGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SpillwayError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            # escaped: the message may quote input ("[/]" would be markup); soft_wrap: one line
+            # however long (Rich wraps at 80 columns when not on a terminal)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2 if isinstance(exc, ValueError) else 1)
         except TimeoutError as exc:
-            err_console.print(f"[bold red]timeout:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]timeout:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(3)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt, SystemExit):
             raise
@@ -48,9 +72,10 @@ class SpillwayGroup(click.Group):
             if Env.from_environ().debug:
                 raise
             err_console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} "
                 "(set SPILLWAY_DEBUG=1 for the traceback)",
                 highlight=False,
+                soft_wrap=True,
             )
             sys.exit(70)
 
@@ -81,7 +106,7 @@ def _print_json(data: Any) -> None:
 @click.option(
     "--timeout",
     "timeout_s",
-    type=float,
+    type=Seconds(),
     default=300.0,
     show_default=True,
     help="Seconds to wait with --wait.",
@@ -101,7 +126,7 @@ def submit(
     as_json: bool,
 ) -> None:
     """Submit one job; print its id (or, with --wait, its result)."""
-    handle = default_client().submit(
+    handle = checked_client().submit(
         prompt,
         task=task,
         tier=tier,
@@ -130,7 +155,9 @@ def submit(
 
 
 @main.command()
-@click.argument("input_path", metavar="IN.jsonl", required=False, type=click.Path(dir_okay=False))
+@click.argument(
+    "input_path", metavar="IN.jsonl", required=False, type=click.Path(exists=True, dir_okay=False)
+)
 @click.option("--task", help="Task type of every line (a line may name its own).")
 @click.option("--tier", help="Tier of every line (a line may name its own).")
 @click.option(
@@ -159,6 +186,8 @@ def batch(
     if status_id:
         batchcli.show_status(status_id, console, as_json=as_json)
         return
+    if output:
+        batchcli.check_output(output)  # now: the output is written only after the batch ran
     if attach_id:
         batchcli.follow(attach_id, output, console)
         return
@@ -181,11 +210,11 @@ def batch(
 @json_option
 @click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
 @click.option(
-    "--every", "every_s", type=float, default=2.0, show_default=True, help="Seconds between refreshes."
+    "--every", "every_s", type=Seconds(), default=2.0, show_default=True, help="Seconds between refreshes."
 )
 def status(as_json: bool, watch: bool, every_s: float) -> None:
     """Per provider account: available or blocked until when, what is left, in flight, queued."""
-    client = default_client()
+    client = checked_client()
     rt, app = client.runtime, client.app
     if as_json:
         _print_json(status_report(rt, app))
@@ -216,7 +245,8 @@ def status(as_json: bool, watch: bool, every_s: float) -> None:
 @json_option
 def usage(since: str | None, by: str, as_json: bool) -> None:
     """Requests, tokens, cost, failures, re-routes and latency, from the store."""
-    report = usage_report(default_client().runtime.store, since=parse_since(since), by=by)
+    start = parse_since(since)  # a bad --since fails before the store is opened
+    report = usage_report(checked_client().runtime.store, since=start, by=by)
     if as_json:
         _print_json(report)
     else:
@@ -226,11 +256,15 @@ def usage(since: str | None, by: str, as_json: bool) -> None:
 @main.command()
 @click.option("--task", required=True)
 @click.option("--tier", required=True)
-@click.option("--max-tokens", type=int, help="Size the yardstick job (default: the config's).")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1, MAX_TOKENS),
+    help="Size the yardstick job (default: the config's).",
+)
 @json_option
 def route(task: str, tier: str, max_tokens: int | None, as_json: bool) -> None:
     """The chain for a task type and tier, and what each link has left right now."""
-    report = route_report(default_client().runtime, task, tier, max_tokens=max_tokens)
+    report = route_report(checked_client().runtime, task, tier, max_tokens=max_tokens)
     if as_json:
         _print_json(report)
     else:
@@ -249,6 +283,7 @@ def worker(
     """Run a Celery worker on the providers' queues (threads pool), restarted if it dies."""
     # The worker process's own runtime (the one its tasks use), built before Celery sets up
     # logging: what it says about skipped keys is echoed below, once.
+    check_urls(Env.from_environ())
     rt = worker_runtime()  # fails here, clearly, on a bad config
     names = [p.strip() for p in providers.split(",")] if providers else list(rt.keyring.by_provider)
     unknown = [n for n in names if n not in rt.settings.providers]
@@ -298,7 +333,7 @@ def worker(
     type=click.Path(dir_okay=False),
     help="Config file (default: $SPILLWAY_CONFIG or spillway.toml).",
 )
-@click.option("--port", type=int, help="Port (default: [simulator] port, 8900; 0 picks a free one).")
+@click.option("--port", type=PORT, help="Port (default: [simulator] port, 8900; 0 picks a free one).")
 @click.option("--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 inside a container).")
 def simulate(config_path: str | None, port: int | None, host: str | None) -> None:
     """Serve the configured providers from the built-in simulator on 127.0.0.1."""
@@ -323,7 +358,7 @@ def simulate(config_path: str | None, port: int | None, host: str | None) -> Non
 @click.option(
     "--idle",
     "idle_s",
-    type=float,
+    type=Seconds(),
     default=30.0,
     show_default=True,
     help="Only jobs nothing has touched for this many seconds.",
@@ -331,7 +366,7 @@ def simulate(config_path: str | None, port: int | None, host: str | None) -> Non
 @json_option
 def recover(idle_s: float, as_json: bool) -> None:
     """Publish again the jobs the store has but the broker lost (each once); finish their batches."""
-    client = default_client()
+    client = checked_client()
     result = reconciler.recover_once(client.runtime, client.app, idle_for_s=idle_s)
     if as_json:
         _print_json(
@@ -350,13 +385,13 @@ def recover(idle_s: float, as_json: bool) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=PORT)
 @click.option("--insecure-no-auth", is_flag=True, help="Serve without a token (local experiments only).")
 def serve(host: str, port: int, insecure_no_auth: bool) -> None:
     """HTTP: /metrics, /v1/status, /v1/usage, POST /v1/jobs, GET /v1/jobs/{id} (bearer token)."""
     from producer.ops.serve import serve as run_server  # tornado and prometheus: only this command
 
-    client = default_client()
+    client = checked_client()
     token = client.env.api_token
     if token is None and not insecure_no_auth:
         raise ConfigError("spillway serve needs $SPILLWAY_API_TOKEN (clients send it as a bearer token)")
@@ -364,7 +399,7 @@ def serve(host: str, port: int, insecure_no_auth: bool) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--port", default=5555, show_default=True, type=PORT)
 @click.option("--address", default="127.0.0.1", show_default=True)
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:

@@ -4,16 +4,37 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from producer.batch import BatchHandle
 from producer.batch import Progress as BatchProgress
+from producer.cli.client import checked_client
 from producer.cli.live import closed_line
-from producer.client import default_client
 from workers.errors import InputError
+
+
+def check_output(path: str) -> None:
+    """Fail before anything is sent when the output cannot be written there: it is written (a
+    temporary file beside it, then a rename) only once the batch has run."""
+    target = Path(path)
+    hint = "'-o' / '--output'"
+    if target.is_dir():
+        raise click.BadParameter(f"{path} is a directory", param_hint=hint)
+    folder = target.parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"{path}: the folder {folder} does not exist", param_hint=hint)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        why = f"{path}: cannot write in {folder} ({exc.strerror})"
+        raise click.BadParameter(why, param_hint=hint) from None
 
 
 def run(
@@ -27,7 +48,7 @@ def run(
     console: Console,
 ) -> None:
     with console.status(f"checking {input_path} and enqueueing…"):
-        handle = default_client().submit_file(
+        handle = checked_client().submit_file(
             input_path, task=task, tier=tier, output=output, skip_invalid=skip_invalid
         )
     first = handle.progress()
@@ -39,7 +60,7 @@ def run(
 
 
 def follow(batch_id: str, output: str | None, console: Console, handle: BatchHandle | None = None) -> None:
-    client = default_client()
+    client = checked_client()
     if client.runtime.store.batch(batch_id) is None:
         raise InputError(f"no batch with id {batch_id!r}")
     handle = handle or client.batch(batch_id)
@@ -93,7 +114,7 @@ def _print_summary(p: BatchProgress, console: Console) -> None:
 
 
 def show_status(batch_id: str, console: Console, *, as_json: bool) -> None:
-    store = default_client().runtime.store
+    store = checked_client().runtime.store
     batch = store.batch(batch_id)
     if batch is None:
         raise InputError(f"no batch with id {batch_id!r}")

@@ -7,12 +7,15 @@
     GET  /v1/jobs/{id}     the job's result, as `spillway submit --json` prints it
 
 Every route needs ``Authorization: Bearer $SPILLWAY_API_TOKEN``. Blocking work (store,
-Redis, broker) runs in a thread pool so one slow call never stalls the others.
+Redis, broker) runs in a thread pool so one slow call never stalls the others. An
+idempotency key is the caller's own: it is stored behind an id derived from the token
+(never the token itself), so two callers' keys never name each other's jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -22,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from tornado.httpserver import HTTPServer
-from tornado.web import Application, HTTPError, RequestHandler
+from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
 from producer.client import Client
 from producer.status import status_report
@@ -48,6 +51,10 @@ JOB_FIELDS = {
     "deadline_s",
 }
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: A body sent without a length (chunked) is read this far to answer 413; beyond, Tornado
+#: drops the connection with a bare 400.
+DRAIN_BODY_BYTES = 8 * MAX_BODY_BYTES
+TOO_LARGE = f"the body is larger than {MAX_BODY_BYTES // 2**20} MiB ({MAX_BODY_BYTES:,} bytes), the limit"
 
 
 class StatusCollector:
@@ -102,6 +109,7 @@ class Base(RequestHandler):
     def initialize(self, client: Client, token: str | None, pool: ThreadPoolExecutor) -> None:
         self.client, self.token, self.pool = client, token, pool
         self.rt, self.celery = client.runtime, client.app
+        self.caller = caller_id(token)
 
     def prepare(self) -> None:
         if self.token is None:
@@ -167,12 +175,30 @@ class Usage(Base):
         self.reply(200, report)
 
 
+@stream_request_body
 class Jobs(Base):
+    """The body is streamed in so that one too large gets a 413 that says so (the server's
+    own limit answers with a bare 400 and no reason)."""
+
+    def prepare(self) -> None:
+        self.chunks: list[bytes] = []
+        self.received = 0
+        super().prepare()
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise HTTPError(413, reason=TOO_LARGE)
+        self.request.connection.set_max_body_size(DRAIN_BODY_BYTES)  # type: ignore[union-attr]
+
+    def data_received(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received <= MAX_BODY_BYTES:
+            self.chunks.append(chunk)
+
     async def post(self) -> None:
-        if len(self.request.body) > MAX_BODY_BYTES:
-            raise HTTPError(413, reason=f"the body is larger than {MAX_BODY_BYTES // 2**20} MiB")
+        if self.received > MAX_BODY_BYTES:
+            raise HTTPError(413, reason=TOO_LARGE)
         try:
-            body = json.loads(self.request.body or b"null")
+            body = json.loads(b"".join(self.chunks) or b"null")
         except (ValueError, RecursionError):
             raise HTTPError(400, reason="the body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -183,9 +209,16 @@ class Jobs(Base):
                 400, reason=f"unknown field(s): {', '.join(unknown)} (known: {', '.join(sorted(JOB_FIELDS))})"
             )
         handle = await self.blocking(
-            lambda: self.client.submit(body.pop("prompt", None), **_job_kwargs(body))
+            lambda: self.client.submit(
+                body.pop("prompt", None), **_job_kwargs(body), idempotency_scope=self.caller
+            )
         )
         self.reply(202, {"job_id": handle.id, "status_url": f"/v1/jobs/{handle.id}"})
+
+
+def caller_id(token: str | None) -> str | None:
+    """A stable id of the caller a token authenticates: the scope of its idempotency keys."""
+    return None if token is None else "t" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def _job_kwargs(body: dict[str, Any]) -> dict[str, Any]:
@@ -226,9 +259,14 @@ class NotFound(Base):
         raise HTTPError(404, reason=f"no such path {self.request.path}")
 
 
+def make_server(client: Client, token: str | None) -> HTTPServer:
+    """The server `serve` runs (call `listen` on it inside a running event loop)."""
+    return HTTPServer(make_app(client, token), max_body_size=MAX_BODY_BYTES + 1024)
+
+
 def serve(client: Client, *, host: str, port: int, token: str | None) -> None:
     async def main() -> None:
-        server = HTTPServer(make_app(client, token), max_body_size=MAX_BODY_BYTES + 1024)
+        server = make_server(client, token)
         server.listen(port, address=host)
         print(f"spillway serve listening on http://{host}:{port}", flush=True)
         await asyncio.Event().wait()
