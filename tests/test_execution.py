@@ -103,8 +103,8 @@ def test_no_room_anywhere_soon_is_a_countdown_to_the_earliest_refill(make_rt) ->
 
 
 def test_jobs_that_must_wait_each_reserve_the_next_slot_and_wait_once(make_rt) -> None:
-    rt = make_rt(a_limits="rpm = 6")  # one back every 10 s
-    for _ in range(6):
+    rt = make_rt(a_limits="rpm = 5")  # one back every 12 s
+    for _ in range(5):
         rt.limiter.acquire(A, Costs(1), lease_ttl_s=1)
     jobs = [add_job(rt, task="solo") for _ in range(3)]
     outcomes = [run_job(rt, job_id, A) for job_id in jobs]
@@ -112,15 +112,15 @@ def test_jobs_that_must_wait_each_reserve_the_next_slot_and_wait_once(make_rt) -
     first, second, third = outcomes
     for n, outcome in enumerate((first, second)):  # each behind the one before: no slot twice
         assert isinstance(outcome, Requeue) and outcome.candidate == A and outcome.reservation
-        assert outcome.countdown_s == pytest.approx(10 * (n + 1) + margin, abs=0.5)
-    # 30 s away is past max_countdown_s (30 here): parked, not reserved (a countdown that long
+        assert outcome.countdown_s == pytest.approx(12 * (n + 1) + margin, abs=0.5)
+    # 36 s away is past max_countdown_s (30 here): parked, not reserved (a countdown that long
     # would outlive a broker's patience; a parked job holds no message)
     assert isinstance(third, Requeue) and third.park_until_s is not None and third.reservation is None
     rt.limiter.clock.advance(first.countdown_s)
     done = run_job(rt, jobs[0], A, first.hop, first.reservation)
     assert isinstance(done, Done) and done.summary["status"] == "succeeded"
-    early = run_job(rt, jobs[1], A, second.hop, second.reservation)  # its slot is 10 s away
-    assert isinstance(early, Requeue) and early.countdown_s == pytest.approx(10, abs=0.5)
+    early = run_job(rt, jobs[1], A, second.hop, second.reservation)  # its slot is 12 s away
+    assert isinstance(early, Requeue) and early.countdown_s == pytest.approx(12, abs=0.5)
     assert early.reservation == second.reservation  # it waits for the same slot, not a new one
 
 

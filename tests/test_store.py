@@ -124,13 +124,16 @@ def test_expired_lease_counts_a_crash_and_poison_fails_the_job(store: Store) -> 
 
 def test_a_call_whose_run_died_is_on_the_ledger_in_doubt_at_its_estimate(store: Store) -> None:
     job_id = new_job(store)
-    assert store.claim(job_id, lease_s=30, max_crashes=3).state == "run"
-    store.start_attempt(job_id, 1, attempt(STARTED, input_tokens=4, output_tokens=8, cost_usd=0.002))
+
+    def estimate(job: Job) -> AttemptRecord:
+        return attempt(STARTED, input_tokens=4, output_tokens=8, cost_usd=0.002)
+
+    assert store.claim(job_id, lease_s=30, max_crashes=3, started=estimate).state == "run"
+    assert [a.outcome for a in store.attempts(job_id)] == [STARTED]  # on the ledger before any call
     assert store.usage_report(by="provider")["total"]["requests"] == 0  # in flight: not yet counted
     expire_lease(store, job_id)  # the worker died after the request left
-    again = store.claim(job_id, lease_s=30, max_crashes=3)
+    again = store.claim(job_id, lease_s=30, max_crashes=3, started=estimate)
     assert again.state == "run" and again.job.calls == 1  # the call it may have made
-    store.start_attempt(job_id, 2, attempt(STARTED, input_tokens=4, output_tokens=8, cost_usd=0.002))
     done = attempt(input_tokens=4, output_tokens=5, cost_usd=0.001)  # the answer replaces the estimate
     assert store.finish(job_id, 2, done, status=SUCCEEDED, text="ok", input_tokens=4, output_tokens=5)
     assert store.job(job_id).calls == 2
@@ -141,9 +144,16 @@ def test_a_call_whose_run_died_is_on_the_ledger_in_doubt_at_its_estimate(store: 
     total = store.usage_report(by="provider")["total"]
     assert (total["requests"], total["in_doubt"], total["output_tokens"]) == (2, 1, 13)
     assert total["cost_usd"] == pytest.approx(0.003)
-    # a finished attempt is never overwritten, not even by a late "started"
-    store.start_attempt(job_id, 2, attempt(STARTED, output_tokens=99))
-    assert [a.outcome for a in store.attempts(job_id)] == [IN_DOUBT, SUCCEEDED]
+
+
+def test_a_run_that_made_no_call_leaves_no_ledger_entry(store: Store) -> None:
+    job_id = new_job(store)
+    entry = attempt(STARTED, output_tokens=8)
+    store.claim(job_id, lease_s=30, max_crashes=3, started=lambda job: entry)
+    assert store.requeue(job_id, 1, None, provider="groq", model="m", hop=False)  # it waited
+    store.claim(job_id, lease_s=30, max_crashes=3, started=lambda job: entry)
+    assert store.finish(job_id, 2, None, status=SUCCEEDED, text="cached", cached=True)  # a cache hit
+    assert store.attempts(job_id) == [] and store.job(job_id).calls == 0
 
 
 def test_requeue_hands_the_job_on_and_records_the_hop(store: Store) -> None:

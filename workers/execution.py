@@ -139,11 +139,33 @@ def _priority(rt: Runtime, job: Job) -> int:
     return rt.priority(job.tier) if job.tier in rt.settings.tiers else 5
 
 
+def _on_the_ledger(rt: Runtime, job: Job, candidate: Candidate) -> AttemptRecord:
+    """A run's entry on the ledger before any request leaves: a call on `candidate` at the
+    estimate (the input estimate and max_tokens). What happens replaces it; a crash leaves it."""
+    estimate = Costs.estimate(job.est_input_tokens, ChatRequest.from_json(job.request).max_tokens)
+    provider = rt.settings.providers.get(candidate.provider)
+    model = provider.models.get(candidate.model) if provider else None
+    return AttemptRecord(
+        provider=candidate.provider,
+        model=candidate.model,
+        outcome=STARTED,
+        started_at=utcnow(),
+        task_type=job.task_type,
+        tier=job.tier,
+        input_tokens=int(estimate.input),
+        output_tokens=int(estimate.output),
+        cost_usd=model.cost_usd(int(estimate.input), int(estimate.output)) if model else 0.0,
+    )
+
+
 def run_job(
     rt: Runtime, job_id: str, candidate: Candidate, hop: int = 0, reservation: str | None = None
 ) -> Outcome:
     claim = rt.store.claim(
-        job_id, lease_s=lease_seconds(rt, candidate.provider), max_crashes=rt.settings.max_crashes
+        job_id,
+        lease_s=lease_seconds(rt, candidate.provider),
+        max_crashes=rt.settings.max_crashes,
+        started=lambda job: _on_the_ledger(rt, job, candidate),
     )
     if claim.state == "missing":
         log.warning("job %s is not in the store; dropping its message", job_id)
@@ -309,9 +331,7 @@ class _Run:
     def _call(self, lease: Lease) -> Outcome:
         rt, candidate = self.rt, self.candidate
         provider = rt.settings.providers[candidate.provider]
-        started = utcnow()
-        self._on_the_ledger(lease, started)
-        clock = time.monotonic()
+        started, clock = utcnow(), time.monotonic()
         try:
             completion = complete(rt.http, provider, candidate.model, self.request, lease.key.secret)
         except ProviderError as exc:
@@ -379,25 +399,6 @@ class _Run:
                 None,
             ),
         )
-
-    def _on_the_ledger(self, lease: Lease, started: Any) -> None:
-        """The call goes on the ledger before its request leaves, at the estimate; if the
-        store cannot take it, the call is not made (and the lease's budget goes back)."""
-        costs, candidate = self.costs, self.candidate
-        record = self._attempt(
-            STARTED,
-            called=True,
-            key_id=lease.key.key_id,
-            started=started,
-            input_tokens=int(costs.input),
-            output_tokens=int(costs.output),
-            cost_usd=self.rt.settings.model(candidate).cost_usd(int(costs.input), int(costs.output)),
-        )
-        try:
-            self.rt.store.start_attempt(self.job.id, self.job.runs, record)
-        except Exception:
-            self._settle(lease, actual=Costs(0, 0, 0, 0), outcome="none")
-            raise
 
     def _settle(self, lease: Lease, **kwargs: Any) -> Settled | None:
         rt = self.rt

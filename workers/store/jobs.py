@@ -7,7 +7,7 @@ keyed by (job id, attempt number). The statements a worker runs per job are buil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -175,10 +175,20 @@ class JobStore(Database):
         with self.session() as s:
             s.execute(delete(Job).where(Job.id.in_(list(job_ids))))
 
-    def claim(self, job_id: str, *, lease_s: float, max_crashes: int) -> Claim:
+    def claim(
+        self,
+        job_id: str,
+        *,
+        lease_s: float,
+        max_crashes: int,
+        started: Callable[[Job], AttemptRecord] | None = None,
+    ) -> Claim:
         """Take the job for one run. A job whose lease ran out was held by a worker that died.
 
-        One conditional UPDATE decides, so two deliveries of one job never both run it.
+        One conditional UPDATE decides, so two deliveries of one job never both run it. In the
+        same transaction the run goes on the ledger as `started(job)` (outcome STARTED, at its
+        estimate), before any request can leave: a run that dies leaves it there, and the next
+        claim marks it in doubt. `finish` and `requeue` replace it with what happened.
         """
         now = utcnow()
         params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
@@ -205,14 +215,22 @@ class JobStore(Database):
                 )
                 job.lease_until = None
                 return Claim("poison", job)
+            if started is not None:
+                s.connection().execute(
+                    self._insert_attempt, _attempt_params(job_id, job.runs, started(job), now)
+                )
             return Claim("run", job)
 
-    def start_attempt(self, job_id: str, run: int, attempt: AttemptRecord) -> None:
-        """Put a call on the ledger before its request leaves (outcome STARTED, usage and cost
-        at the estimate): a run that dies before its outcome is written leaves it there."""
-        now = utcnow()
-        with self.session() as s:
-            s.connection().execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
+    def _record(self, conn: Any, job_id: str, run: int, attempt: AttemptRecord | None, now: datetime) -> None:
+        """What the run did, over its STARTED entry; a run that made no call leaves none."""
+        if attempt is not None:
+            conn.execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
+        else:
+            conn.execute(
+                delete(ATTEMPTS).where(
+                    ATTEMPTS.c.job_id == job_id, ATTEMPTS.c.number == run, ATTEMPTS.c.outcome == STARTED
+                )
+            )
 
     @staticmethod
     def _in_doubt(s: Any, job_id: str, run: int) -> int:
@@ -237,8 +255,7 @@ class JobStore(Database):
         params.update(b_id=job_id, b_now=now, b_calls=int(attempt is not None and attempt.called))
         with self.session() as s:
             conn = s.connection()
-            if attempt is not None:
-                conn.execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
+            self._record(conn, job_id, run, attempt, now)
             return conn.execute(_FINISH, params).rowcount == 1
 
     def requeue(
@@ -266,8 +283,7 @@ class JobStore(Database):
         }
         with self.session() as s:
             conn = s.connection()
-            if attempt is not None:
-                conn.execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
+            self._record(conn, job_id, run, attempt, now)
             return conn.execute(_REQUEUE, params).rowcount == 1
 
     def attempts(self, job_id: str) -> list[Attempt]:
