@@ -34,6 +34,7 @@ from workers.store import FAILED, FINAL, OPEN, SUCCEEDED, Job, utcnow
 
 if TYPE_CHECKING:
     from producer.client import Client
+    from workers.runtime import Runtime
 
 CHUNK = 500  # jobs per placement read, store transaction, publish pipeline and chord
 #: A resumed batch re-sends its stored jobs that have had no broker message for this long
@@ -69,6 +70,9 @@ class Progress:
     jobs_per_s: float
     tokens_per_s: float
     finished: bool
+    #: the most jobs/s the chain's limits allow (rpm, and tpm at the tokens a job used so far),
+    #: over every account; None when a provider of the chain has no such limit
+    limit_jobs_per_s: float | None = None
 
     @property
     def succeeded(self) -> int:
@@ -88,8 +92,37 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
+        """Time left at the rate seen since attaching, but never faster than the providers'
+        limits allow (a batch's first jobs ride on full buckets, the rest on their refill)."""
         left = self.total - self.done
-        return left / self.jobs_per_s if self.jobs_per_s > 0 else None
+        rate = self.jobs_per_s
+        if self.limit_jobs_per_s is not None:
+            rate = min(rate, self.limit_jobs_per_s) if rate > 0 else self.limit_jobs_per_s
+        return left / rate if rate > 0 else None
+
+
+def limit_rate(rt: Runtime, task: str, tier: str, tokens_per_job: float | None) -> float | None:
+    """The most jobs/s the providers of a task/tier chain can take, by their per-minute
+    limits (requests, and tokens at `tokens_per_job`), summed over their accounts and held to
+    the tier's share; None if one of them has no per-minute limit (nothing bounds it)."""
+    try:
+        candidates = rt.settings.chain(task, tier).candidates
+        share = rt.settings.tiers[tier].budget_share if tier in rt.settings.tiers else 1.0
+    except (InputError, KeyError):
+        return None
+    total = 0.0
+    for provider in {c.provider for c in candidates}:
+        config = rt.settings.providers.get(provider)
+        accounts = {k.account for k in rt.keyring.keys(provider)}
+        if config is None or not accounts:
+            continue  # not served here: it takes no share of the batch
+        per_minute = [config.limits.rpm] if config.limits.rpm else []
+        if config.limits.tpm and tokens_per_job:
+            per_minute.append(config.limits.tpm / tokens_per_job)
+        if not per_minute:
+            return None
+        total += min(per_minute) / 60 * share * len(accounts)
+    return total or None
 
 
 @dataclass
@@ -100,17 +133,22 @@ class BatchHandle:
     client: Client = field(repr=False, compare=False)
     _started: float = field(default_factory=time.monotonic)
     _done_at_start: int | None = None
+    _tokens_at_start: int | None = None
 
     def progress(self) -> Progress:
+        """Rates count what happened since this handle first looked (an attach to a batch that
+        is half done does not count the first half as done in no time)."""
         rt = self.client.runtime
         totals = rt.store.batch_totals(self.id)
         done = sum(totals["by_status"].get(s, 0) for s in FINAL)
-        if self._done_at_start is None:
-            self._done_at_start = done
-        elapsed = time.monotonic() - self._started
         tokens = totals["input_tokens"] + totals["output_tokens"]
+        if self._done_at_start is None or self._tokens_at_start is None:
+            self._done_at_start, self._tokens_at_start = done, tokens
+        elapsed = time.monotonic() - self._started
         rate = (done - self._done_at_start) / elapsed if elapsed > 0.5 else 0.0
+        token_rate = (tokens - self._tokens_at_start) / elapsed if elapsed > 0.5 else 0.0
         batch = rt.store.batch(self.id)
+        per_job = tokens / done if done else None
         return Progress(
             batch_id=self.id,
             total=totals["total"],
@@ -121,8 +159,9 @@ class BatchHandle:
             cost_usd=totals["cost_usd"],
             elapsed_s=elapsed,
             jobs_per_s=rate,
-            tokens_per_s=tokens / elapsed if elapsed > 0.5 else 0.0,
+            tokens_per_s=token_rate,
             finished=bool(batch and batch.finished_at) or not any(totals["by_status"].get(s) for s in OPEN),
+            limit_jobs_per_s=limit_rate(rt, batch.task_type, batch.tier, per_job) if batch else None,
         )
 
     def wait(self, timeout_s: float | None = None, *, every_s: float = 0.5) -> Progress:
