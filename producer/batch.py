@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from producer.batchfile import BadLine, BatchItem, check_item, read_jsonl, validate
+from producer.batchfile import BadLine, BatchItem, check_item, line_format, read_jsonl, validate
 from producer.jobs import MAX_NAME_CHARS, check_text, job_row
 from workers import cache, dispatch, reconciler
 from workers.config import Candidate
@@ -177,13 +177,16 @@ class BatchHandle:
             time.sleep(every_s)
 
     def results(self, page: int = 1000) -> Iterator[dict[str, Any]]:
-        """One output record per input line, in input order (read from the store page by page)."""
+        """One output record per input line, in input order (read from the store page by page):
+        OpenAI's batch output format for a batch of OpenAI Batch API lines, else Spillway's."""
         store, after = self.client.runtime.store, -1
+        batch = store.batch(self.id)
+        record = openai_record if batch is not None and batch.line_format == "openai" else output_record
         while True:
             jobs = store.batch_jobs(self.id, after_seq=after, limit=page)
             if not jobs:
                 return
-            yield from (output_record(job) for job in jobs)
+            yield from (record(job) for job in jobs)
             after = jobs[-1].seq
 
     def write(self, path: str | Path) -> int:
@@ -212,6 +215,40 @@ def output_record(job: Job) -> dict[str, Any]:
         "attempts": job.calls or 0,
         "error": None if succeeded else job.error,
     }
+
+
+#: finish reasons OpenAI names; Spillway's "other" and "error" read as "stop" there
+OPENAI_FINISH = {"stop", "length", "content_filter", "tool_calls"}
+
+
+def openai_record(job: Job) -> dict[str, Any]:
+    """One line of OpenAI's batch output format: the response as a chat completion, or the
+    error. Ids are derived from the job id; usage in OpenAI's names."""
+    base: dict[str, Any] = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
+    if job.status == SUCCEEDED:
+        tin, tout = job.input_tokens or 0, job.output_tokens or 0
+        finished = job.finished_at or utcnow()
+        body = {
+            "id": f"chatcmpl-{job.id}",
+            "object": "chat.completion",
+            "created": int(finished.timestamp()),
+            "model": job.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": job.text},
+                    "logprobs": None,
+                    "finish_reason": job.finish_reason if job.finish_reason in OPENAI_FINISH else "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout},
+        }
+        return {**base, "response": {"status_code": 200, "request_id": job.id, "body": body}, "error": None}
+    if job.status == FAILED:
+        error = {"code": job.error_kind or "failed", "message": job.error or "failed"}
+    else:
+        error = {"code": "pending", "message": f"not finished yet ({job.status})"}
+    return {**base, "response": None, "error": error}
 
 
 def submit_batch(
@@ -276,7 +313,15 @@ def run_batch(
     batch = rt.store.batch_by_fingerprint(key) if key else None
     batch_id = batch.id if batch else uuid.uuid4().hex
     if batch is None:
-        rt.store.add_batch(id=batch_id, task_type=task, tier=tier, total=0, chords=0, fingerprint=key)
+        rt.store.add_batch(
+            id=batch_id,
+            task_type=task,
+            tier=tier,
+            total=0,
+            chords=0,
+            fingerprint=key,
+            line_format=line_format(source()),
+        )
     else:
         # Resuming: jobs an earlier run stored but never got to publish go out again (once).
         reconciler.recover_once(rt, client.app, idle_for_s=RESUME_IDLE_S, confirm_s=0.5, batch_id=batch_id)

@@ -109,7 +109,7 @@ def check_item(rt: Runtime, number: int, value: Any, task: str, tier: str) -> Ba
     except InputError as exc:
         return BadLine(number, None, str(exc))
     try:
-        fields = _openai_fields(value) if "body" in value or "url" in value else _plain_fields(value)
+        fields = _openai_fields(value) if is_openai_line(value) else _plain_fields(value)
         item_task, item_tier = fields.pop("task", task), fields.pop("tier", tier)
         request = prepare(rt, item_task, item_tier, **fields)
     except InputError as exc:
@@ -117,6 +117,20 @@ def check_item(rt: Runtime, number: int, value: Any, task: str, tier: str) -> Ba
     except RecursionError:
         return BadLine(number, custom_id, "nested too deeply")
     return BatchItem(number, custom_id, item_task, item_tier, request)
+
+
+def is_openai_line(value: Any) -> bool:
+    """An OpenAI Batch API line (it has a `body` or a `url`), not Spillway's own format."""
+    return isinstance(value, Mapping) and ("body" in value or "url" in value)
+
+
+def line_format(numbered: Iterable[tuple[int, Any]]) -> str | None:
+    """ "openai" when the first line that is a JSON object is an OpenAI Batch API line: the
+    output is then written in OpenAI's batch output format."""
+    for _, value in numbered:
+        if isinstance(value, Mapping):
+            return "openai" if is_openai_line(value) else None
+    return None
 
 
 def _plain_fields(value: Mapping[str, Any]) -> dict[str, Any]:

@@ -230,3 +230,39 @@ def test_a_lost_batch_message_is_sent_again_into_its_chord(redis_server, tmp_pat
     assert recovery.republished == [lost.split("-")[0]]
     assert progress.finished and progress.total == 10
     assert batch.callback_runs == 1 and batch.chords == 1 and batch.summary["total"] == 10
+
+
+def test_openai_batch_lines_in_give_openai_batch_output_out(batch_stack, tmp_path) -> None:
+    """OpenAI Batch API lines in, OpenAI's batch output format out (through --attach too)."""
+    lines = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 20},
+        }
+        for i in range(5)
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = [str(tmp_path / "in.jsonl"), "--task", "work", "--tier", "free"]
+    done = cli(batch_stack, *args, "-o", str(tmp_path / "out.jsonl"))
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in out] == [f"req-{i}" for i in range(5)]
+    for record in out:
+        assert set(record) == {"id", "custom_id", "response", "error"} and record["error"] is None
+        assert record["id"].startswith("batch_req_") and record["response"]["status_code"] == 200
+        body = record["response"]["body"]
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        assert body["choices"][0]["message"]["content"] and body["choices"][0]["finish_reason"] in (
+            "stop",
+            "length",
+        )
+        usage = body["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    started = cli(batch_stack, *args, "--no-wait")
+    batch_id = started.stdout.strip().splitlines()[-1]
+    attached = cli(batch_stack, "--attach", batch_id, "-o", str(tmp_path / "again.jsonl"))
+    assert attached.returncode == 0, attached.stderr
+    again = [json.loads(x) for x in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert all(x["response"]["status_code"] == 200 for x in again)

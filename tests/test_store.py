@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from tests.faultkit import LEDGER, Row
@@ -369,8 +369,9 @@ def test_the_store_has_a_schema_version_and_migrates_it_once(backend, tmp_path, 
 
     if backend == "sqlite":
         url, schema = f"sqlite:///{tmp_path / 'versions.db'}", None
-    else:
-        url, schema = PG_URL, request.getfixturevalue("pg_schema")
+    else:  # a schema of its own: it ends "newer than this Spillway", which no other test wants
+        request.getfixturevalue("pg_schema")  # PostgreSQL answers (else skipped / failed in CI)
+        url, schema = PG_URL, f"spillway_versions_{uuid.uuid4().hex[:8]}"
 
     def version(store: Store) -> str:
         with store.session(write=False) as s:
@@ -391,3 +392,42 @@ def test_the_store_has_a_schema_version_and_migrates_it_once(backend, tmp_path, 
     monkeypatch.setattr(engine, "SCHEMA_VERSION", engine.SCHEMA_VERSION - 1)  # an older Spillway
     with pytest.raises(ConfigError, match="newer than this Spillway"):
         Store(url, schema=schema)
+    if schema:
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(PG_URL)
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_1_store_gets_the_batch_line_format_column(backend, tmp_path, request) -> None:
+    from sqlalchemy import text
+
+    from tests.conftest import PG_URL
+    from workers.store.models import Batch, Meta
+
+    if backend == "sqlite":
+        url, schema = f"sqlite:///{tmp_path / 'v1.db'}", None
+    else:  # a schema of its own: the module's pg_schema holds other tests' versions
+        request.getfixturevalue("pg_schema")  # PostgreSQL answers (else skipped / failed in CI)
+        url, schema = PG_URL, f"spillway_v1_{uuid.uuid4().hex[:8]}"
+    store = Store(url, schema=schema)
+    table = f'"{schema}".spillway_batches' if schema else "spillway_batches"
+    with store.engine.begin() as conn:  # the layout of version 1, as a store made before it
+        conn.execute(text(f"ALTER TABLE {table} DROP COLUMN line_format"))
+        conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="1"))
+    store.close()
+    upgraded = Store(url, schema=schema)
+    try:
+        upgraded.add_batch(id="b1", task_type="chat", tier="free", line_format="openai")
+        assert upgraded.batch("b1").line_format == "openai"
+        with upgraded.session(write=False) as s:
+            assert s.scalar(select(Meta.value).where(Meta.key == "schema_version")) == "2"
+        assert isinstance(upgraded.batch("b1"), Batch)
+    finally:
+        if schema:
+            with upgraded.engine.begin() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        upgraded.close()

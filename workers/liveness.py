@@ -36,7 +36,9 @@ log = logging.getLogger("spillway.liveness")
 BEAT_EVERY_S = 2.0
 #: ... and one whose last beat is older than this is dead.
 DEAD_AFTER_S = 20.0
-#: A message delivered this recently may not be in its worker's last beat yet.
+#: A message delivered (or a job claimed) this recently may not be in its worker's last beat
+#: yet (it beats every 2 s): such a message is not an orphan, such a run keeps its lease. Not
+#: DEAD_AFTER_S: a run claimed a second before its worker died must lose its lease too.
 DELIVERY_GRACE_S = 10.0
 
 
@@ -127,7 +129,7 @@ def restore_orphans(redis: Redis, keys: Keyspace, store: Store, app: Celery, now
         # the dead runs' store leases first: once a message is back, a live worker may claim
         lapsed = {t for t in orphaned.values() if t and t not in held.task_ids}
         if lapsed:
-            store.end_leases(sorted(lapsed), untouched_for_s=DEAD_AFTER_S)
+            store.end_leases(sorted(lapsed), untouched_for_s=DELIVERY_GRACE_S)
         for tag, task_id in orphaned.items():
             qos.restore_by_tag(tag)  # to the front of its queue; nothing if acked meanwhile
             restored.append(task_id)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, select, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,8 +30,24 @@ PING_IDLE_S = 5.0
 
 #: The layout of the tables. A change to it bumps this and adds the step from the version
 #: before to MIGRATIONS, which every process runs once (under the schema lock) on its way in.
-SCHEMA_VERSION = 1
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}  # from version N to N + 1
+SCHEMA_VERSION = 2
+
+
+def _add_column(conn: Connection, table: str, column: str) -> None:
+    """ALTER TABLE … ADD COLUMN for a column the models declare, in the store's schema
+    (nothing if the table has it already: tables made from the models without a version)."""
+    col = Base.metadata.tables[table].c[column]
+    prep = conn.dialect.identifier_preparer
+    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
+    if column in {c["name"] for c in inspect(conn).get_columns(table, schema=schema)}:
+        return
+    name = (f"{prep.quote_schema(schema)}." if schema else "") + prep.quote(table)
+    conn.execute(text(f"ALTER TABLE {name} ADD COLUMN {prep.quote(column)} {col.type.compile(conn.dialect)}"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {  # from version N to N + 1
+    1: lambda conn: _add_column(conn, "spillway_batches", "line_format"),
+}
 
 
 def utcnow() -> datetime:
@@ -70,16 +86,18 @@ class Database:
         fresh store race ("table already exists", a duplicate pg_type row)."""
         if self.url.startswith("sqlite"):
             with self._write_lock, self.engine.begin() as conn:
+                fresh = not _has_jobs_table(conn)
                 Base.metadata.create_all(conn)
-                _migrate(conn, self.url)
+                _migrate(conn, self.url, fresh)
             return
         with self.engine.begin() as conn:
             # held until this transaction ends, by every process creating Spillway's tables
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
             if schema:
                 conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+            fresh = not _has_jobs_table(conn)
             Base.metadata.create_all(conn)
-            _migrate(conn, self.url)
+            _migrate(conn, self.url, fresh)
 
     @contextmanager
     def session(self, *, write: bool = True) -> Iterator[Session]:
@@ -94,11 +112,17 @@ class Database:
         self.engine.dispose()
 
 
-def _migrate(conn: Connection, url: str) -> None:
-    """Bring the store to SCHEMA_VERSION (a store from before versions is version 1)."""
+def _has_jobs_table(conn: Connection) -> bool:
+    schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
+    return inspect(conn).has_table("spillway_jobs", schema=schema)
+
+
+def _migrate(conn: Connection, url: str, fresh: bool) -> None:
+    """Bring the store to SCHEMA_VERSION. Tables created just now are at it; a store from
+    before versions were recorded is version 1."""
     meta = Meta.__table__
     row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
-    version = int(row[0]) if row else 1
+    version = int(row[0]) if row else (SCHEMA_VERSION if fresh else 1)
     if version > SCHEMA_VERSION:
         raise ConfigError(
             f"the store at {_safe_url(url)} has schema version {version}, newer than this "

@@ -35,6 +35,9 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(Stamp)
     finished_at: Mapped[datetime | None] = mapped_column(Stamp)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # "openai" when its lines were OpenAI Batch API lines: its output is then in OpenAI's
+    # batch output format (schema version 2)
+    line_format: Mapped[str | None] = mapped_column(String(16))
 
 
 class Job(Base):
