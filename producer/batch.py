@@ -392,7 +392,14 @@ class _Enqueuer:
                 continue
             rows.append(
                 {
-                    **job_row(job_id, item.task, item.tier, item.request, target=candidate),
+                    **job_row(
+                        job_id,
+                        item.task,
+                        item.tier,
+                        item.request,
+                        target=candidate,
+                        preferred_provider=item.preferred_provider,
+                    ),
                     **self._header(job_id, job_id, candidate, item.tier),
                     "batch_id": self.batch_id,
                     "seq": item.line,
@@ -481,15 +488,16 @@ class _Enqueuer:
     def _place(self, items: list[BatchItem]) -> list[Any]:
         """One limiter read per (task type, tier) in the chunk; each placement sees the last."""
         out: list[Any] = [None] * len(items)
-        groups: dict[tuple[str, str], list[int]] = {}
+        groups: dict[tuple[str, str, str | None], list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault((item.task, item.tier), []).append(i)
-        for (task, tier), indexes in groups.items():
+            groups.setdefault((item.task, item.tier, item.preferred_provider), []).append(i)
+        for (task, tier, preferred), indexes in groups.items():
             costs = [
                 Costs.estimate(items[i].request.estimated_input_tokens(), items[i].request.max_tokens)
                 for i in indexes
             ]
-            for i, candidate in zip(indexes, self.rt.router.place_many(task, tier, costs), strict=True):
+            placed = self.rt.router.place_many(task, tier, costs, preferred=preferred)
+            for i, candidate in zip(indexes, placed, strict=True):
                 out[i] = candidate
         return out
 

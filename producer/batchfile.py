@@ -54,6 +54,7 @@ class BatchItem:
     task: str
     tier: str
     request: ChatRequest
+    preferred_provider: str | None = None  # from an OpenAI line's body.model
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,34 @@ def check_item(rt: Runtime, number: int, value: Any, task: str, tier: str) -> Ba
     try:
         fields = _openai_fields(value) if is_openai_line(value) else _plain_fields(value)
         item_task, item_tier = fields.pop("task", task), fields.pop("tier", tier)
-        request = prepare(rt, item_task, item_tier, **fields)
+        preferred = _provider_of(rt, fields.pop("model", None), item_task, item_tier)
+        request = prepare(rt, item_task, item_tier, preferred_provider=preferred, **fields)
     except InputError as exc:
         return BadLine(number, custom_id, str(exc))
     except RecursionError:
         return BadLine(number, custom_id, "nested too deeply")
-    return BatchItem(number, custom_id, item_task, item_tier, request)
+    return BatchItem(number, custom_id, item_task, item_tier, request, preferred)
+
+
+def _provider_of(rt: Runtime, model: Any, task: str, tier: str) -> str | None:
+    """The provider whose `model` the line asks for (OpenAI's body.model): it is placed there
+    first, and spills over to the rest of its chain only when that provider has no room. A
+    model the task type and tier cannot use is an error naming both."""
+    if model is None:
+        return None
+    if not isinstance(model, str) or not model:
+        raise InputError(f"body.model: expected a model name, got {_short(model)}")
+    chain = rt.settings.chain(task, tier).candidates
+    for candidate in chain:
+        if model in (candidate.model, str(candidate)):
+            return candidate.provider
+    configured = {m for p in rt.settings.providers.values() for m in p.models}
+    if model in configured:
+        raise InputError(
+            f"body.model: {model!r} is not in the {task}/{tier} chain "
+            f"(its models: {', '.join(c.model for c in chain)})"
+        )
+    raise InputError(f"body.model: unknown model {model!r} (configured: {', '.join(sorted(configured))})")
 
 
 def is_openai_line(value: Any) -> bool:
@@ -155,7 +178,7 @@ def _openai_fields(value: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(body) - OPENAI_BODY_KEYS)
     if unknown:
         raise InputError(f"body: unsupported field(s) {', '.join(unknown)}")
-    fields: dict[str, Any] = {"messages": body.get("messages")}
+    fields: dict[str, Any] = {"messages": body.get("messages"), "model": body.get("model")}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         fields["max_tokens"] = max_tokens

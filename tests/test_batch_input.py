@@ -73,7 +73,7 @@ def test_openai_batch_line_format(rt) -> None:
         "method": "POST",
         "url": "/v1/chat/completions",
         "body": {
-            "model": "gpt-4o-mini",
+            "model": "bm",  # a model of the chat/free chain: placed on its provider first
             "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
             "max_completion_tokens": 20,
             "temperature": 0.3,
@@ -84,12 +84,26 @@ def test_openai_batch_line_format(rt) -> None:
     assert isinstance(item, BatchItem) and item.custom_id == "job-1"
     assert item.request.max_tokens == 20 and item.request.json_mode and item.request.temperature == 0.3
     assert [m.role for m in item.request.messages] == ["system", "user"]
+    assert item.preferred_provider == "b"
+    unnamed = check_item(
+        rt, 1, {**line, "body": {k: v for k, v in line["body"].items() if k != "model"}}, "chat", "free"
+    )
+    assert isinstance(unnamed, BatchItem) and unnamed.preferred_provider is None  # the chain decides
     for change, error in (
+        (
+            {"body": {**line["body"], "model": "gpt-4o-mini"}},
+            "body.model: unknown model 'gpt-4o-mini' (configured: am, bm)",
+        ),
+        (
+            {"body": {**line["body"], "model": "bm"}},
+            "body.model: 'bm' is not in the solo/free chain (its models: am)",
+        ),
         ({"url": "/v1/embeddings"}, "url: only /v1/chat/completions"),
         ({"method": "GET"}, "method: only POST"),
         ({"body": {"messages": [], "n": 3}}, "body: unsupported field(s) n"),
     ):
-        bad = check_item(rt, 2, {**line, **change}, "chat", "free")
+        task = "solo" if "solo" in error else "chat"
+        bad = check_item(rt, 2, {**line, **change}, task, "free")
         assert isinstance(bad, BadLine) and bad.error.startswith(error), bad
 
 

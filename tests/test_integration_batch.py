@@ -239,7 +239,11 @@ def test_openai_batch_lines_in_give_openai_batch_output_out(batch_stack, tmp_pat
             "custom_id": f"req-{i}",
             "method": "POST",
             "url": "/v1/chat/completions",
-            "body": {"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 20},
+            "body": {
+                "messages": [{"role": "user", "content": f"question {i}"}],
+                "max_tokens": 20,
+                **({"model": "s1"} if i else {}),  # body.model: steady's model, placed there
+            },
         }
         for i in range(5)
     ]
@@ -260,6 +264,8 @@ def test_openai_batch_lines_in_give_openai_batch_output_out(batch_stack, tmp_pat
         )
         usage = body["usage"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    # as each line asked (round robin alone would have sent about half of them to flaky)
+    assert [x["response"]["body"]["model"] for x in out][1:] == ["s1"] * 4
     started = cli(batch_stack, *args, "--no-wait")
     batch_id = started.stdout.strip().splitlines()[-1]
     attached = cli(batch_stack, "--attach", batch_id, "-o", str(tmp_path / "again.jsonl"))
