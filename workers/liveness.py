@@ -53,7 +53,7 @@ class Holdings:
 
 def held_here() -> tuple[list[str], list[str]]:
     """(delivery tags, task ids) of every message this worker process holds: reserved,
-    running, or waiting for its ETA. Celery's own registry, read from the housekeeping thread."""
+    running, or waiting for its ETA. Celery's own registries, read from the beat thread."""
     from celery.worker import state  # the worker's registry: only a worker process has one
 
     tags, ids = [], []
