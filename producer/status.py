@@ -147,6 +147,58 @@ def render_status(report: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def render_compact(report: dict[str, Any], console: Console) -> None:
+    """One line per provider: how many accounts are available, the worst state of the others,
+    in flight, queued, and the scarcest limit left (for `status --watch` on a small terminal)."""
+    table = Table(title=f"spillway status · {report['now']} (one line per provider)", expand=False)
+    for column in ("provider", "accounts available", "others", "scarcest left", "in flight", "queued"):
+        table.add_column(column, no_wrap=True, overflow="ellipsis")
+    for p in report["providers"]:
+        queued = "-" if p["queue_length"] is None else str(p["queue_length"])
+        if p["skipped"]:
+            table.add_row(p["provider"], "-", f"[dim]skipped: {p['skipped']}[/]", "", "", queued)
+            continue
+        accounts = p["accounts"]
+        up = sum(1 for a in accounts if a["state"] == "available")
+        others = sorted({a["state"] for a in accounts if a["state"] != "available"})
+        scarce = [
+            (v["remaining"] / v["limit"], f"{k} {v['remaining']}/{v['limit']}")
+            for a in accounts
+            for k, v in a["remaining"].items()
+            if v["limit"]
+        ]
+        colour = "green" if up == len(accounts) else ("yellow" if up else "red")
+        table.add_row(
+            p["provider"],
+            f"[{colour}]{up}/{len(accounts)}[/]",
+            ", ".join(others) or "-",
+            min(scarce)[1] if scarce else "no limits",
+            str(sum(a["in_flight"] for a in accounts)),
+            queued,
+        )
+    console.print(table)
+
+
+def fit_status(report: dict[str, Any], console: Console) -> str:
+    """What `status --watch` shows: the full table when it fits the terminal, else one line per
+    provider, cut with a line that says how many providers did not fit."""
+    height = console.size.height - 1  # the cursor's line
+    for render in (render_status, render_compact):
+        with console.capture() as capture:
+            render(report, console)
+        text = capture.get()
+        if text.count("\n") <= height:
+            return text
+    lines = text.splitlines()
+    rows = [p["provider"] for p in report["providers"]]
+    shown = lines[: max(1, height - 1)]
+    hidden = [name for name in rows if not any(name in line for line in shown)]
+    return (
+        "\n".join([*shown, f"… {len(hidden)} more provider(s): a taller terminal or --json shows them"])
+        + "\n"
+    )
+
+
 def render_route(report: dict[str, Any], console: Console) -> None:
     table = Table(
         title=f"route {report['task']}/{report['tier']} · strategy {report['strategy']} · "

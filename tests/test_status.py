@@ -115,3 +115,58 @@ def test_status_watch_refreshes_until_interrupted(e2e_stack) -> None:
     out, err = (b"".join(streams[k]).decode(errors="replace") for k in ("out", "err"))
     assert proc.returncode == 0, err
     assert "spillway status" in out and "groq" in out and "Traceback" not in err
+
+
+def _report(providers: int, accounts: int) -> dict:
+    account = {
+        "model": "m",
+        "account": "k0",
+        "keys": ["k0"],
+        "state": "available",
+        "until": None,
+        "why": None,
+        "remaining": {"rpm": {"remaining": 20, "limit": 30}, "tpm": {"remaining": 900, "limit": 6000}},
+        "input_ratio": 1.0,
+        "in_flight": 1,
+    }
+    return {
+        "now": "2026-12-02T19:00:00Z",
+        "providers": [
+            {
+                "provider": f"provider{i}",
+                "skipped": None,
+                "queue_length": 3,
+                "accounts": [
+                    {
+                        **account,
+                        "account": f"k{j}",
+                        "keys": [f"k{j}"],
+                        "state": "blocked" if j == 1 else "available",
+                    }
+                    for j in range(accounts)
+                ],
+            }
+            for i in range(providers)
+        ],
+    }
+
+
+@pytest.mark.parametrize(("width", "height"), [(100, 24), (150, 40), (80, 12)])
+def test_status_watch_fits_the_terminal(width: int, height: int) -> None:
+    from rich.console import Console
+
+    from producer.status import fit_status
+
+    console = Console(width=width, height=height, force_terminal=False, color_system=None)
+    small = fit_status(_report(1, 2), console)  # fits: the full table, one row per account
+    assert "k1" in small and "blocked" in small
+    big = fit_status(_report(10, 3), console)  # 30 accounts: one line per provider, or cut
+    lines = big.splitlines()
+    assert len(lines) <= height - 1 and all(len(line) <= width for line in lines)
+    shown = [f"provider{i}" for i in range(10) if f"provider{i}" in big]
+    if len(shown) < 10:
+        assert f"… {10 - len(shown)} more provider(s)" in lines[-1]
+    elif "one line per provider" in big:
+        assert "2/3" in big and "tpm 900/6000" in big  # available accounts and the scarcest limit
+    else:
+        assert big.count("blocked") == 10  # the full table fits: every account has its row

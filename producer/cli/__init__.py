@@ -19,7 +19,7 @@ from producer.cli import batch as batchcli
 from producer.cli.client import check_urls, checked_client
 from producer.cli.live import closed_line
 from producer.jobs import MAX_TOKENS
-from producer.status import render_route, render_status, route_report, status_report
+from producer.status import fit_status, render_route, render_status, route_report, status_report
 from producer.usage import parse_since, render_usage, usage_report
 from workers import reconciler
 from workers.celery import app as celery_app
@@ -225,9 +225,7 @@ def status(as_json: bool, watch: bool, every_s: float) -> None:
     with closed_line(console), Live(console=console, auto_refresh=False) as live:
         try:
             while True:
-                with console.capture() as capture:
-                    render_status(status_report(rt, app), console)
-                live.update(Text.from_ansi(capture.get()), refresh=True)
+                live.update(Text.from_ansi(fit_status(status_report(rt, app), console)), refresh=True)
                 time.sleep(every_s)
         except KeyboardInterrupt:
             pass
