@@ -132,8 +132,7 @@ class BatchHandle:
     id: str
     client: Client = field(repr=False, compare=False)
     _started: float = field(default_factory=time.monotonic)
-    _done_at_start: int | None = None
-    _tokens_at_start: int | None = None
+    _at_start: tuple[int, int] | None = None  # (jobs done, tokens) when this handle first looked
 
     def progress(self) -> Progress:
         """Rates count what happened since this handle first looked (an attach to a batch that
@@ -142,11 +141,12 @@ class BatchHandle:
         totals = rt.store.batch_totals(self.id)
         done = sum(totals["by_status"].get(s, 0) for s in FINAL)
         tokens = totals["input_tokens"] + totals["output_tokens"]
-        if self._done_at_start is None or self._tokens_at_start is None:
-            self._done_at_start, self._tokens_at_start = done, tokens
+        if self._at_start is None:
+            self._at_start = (done, tokens)
+        done_before, tokens_before = self._at_start
         elapsed = time.monotonic() - self._started
-        rate = (done - self._done_at_start) / elapsed if elapsed > 0.5 else 0.0
-        token_rate = (tokens - self._tokens_at_start) / elapsed if elapsed > 0.5 else 0.0
+        rate = (done - done_before) / elapsed if elapsed > 0.5 else 0.0
+        token_rate = (tokens - tokens_before) / elapsed if elapsed > 0.5 else 0.0
         batch = rt.store.batch(self.id)
         per_job = tokens / done if done else None
         return Progress(

@@ -136,15 +136,8 @@ latency_ms = { median = 50, p95 = 80 }
 
 
 def test_a_provider_that_comes_back_runs_its_jobs_within_seconds(tmp_path, redis_server) -> None:
-    import redis
-
-    from producer.ops.stack import LocalStack
-
     outage_s = 60 if FULL else 15
-    config = tmp_path / "solo.toml"
-    config.write_text(SOLO_CONFIG)
-    redis.Redis.from_url(redis_server.url(10)).flushdb()
-    stack = LocalStack(config, redis_url=redis_server.url(10), workdir=str(tmp_path))  # defaults
+    stack = make_stack(tmp_path, redis_server.url(10), SOLO_CONFIG, recovery={})  # shipped defaults
     try:
         stack.start()
         stack.start_worker(concurrency=8, loglevel="WARNING")

@@ -38,11 +38,14 @@ FAST_RECOVERY = {
 POLL_S = 0.05  # how often the poison test looks at its job
 
 
-def make_stack(tmp_path, redis_url: str, config_text: str | None = None) -> LocalStack:
+def make_stack(
+    tmp_path, redis_url: str, config_text: str | None = None, *, recovery: dict[str, str] = FAST_RECOVERY
+) -> LocalStack:
+    """A stack on an emptied Redis database; `recovery={}` keeps every shipped default."""
     config = tmp_path / "faults.toml"
     config.write_text(config_text or (CONFIGS / "faults.toml").read_text())
     redis.Redis.from_url(redis_url).flushdb()
-    return LocalStack(config, redis_url=redis_url, workdir=str(tmp_path), extra_env=FAST_RECOVERY)
+    return LocalStack(config, redis_url=redis_url, workdir=str(tmp_path), extra_env=recovery)
 
 
 def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
@@ -180,10 +183,7 @@ latency_ms = { median = 4000, p95 = 4100 }
 
 
 def test_a_dead_workers_jobs_run_again_within_a_minute_with_defaults(tmp_path, redis_server) -> None:
-    config = tmp_path / "defaults.toml"
-    config.write_text(DEFAULTS_CONFIG)
-    redis.Redis.from_url(redis_server.url(12)).flushdb()
-    stack = LocalStack(config, redis_url=redis_server.url(12), workdir=str(tmp_path))  # no overrides
+    stack = make_stack(tmp_path, redis_server.url(12), DEFAULTS_CONFIG, recovery={})  # no overrides
     try:
         stack.start()
         doomed = stack.start_worker(concurrency=4, loglevel="WARNING")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 
-from producer.ops.stack import LocalStack
 from tests.faultkit import wait_for
+from tests.test_faults_workers import make_stack
 from workers import liveness
 
 pytestmark = pytest.mark.integration
@@ -31,10 +30,7 @@ free = ["tight:t1"]
 
 
 def test_only_messages_no_live_worker_holds_are_restored(tmp_path, redis_server) -> None:
-    config = tmp_path / "tight.toml"
-    config.write_text(CONFIG)
-    redis.Redis.from_url(redis_server.url(11)).flushdb()
-    stack = LocalStack(config, redis_url=redis_server.url(11), workdir=str(tmp_path))
+    stack = make_stack(tmp_path, redis_server.url(11), CONFIG, recovery={})
     try:
         stack.start()
         worker = stack.start_worker(concurrency=2, loglevel="WARNING")

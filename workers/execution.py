@@ -139,10 +139,16 @@ def _priority(rt: Runtime, job: Job) -> int:
     return rt.priority(job.tier) if job.tier in rt.settings.tiers else 5
 
 
+def _estimate(job: Job) -> Costs:
+    """What admission reserves for a job: its input estimate and its max_tokens (stored with
+    its request, which need not be parsed for it)."""
+    return Costs.estimate(job.est_input_tokens, job.request["max_tokens"])
+
+
 def _on_the_ledger(rt: Runtime, job: Job, candidate: Candidate) -> AttemptRecord:
     """A run's entry on the ledger before any request leaves: a call on `candidate` at the
     estimate (the input estimate and max_tokens). What happens replaces it; a crash leaves it."""
-    estimate = Costs.estimate(job.est_input_tokens, ChatRequest.from_json(job.request).max_tokens)
+    estimate = _estimate(job)
     provider = rt.settings.providers.get(candidate.provider)
     model = provider.models.get(candidate.model) if provider else None
     return AttemptRecord(
@@ -193,7 +199,7 @@ class _Run:
         self.hop = hop
         self.reservation = reservation
         self.request = ChatRequest.from_json(job.request)
-        self.costs = Costs.estimate(job.est_input_tokens, self.request.max_tokens)
+        self.costs = _estimate(job)
         self.share = rt.settings.tiers[job.tier].budget_share if job.tier in rt.settings.tiers else 1.0
         self.chain = _chain(rt, job)
         ttl = self.chain.cache_ttl_s if self.chain else None

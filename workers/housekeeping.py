@@ -25,7 +25,7 @@ _stop = threading.Event()
 _node: list[str] = []  # this worker's node name, once it is ready
 
 
-def _loop(app: Any, queues: list[str], node: str) -> None:
+def _loop(app: Any, queues: list[str]) -> None:
     try:
         env = runtime().env
     except SpillwayError:  # already said at start-up: this worker cannot run jobs
@@ -41,11 +41,7 @@ def _loop(app: Any, queues: list[str], node: str) -> None:
             parking.release_due(rt.redis, rt.keys, app, now_s)
             if time.monotonic() >= next_orphans:
                 next_orphans = time.monotonic() + env.unacked_restore_s
-                if rt.redis.set(rt.keys.orphans_lock(), node, nx=True, ex=60):
-                    try:
-                        liveness.restore_orphans(rt.redis, rt.keys, rt.store, app, now_s)
-                    finally:
-                        rt.redis.delete(rt.keys.orphans_lock())
+                liveness.restore_orphans(rt.redis, rt.keys, rt.store, app, now_s)
             if env.recover_every_s > 0 and time.monotonic() >= next_recover:
                 next_recover = time.monotonic() + env.recover_every_s
                 reconciler.recover_once(rt, app, idle_for_s=env.recover_idle_s)
@@ -67,9 +63,7 @@ def _start(sender: Any = None, **_: Any) -> None:
     node = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
     _node[:] = [node]
     log.info("housekeeping started; the watchdog watches %s", ",".join(queues) or "no queue")
-    threading.Thread(
-        target=_loop, args=(app, queues, node), name="spillway-housekeeping", daemon=True
-    ).start()
+    threading.Thread(target=_loop, args=(app, queues), name="spillway-housekeeping", daemon=True).start()
     threading.Thread(target=_beat, args=(node,), name="spillway-beat", daemon=True).start()
 
 

@@ -40,6 +40,7 @@ DEAD_AFTER_S = 20.0
 #: yet (it beats every 2 s): such a message is not an orphan, such a run keeps its lease. Not
 #: DEAD_AFTER_S: a run claimed a second before its worker died must lose its lease too.
 DELIVERY_GRACE_S = 10.0
+LOCK_TTL_S = 60  # a restorer that dies holding the lock blocks the others this long
 
 
 @dataclass
@@ -48,7 +49,6 @@ class Holdings:
 
     tags: set[str] = field(default_factory=set)
     task_ids: set[str] = field(default_factory=set)
-    workers: int = 0
 
 
 def held_here() -> tuple[list[str], list[str]]:
@@ -101,7 +101,6 @@ def live_holdings(redis: Redis, keys: Keyspace, now_s: float) -> Holdings:
         if record["t"] < now_s - DEAD_AFTER_S:
             dead.append(node)
             continue
-        held.workers += 1
         held.tags.update(record["tags"])
         held.task_ids.update(record["ids"])
     if dead:
@@ -111,9 +110,17 @@ def live_holdings(redis: Redis, keys: Keyspace, now_s: float) -> Holdings:
 
 
 def restore_orphans(redis: Redis, keys: Keyspace, store: Store, app: Celery, now_s: float) -> list[str]:
-    """Put back every message no live worker holds; returns their task ids."""
-    if not is_redis(app):
+    """Put back every message no live worker holds; returns their task ids. One process at a
+    time (a Redis lock); another that finds it taken does nothing."""
+    if not is_redis(app) or not redis.set(keys.orphans_lock(), "1", nx=True, ex=LOCK_TTL_S):
         return []
+    try:
+        return _restore_orphans(redis, keys, store, app, now_s)
+    finally:
+        redis.delete(keys.orphans_lock())
+
+
+def _restore_orphans(redis: Redis, keys: Keyspace, store: Store, app: Celery, now_s: float) -> list[str]:
     held = live_holdings(redis, keys, now_s)
     restored: list[str] = []
     with app.connection_for_write() as conn:

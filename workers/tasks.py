@@ -72,8 +72,7 @@ def deliver_callback(self: Task, job_id: str, waits: int = 0) -> None:
     except ConfigError as exc:
         log.warning("callback for job %s waits for a worker that can sign it: %s", job_id, exc)
         countdown = min(callbacks.backoff_s(waits), callbacks.SECRET_WAIT_MAX_S)
-        retry = {"args": (job_id,), "kwargs": {"waits": waits + 1}}
-        raise self.retry(countdown=countdown, exc=None, **retry) from None
+        raise self.retry(args=(job_id,), kwargs={"waits": waits + 1}, countdown=countdown, exc=None) from None
     payload = JobResult.from_job(job).to_json()
     try:
         callbacks.deliver(job.callback_url, job_id, payload, rt.http, key)
