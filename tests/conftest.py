@@ -223,13 +223,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     lines = [
         f"fault suite — {mode}",
         f"{'scenario':<{w}}{'faults':>8}{'jobs':>8}{'lost':>6}{'charged 2x':>12}{'bad inputs':>12}"
-        f"{'rejected ok':>13}{'calls seen/ledger':>19}",
+        f"{'rejected ok':>13}{'calls seen/ledger (in doubt)':>30}",
     ]
     for r in LEDGER.rows:
         calls = "" if r.provider_calls is None else f"{r.provider_calls}/{r.ledger_calls}"
+        calls += f" ({r.in_doubt}?)" if r.in_doubt else ""
         lines.append(
             f"{r.scenario:<{w}}{r.faults:>8}{r.submitted:>8}{r.lost:>6}{r.charged_twice:>12}"
-            f"{r.bad_inputs:>12}{r.rejected_cleanly:>13}{calls:>19}"
+            f"{r.bad_inputs:>12}{r.rejected_cleanly:>13}{calls:>30}"
         )
     total = [
         sum(getattr(r, k) for r in LEDGER.rows)

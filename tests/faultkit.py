@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 
-from workers.store import FINAL, SUCCEEDED, Attempt, Job, Store
+from workers.store import FINAL, IN_DOUBT, SUCCEEDED, Attempt, Job, Store
 
 FULL = os.environ.get("SPILLWAY_FAULTS", "").lower() == "full"
 
@@ -26,7 +26,8 @@ class Row:
     bad_inputs: int = 0
     rejected_cleanly: int = 0
     provider_calls: int | None = None  # calls the simulator received (an outside count) ...
-    ledger_calls: int | None = None  # ... and the calls on the store's ledger of attempts
+    ledger_calls: int | None = None  # ... and the calls on the store's ledger of attempts,
+    in_doubt: int = 0  # ... of which this many were in flight in a run that died: maybe never sent
 
 
 @dataclass
@@ -199,10 +200,15 @@ def all_final(store: Store, job_ids: list[str]) -> Callable[[], bool]:
     return check
 
 
-def ledger_calls(store: Store, job_ids: list[str]) -> int:
-    """Attempts that made (or may have made: in doubt) a provider call."""
+def ledger_calls(store: Store, job_ids: list[str]) -> tuple[int, int]:
+    """Attempts that made (or may have made) a provider call, and how many of those are in doubt."""
     with store.session(write=False) as s:
-        return s.scalar(select(func.count()).where(Attempt.job_id.in_(job_ids), Attempt.called.is_(True)))
+        calls, in_doubt = s.execute(
+            select(func.count(), func.count().filter(Attempt.outcome == IN_DOUBT)).where(
+                Attempt.job_id.in_(job_ids), Attempt.called.is_(True)
+            )
+        ).one()
+    return calls, in_doubt
 
 
 def provider_calls(stats: dict[str, dict[str, int]]) -> int:
