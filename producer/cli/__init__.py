@@ -272,7 +272,14 @@ def route(task: str, tier: str, max_tokens: int | None, as_json: bool) -> None:
 @main.command()
 @click.option("--providers", help="Comma-separated providers to serve (default: every one with a key).")
 @click.option("--concurrency", "-c", type=int, help="Threads (default: from the providers' limits).")
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--loglevel",
+    "-l",
+    default="INFO",
+    show_default=True,
+    # checked here: a level Celery refuses would otherwise be a crash the supervisor restarts
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL"], case_sensitive=False),
+)
 @click.option("--hostname", "-n", help="Worker node name (Celery's -n).")
 @click.option("--no-supervise", is_flag=True, help="Run Celery in this process (no restart if it dies).")
 def worker(
