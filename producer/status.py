@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from workers.broker import queue_lengths
@@ -57,7 +58,7 @@ def status_report(rt: Runtime, app: Celery | None = None) -> dict[str, Any]:
             "accounts": [],
         }
         for candidate in (c for c in usable if c.provider == name):
-            snap = snapshots[candidate]
+            snap, concurrency = snapshots[candidate], rt.limiter.concurrency_limit(candidate)
             seen: dict[str, dict[str, Any]] = {}
             for account in snap.accounts:
                 if account.account in seen:  # several keys on one shared account
@@ -82,6 +83,11 @@ def status_report(rt: Runtime, app: Celery | None = None) -> dict[str, Any]:
                         for b in account.buckets
                     },
                 }
+                if concurrency:
+                    seen[account.account]["remaining"]["concurrency"] = {
+                        "remaining": max(0, concurrency - account.in_flight),
+                        "limit": concurrency,
+                    }
             entry["accounts"].extend(seen.values())
         providers.append(entry)
     return {"now": _iso(rt.limiter.now_s() * 1000), "providers": providers}
@@ -112,6 +118,7 @@ def route_report(rt: Runtime, task: str, tier: str, *, max_tokens: int | None = 
     return {
         "task": task,
         "tier": tier,
+        "fallback": rt.settings.fallback_note(task),
         "strategy": chain.strategy,
         "budget_share": share,
         "priority": rt.settings.tiers[tier].priority,
@@ -213,6 +220,8 @@ def render_route(report: dict[str, Any], console: Console) -> None:
         wait = "never" if link["wait_s"] is None else f"{link['wait_s']:.2f}s"
         room = "[green]yes[/]" if link["has_room"] else "[yellow]no[/]"
         table.add_row(str(i), link["candidate"], room, wait, link["why"] or "")
+    if report.get("fallback"):
+        console.print(f"[yellow]note:[/] {escape(report['fallback'])}", highlight=False)
     console.print(table)
     target = report["next_job_goes_to"]
     console.print(

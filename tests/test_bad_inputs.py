@@ -400,16 +400,21 @@ def test_an_idempotency_key_is_the_callers_own(client) -> None:
         ),
         pytest.param(
             ["submit", "--task", "chat", "--tier", "free", "--prompt", "x", "--max-tokens", str(10**30)],
-            "max_tokens:",
+            "--max-tokens:",
             id="submit-max-tokens",
         ),
         pytest.param(
-            ["submit", "--task", "t" * 65, "--tier", "free", "--prompt", "x"], "task:", id="submit-task-65"
+            ["submit", "--task", "t" * 65, "--tier", "free", "--prompt", "x"], "--task:", id="submit-task-65"
         ),
         pytest.param(
             ["submit", "--task", "chat", "--tier", "free", "--prompt", "x", "--idempotency-key", "k" * 257],
-            "idempotency_key:",
+            "--idempotency-key:",
             id="submit-key-257",
+        ),
+        pytest.param(
+            ["submit", "--task", "chat", "--tier", "free", "--prompt", "x", "--provider", "nope"],
+            "--provider: 'nope' is not in the chat/free chain",  # the flag typed, not the field
+            id="submit-provider-not-in-chain",
         ),
         pytest.param(
             ["submit", "--task", "chat", "--tier", "[/]", "--prompt", "x"],
@@ -431,6 +436,43 @@ def test_a_bad_option_exits_2_naming_it_and_sends_nothing(client, tmp_path, args
     assert "internal error" not in output and "Traceback" not in output
     assert rows(client) == before
     assert published_job_ids(client) == []
+
+
+def cli(client: Client, *args: str) -> tuple[int, str, str]:
+    with using(client):
+        result = CliRunner().invoke(main, list(args), catch_exceptions=True)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_an_unknown_task_type_is_named_with_the_route_it_takes(client) -> None:
+    note = """unknown task type 'nope': it takes the "*" route (known: chat)"""
+    code, out, err = cli(client, "submit", "--task", "nope", "--tier", "free", "--prompt", "x")
+    assert code == 0 and note in err and out.strip() in published_job_ids(client)
+    code, out, err = cli(client, "route", "--task", "nope", "--tier", "free", "--json")
+    assert code == 0 and json.loads(out)["fallback"] == note
+    code, out, _ = cli(client, "route", "--task", "nope", "--tier", "free")
+    assert code == 0 and note in " ".join(out.split())
+    code, _, err = cli(client, "submit", "--task", "chat", "--tier", "free", "--prompt", "x")
+    assert code == 0 and "note" not in err  # a configured task type says nothing
+
+
+def test_recover_counts_the_open_jobs_too_recent_to_check(client, monkeypatch) -> None:
+    client.submit("fresh", task="chat", tier="free")  # open, queued, touched just now
+    code, out, _ = cli(client, "recover", "--idle", "30", "--json")
+    assert code == 0 and json.loads(out) | {"batches_completed": []} == {
+        "republished": [],
+        "batches_completed": [],
+        "alive": 0,
+        "too_recent": 1,
+    }
+    code, out, _ = cli(client, "recover", "--idle", "30")
+    assert "1 open job(s) changed in the last 30s and were not checked" in " ".join(out.split())
+    # another recovery holds the lock: said so, nothing done
+    client.runtime.redis.set(client.runtime.keys.recover_lock(), "1", ex=60)
+    monkeypatch.setattr("producer.cli.RECOVER_WAIT_S", 0.5)
+    code, out, err = cli(client, "recover", "--idle", "0")
+    assert code == 1 and "another recovery held the lock" in err, (out, err)
+    assert len(published_job_ids(client)) == 1 and client.runtime.store.count_by_status().get("queued") == 1
 
 
 @pytest.mark.parametrize(

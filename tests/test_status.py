@@ -27,6 +27,15 @@ def test_status_shows_blocks_and_remaining(make_rt) -> None:
     assert json.dumps(report)  # the --json output
 
 
+def test_status_shows_a_concurrency_limit_as_a_limit(make_rt) -> None:
+    rt = make_rt(a_limits="concurrency = 4", b_limits="rpm = 10")
+    report = status_report(rt)
+    [a] = next(p for p in report["providers"] if p["provider"] == "a")["accounts"]
+    [b] = next(p for p in report["providers"] if p["provider"] == "b")["accounts"]
+    assert a["remaining"] == {"concurrency": {"remaining": 4, "limit": 4}}  # not "no limits"
+    assert "concurrency" not in b["remaining"]
+
+
 def test_status_names_skipped_providers(make_rt) -> None:
     rt = make_rt()
     rt.keyring.by_provider.pop("b")

@@ -147,6 +147,13 @@ class Settings:
     admission_margin_s: float = constants.ADMISSION_MARGIN_S
     simulator: dict[str, Any] = field(default_factory=dict)
 
+    def fallback_note(self, task: str) -> str | None:
+        """What to tell a user whose task type is not configured but the "*" route takes it."""
+        if task in self.routes or "*" not in self.routes:
+            return None
+        known = ", ".join(t for t in self.routes if t != "*") or "none"
+        return f'unknown task type {task!r}: it takes the "*" route (known: {known})'
+
     def chain(self, task: str, tier: str) -> Chain:
         """The route for a task type and tier; unknown names are an InputError naming them."""
         if tier not in self.tiers:

@@ -20,7 +20,7 @@ from celery import Celery
 from workers import dispatch, parking
 from workers.broker import message_task_ids
 from workers.runtime import Runtime
-from workers.store import RUNNING, Job, aware, utcnow
+from workers.store import OPEN, RUNNING, Job, aware, utcnow
 
 log = logging.getLogger("spillway.reconciler")
 
@@ -32,6 +32,8 @@ class Recovery:
     republished: list[str]
     batches_completed: list[str]
     skipped_live: int = 0
+    too_recent: int = 0  # open jobs touched within `idle_for_s`: not looked at
+    busy: bool = False  # another reconciler held the lock: nothing was done
 
 
 def recover_once(
@@ -45,7 +47,7 @@ def recover_once(
     """Republish lost jobs (each once) and complete finished batches; see the module doc."""
     lock = rt.keys.recover_lock()
     if not rt.redis.set(lock, "1", nx=True, ex=LOCK_TTL_S):
-        return Recovery([], [])
+        return Recovery([], [], busy=True)
     try:
         return _recover(rt, app, idle_for_s, confirm_s, batch_id)
     finally:
@@ -73,6 +75,8 @@ def _lost(rt: Runtime, app: Celery, idle_for_s: float, batch_id: str | None) -> 
 
 def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float, batch_id: str | None) -> Recovery:
     first, skipped = _lost(rt, app, idle_for_s, batch_id)
+    counts = rt.store.count_by_status(batch_id)
+    too_recent = max(0, sum(counts.get(status, 0) for status in OPEN) - skipped - len(first))
     if first and confirm_s > 0:
         time.sleep(confirm_s)
         second, _ = _lost(rt, app, idle_for_s, batch_id)
@@ -97,7 +101,7 @@ def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float, batc
         republished.append(job.id)
     if republished:
         log.warning("republished %d job(s) the broker had lost", len(republished))
-    return Recovery(republished, complete_batches(rt), skipped)
+    return Recovery(republished, complete_batches(rt), skipped, too_recent)
 
 
 def complete_batches(rt: Runtime) -> list[str]:

@@ -35,6 +35,7 @@ err_console = Console(stderr=True)
 #: The most seconds an option takes (ten years): more overflows a date, nan and inf never end.
 MAX_SECONDS = 10 * 365 * 86400
 PORT = click.IntRange(0, 65535)
+RECOVER_WAIT_S = 15.0  # how long `recover` waits for another recovery's lock
 
 
 class Seconds(click.ParamType):
@@ -59,9 +60,10 @@ class SpillwayGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SpillwayError as exc:
+            message = as_typed(str(exc), self.get_command(ctx, ctx.invoked_subcommand or ""))
             # escaped: the message may quote input ("[/]" would be markup); soft_wrap: one line
             # however long (Rich wraps at 80 columns when not on a terminal)
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(2 if isinstance(exc, ValueError) else 1)
         except TimeoutError as exc:
             err_console.print(f"[bold red]timeout:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -80,6 +82,17 @@ class SpillwayGroup(click.Group):
             sys.exit(70)
 
 
+def as_typed(message: str, command: click.Command | None) -> str:
+    """An error that starts with a field's name names the option the user typed instead
+    (`preferred_provider: ...` → `--provider: ...`)."""
+    field, sep, rest = message.partition(": ")
+    for param in command.params if command and sep else ():
+        longs = [o for o in param.opts if o.startswith("--")] if isinstance(param, click.Option) else []
+        if param.name == field and longs:
+            return f"{longs[0]}: {rest}"
+    return message
+
+
 @click.group(cls=SpillwayGroup)
 @click.version_option(package_name="llm-spillway")
 def main() -> None:
@@ -87,6 +100,13 @@ def main() -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def note_fallback(task: str) -> None:
+    """Say so when an unknown task type quietly takes the "*" route."""
+    note = checked_client().runtime.settings.fallback_note(task)
+    if note:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def _print_json(data: Any) -> None:
@@ -136,6 +156,7 @@ def submit(
         preferred_provider=preferred_provider,
         idempotency_key=idempotency_key,
     )
+    note_fallback(task)
     if not wait:
         _print_json({"job_id": handle.id}) if as_json else click.echo(handle.id)
         return
@@ -195,6 +216,7 @@ def batch(
         raise click.UsageError("give IN.jsonl with --task and --tier (or --attach / --status BATCH_ID)")
     if not output and not no_wait:
         raise click.UsageError("give -o OUT.jsonl for the results (or --no-wait)")
+    note_fallback(task)
     batchcli.run(
         input_path,
         task=task,
@@ -372,19 +394,25 @@ def simulate(config_path: str | None, port: int | None, host: str | None) -> Non
 def recover(idle_s: float, as_json: bool) -> None:
     """Publish again the jobs the store has but the broker lost (each once); finish their batches."""
     client = checked_client()
-    result = reconciler.recover_once(client.runtime, client.app, idle_for_s=idle_s)
+    deadline = time.monotonic() + RECOVER_WAIT_S
+    while (result := reconciler.recover_once(client.runtime, client.app, idle_for_s=idle_s)).busy:
+        if time.monotonic() > deadline:  # a worker's reconciler holds the lock for seconds at most
+            raise click.ClickException(f"another recovery held the lock for {RECOVER_WAIT_S:.0f}s; try again")
+        time.sleep(0.5)
     if as_json:
         _print_json(
             {
                 "republished": result.republished,
                 "batches_completed": result.batches_completed,
                 "alive": result.skipped_live,
+                "too_recent": result.too_recent,
             }
         )
         return
     console.print(
         f"republished {len(result.republished)} job(s); {result.skipped_live} open job(s) are "
-        f"alive (queued, running or parked); {len(result.batches_completed)} batch(es) completed"
+        f"alive (queued, running or parked); {result.too_recent} open job(s) changed in the last "
+        f"{idle_s:g}s and were not checked (--idle); {len(result.batches_completed)} batch(es) completed"
     )
 
 

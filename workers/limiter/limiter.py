@@ -179,7 +179,8 @@ class Limiter:
             )
         return self._buckets[candidate]
 
-    def _concurrency(self, candidate: Candidate) -> int:
+    def concurrency_limit(self, candidate: Candidate) -> int:
+        """Calls one account may have in flight on this model (0: no limit)."""
         provider = self.settings.providers[candidate.provider]
         values = [
             v for v in (provider.limits.concurrency, provider.models[candidate.model].limits.concurrency) if v
@@ -189,7 +190,7 @@ class Limiter:
     def _accounts(self, candidate: Candidate, keys: list[ApiKey]) -> list[dict[str, Any]]:
         if candidate not in self._lua_specs:
             specs = [spec.as_lua() for spec in self.buckets(candidate)]
-            self._lua_specs[candidate] = (specs, self._concurrency(candidate))
+            self._lua_specs[candidate] = (specs, self.concurrency_limit(candidate))
         buckets, concurrency = self._lua_specs[candidate]
         return [{"key_id": k.key_id, "concurrency": concurrency, "buckets": buckets} for k in keys]
 
