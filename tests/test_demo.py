@@ -4,10 +4,13 @@ Celery app on `redis+socket://`, and the Celery CLI itself on the `workers` app.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from producer.ops.demo import demo_config_path
@@ -72,3 +75,46 @@ def test_celery_cli_sees_the_app_and_its_tasks(e2e_stack) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "spillway.run_job" in out.stdout and "spillway.finish_batch" in out.stdout
+
+
+def test_demo_hold_shows_its_jobs_in_flower(tmp_path) -> None:
+    """`spillway demo --hold` starts Flower before the jobs, so Flower has seen them all, and
+    `spillway serve`; both stay up until Ctrl-C, which stops everything."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPILLWAY_", "CELERY_", "FLOWER_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "demo", "--hold", "--jobs", "6"],
+        env={**env, "PYTHONPATH": str(Path(__file__).parent.parent), "COLUMNS": "100"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    urls, seen = {}, []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "spillway serve" not in urls:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            name, _, url = line.strip().partition(": http://")
+            if url:
+                urls[name] = f"http://{url}"
+        assert set(urls) == {"Flower", "spillway serve"}, "".join(seen)
+        metrics = httpx.get(f"{urls['Flower']}/metrics", timeout=10).text.splitlines()
+        succeeded = [
+            float(m.rsplit(" ", 1)[1])
+            for m in metrics
+            if m.startswith("flower_events_total{") and 'type="task-succeeded"' in m
+        ]
+        assert sum(succeeded) >= 6, metrics  # every demo job, as Flower saw it
+        assert any('task="spillway.run_job[' in m for m in metrics)
+        assert httpx.get(f"{urls['spillway serve']}/v1/status", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{urls['Flower']}/healthcheck", timeout=5)  # stopped with the rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

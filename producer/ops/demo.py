@@ -55,6 +55,7 @@ def run_demo(
     with console.status("starting Redis, the simulator and a worker…"):
         stack.start()
         stack.start_worker(concurrency=24, loglevel="WARNING")
+    urls = {}
     where = (
         "your Redis"
         if redis_url
@@ -68,13 +69,23 @@ def run_demo(
         f"[bold]Spillway demo[/] — {where} at {stack.redis_url}, simulator at {stack.simulator_url}"
     )
     try:
+        if hold:  # Flower shows only what happens while it listens: it starts before the jobs
+            with console.status("starting Flower and `spillway serve`…"):
+                stack.wait_for_workers()
+                urls["Flower"] = stack.start_flower()
+                urls["spillway serve"] = stack.start_service(["serve", "--insecure-no-auth"], "/v1/status")
         with stack.applied() as client:
             _run(console, client, stack, job_count)
-            _flower_hint(console, stack, hold)
-            if hold:
-                console.print("[dim]holding; Ctrl-C stops everything[/]")
-                while True:
-                    time.sleep(3600)
+            if not hold:
+                console.print("[dim]`spillway demo --hold` keeps it up and shows these jobs in Flower[/]")
+                return
+            for name, url in urls.items():
+                console.print(f"{name}: {url}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[dim]broker: {stack.env['CELERY_BROKER_URL']} · holding; Ctrl-C stops everything[/]"
+            )
+            while True:
+                time.sleep(3600)
     except KeyboardInterrupt:
         console.print("\n[dim]stopping…[/]")
     finally:
@@ -141,15 +152,3 @@ def _table(results: list, elapsed_s: float, width: int) -> Table:
         ]
         table.add_row(*row)
     return table
-
-
-def _flower_hint(console: Console, stack: LocalStack, hold: bool) -> None:
-    broker = stack.env["CELERY_BROKER_URL"]
-    console.print("Flower shows these tasks per provider queue; open it with:")
-    console.print(
-        f"  CELERY_BROKER_URL='{broker}' celery -A workers flower --port=5555",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if not hold:
-        console.print("[dim](run `spillway demo --hold` to keep this system up while Flower looks at it)[/]")

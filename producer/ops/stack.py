@@ -18,7 +18,7 @@ import httpx
 
 from producer.client import Client, using
 from workers.config import Settings, load_settings
-from workers.embedded import EmbeddedRedis, start_redis
+from workers.embedded import EmbeddedRedis, free_port, start_redis
 from workers.env import Env
 
 
@@ -52,6 +52,7 @@ class LocalStack:
         self.simulator: subprocess.Popen[str] | None = None
         self.simulator_url = ""
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.services: list[subprocess.Popen[bytes]] = []  # Flower, `spillway serve`
         self.env: dict[str, str] = {}
         self._logs: list[IO[Any]] = []
         self._clients: dict[tuple[tuple[str, str], ...], Client] = {}
@@ -175,10 +176,58 @@ class LocalStack:
             f"{self.simulator_url}/_sim/faults", json={"provider": provider, "faults": faults}, timeout=5
         ).raise_for_status()
 
+    def start_service(
+        self,
+        command: list[str],
+        ready_path: str,
+        *,
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        timeout_s: float = 60.0,
+    ) -> str:
+        """Start a `spillway` command that listens on 127.0.0.1 (`flower`, `serve`); its URL once
+        `ready_path` answers."""
+        port = port or free_port()
+        log = self._log_file(f"{command[0]}.log")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", *command, "--port", str(port)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **self.env, **(extra_env or {})},
+            start_new_session=True,
+        )
+        self.services.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`spillway {command[0]}` exited with {proc.returncode} (see {log.name})")
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(url + ready_path, timeout=1)
+                return url
+            time.sleep(0.2)
+        raise TimeoutError(f"`spillway {command[0]}` did not answer on {url} in {timeout_s:.0f}s")
+
+    def start_flower(self, port: int | None = None, timeout_s: float = 60.0) -> str:
+        """Flower on this stack, once it hears from every worker (it shows only the tasks whose
+        events it receives while connected)."""
+        url = self.start_service(["flower", "--address", "127.0.0.1"], "/healthcheck", port=port)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            metrics = httpx.get(f"{url}/metrics", timeout=5).text.splitlines()  # served without auth
+            online = [m for m in metrics if m.startswith("flower_worker_online{") and m.endswith(" 1.0")]
+            if len(online) >= max(1, len(self.workers)):
+                return url
+            time.sleep(0.3)
+        raise TimeoutError(f"Flower on {url} heard from no worker in {timeout_s:.0f}s")
+
     def close(self) -> None:
         for client in self._clients.values():
             client.close()
         self._clients = {}
+        for proc in self.services:
+            _stop(proc, graceful_s=5)
+        self.services = []
         for proc in self.workers:
             _stop(proc, graceful_s=10)
         self.workers = []
