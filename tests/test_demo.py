@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from producer.ops.demo import demo_config_path
@@ -110,10 +111,15 @@ def test_demo_hold_shows_its_jobs_in_flower(tmp_path) -> None:
         assert sum(succeeded) >= 6, metrics  # every demo job, as Flower saw it
         assert any('task="spillway.run_job[' in m for m in metrics)
         assert httpx.get(f"{urls['spillway serve']}/v1/status", timeout=10).status_code == 200
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # `kill`: stops everything it started, like Ctrl-C
         assert proc.wait(60) == 0
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{urls['Flower']}/healthcheck", timeout=5)  # stopped with the rest
+        for url in (f"{urls['Flower']}/healthcheck", f"{urls['spillway serve']}/v1/status"):
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(url, timeout=5)
+        node = f"w0-{proc.pid}@"  # the demo's worker, supervisor and Celery child
+        assert not [
+            p.pid for p in psutil.process_iter(["cmdline"]) if node in " ".join(p.info["cmdline"] or [])
+        ]
     finally:
         if proc.poll() is None:
             proc.kill()

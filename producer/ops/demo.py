@@ -7,6 +7,7 @@ several task types and tiers; shows them live; stops everything on exit or Ctrl-
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from importlib import resources
@@ -46,6 +47,10 @@ def run_demo(
     job_count: int = 12, hold: bool = False, database_url: str = "sqlite:///spillway-demo.db"
 ) -> None:
     console = Console()
+    # `kill` (SIGTERM) and a Ctrl-C of a demo started in the background stop everything too;
+    # the default would leave Redis, the simulator and the worker running
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     env = Env.from_environ()
     user_redis = env.redis_url if "SPILLWAY_REDIS_URL" in env.environ else None
     redis_url = user_redis if user_redis and answers(user_redis) else None
