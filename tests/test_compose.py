@@ -12,6 +12,7 @@ healthy. Rendered twice: by a small renderer here (no docker-compose needed) and
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ SPILLWAY = {name: s for name, s in SERVICES.items() if s.get("image") == "spillw
 EXAMPLE = load_settings(ROOT / "spillway.toml")
 KEY_ENVS = {p.key_env for p in EXAMPLE.providers.values() if p.key_env}
 SIMULATED = {"simulator", "demo"}  # only with `--profile simulator`
+MONITORING = {"prometheus", "grafana"}  # only with `--profile monitoring`
+PROFILES = {name: ["simulator" if name in SIMULATED else "monitoring"] for name in SIMULATED | MONITORING}
 REAL = {"worker-free", "worker-paid", "flower", "serve"}  # what a real .env configures
 CREDENTIALS = {"FLOWER_BASIC_AUTH": "ops:x", "SPILLWAY_API_TOKEN": "x"}
 REAL_DOTENV = """\
@@ -209,9 +212,10 @@ def test_dockerignore_keeps_secrets_and_junk_out_but_not_what_the_image_copies()
 def test_the_simulator_and_the_demo_only_run_with_their_profile() -> None:
     assert "version" not in COMPOSE  # the Compose Specification: profiles, health conditions
     for name, service in SERVICES.items():
-        assert service.get("profiles", []) == (["simulator"] if name in SIMULATED else []), name
+        assert service.get("profiles", []) == PROFILES.get(name, []), name
         if not service.get("profiles"):
             assert not set(service.get("depends_on") or {}) & SIMULATED, f"{name} would pull in the simulator"
+            assert not set(service.get("depends_on") or {}) & MONITORING, f"{name} would pull in Grafana"
     assert "env_file" not in SERVICES["simulator"] or SERVICES["simulator"]["env_file"] == []
 
 
@@ -241,7 +245,7 @@ def test_healthchecks_and_start_order() -> None:
 def test_a_real_env_never_meets_the_simulator(simulator_url: str | None) -> None:
     dotenv = REAL_DOTENV + ("" if simulator_url is None else f"SPILLWAY_SIMULATOR_URL={simulator_url}\n")
     rendered = render(dotenv, CREDENTIALS)
-    assert set(rendered) == set(SERVICES) - SIMULATED
+    assert set(rendered) == set(SERVICES) - SIMULATED - MONITORING
     assert_no_simulator({name: {"environment": env} for name, env in rendered.items()})
     simulator = render(dotenv, CREDENTIALS, ("simulator",))["simulator"]
     assert not set(simulator) & set(parse_dotenv(dotenv))  # it takes any key: it gets none of .env
@@ -249,7 +253,7 @@ def test_a_real_env_never_meets_the_simulator(simulator_url: str | None) -> None
 
 def test_the_example_env_runs_the_simulated_demo() -> None:
     rendered = render((ROOT / ".env.example").read_text(), CREDENTIALS, ("simulator",))
-    assert set(rendered) == set(SERVICES)
+    assert set(rendered) == set(SERVICES) - MONITORING
     for name in REAL | {"demo"}:
         assert rendered[name]["SPILLWAY_SIMULATOR_URL"] == "http://simulator:8900", name
         assert all(rendered[name][key].startswith("sim-") for key in KEY_ENVS), name
@@ -297,7 +301,7 @@ def test_docker_compose_renders_a_real_env_without_the_simulator(
     assert set(services) == set(SERVICES)  # 1.29 lists every service, with its profiles
     assert_no_simulator(services)
     for name, service in services.items():
-        assert service.get("profiles", []) == (["simulator"] if name in SIMULATED else []), name
+        assert service.get("profiles", []) == PROFILES.get(name, []), name
     assert "GROQ_API_KEY" not in services["simulator"].get("environment", {})
 
 
@@ -319,3 +323,105 @@ def test_docker_compose_demands_credentials_and_env(tmp_path: Path) -> None:
     (tmp_path / ".env").unlink()
     no_env = docker_compose(tmp_path, None, **CREDENTIALS)
     assert no_env.returncode != 0 and ".env" in no_env.stderr
+
+
+# -- the monitoring profile: Prometheus and Grafana on the shipped files
+
+
+def mounts(service: Mapping[str, Any]) -> dict[str, str]:
+    """Container path -> host path (or volume) of a service's volumes."""
+    return {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+
+
+def test_monitoring_mounts_the_shipped_files_and_they_fit_together() -> None:
+    prometheus, grafana = SERVICES["prometheus"], SERVICES["grafana"]
+    assert {"flower", "serve"} <= set(prometheus["depends_on"]) and "prometheus" in grafana["depends_on"]
+    for name in MONITORING:  # each bind mount is a file or folder of this repository, read-only
+        for volume in SERVICES[name]["volumes"]:
+            source, _target, *mode = volume.split(":")
+            assert source in COMPOSE["volumes"] or ((ROOT / source).exists() and mode == ["ro"]), volume
+    # Prometheus reads the shipped config, scrapes Flower and serve where compose runs them, and
+    # sends serve's token from the file its entrypoint writes on a tmpfs
+    script = prometheus["command"][0]
+    config_path = re.search(r"--config.file=(\S+)", script).group(1)
+    config = yaml.safe_load((ROOT / mounts(prometheus)[config_path]).read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    flower_port = SERVICES["flower"]["command"][SERVICES["flower"]["command"].index("--port") + 1]
+    serve_port = SERVICES["serve"]["command"][SERVICES["serve"]["command"].index("--port") + 1]
+    assert jobs["flower"]["static_configs"] == [{"targets": [f"flower:{flower_port}"]}]
+    assert jobs["spillway"]["static_configs"] == [{"targets": [f"serve:{serve_port}"]}]
+    token_file = jobs["spillway"]["authorization"]["credentials_file"]
+    assert f"> {token_file} &&" in script and str(Path(token_file).parent) in prometheus["tmpfs"]
+    assert (
+        prometheus["environment"]["SPILLWAY_API_TOKEN"]
+        == SERVICES["serve"]["environment"]["SPILLWAY_API_TOKEN"]
+    )
+    assert config["global"]["scrape_interval"] == "15s"
+    # Grafana: its data source is that Prometheus, its dashboards come from the mounted folder,
+    # and the dashboards name the data source by its uid
+    grafana_mounts = mounts(grafana)
+    provisioning = ROOT / grafana_mounts["/etc/grafana/provisioning"]
+    (datasource,) = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus:9090" and "127.0.0.1:9090:9090" in prometheus["ports"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards/spillway.yml").read_text())["providers"]
+    dashboards = ROOT / grafana_mounts[provider["options"]["path"]]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (dashboards / Path(home).relative_to(provider["options"]["path"])).exists()
+    for board in dashboards.glob("*.json"):
+        text = board.read_text()
+        assert set(re.findall(r'"uid": "([^"]+)"', text)) - {json.loads(text)["uid"]} == {datasource["uid"]}
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+def run_entrypoint(
+    service: Mapping[str, Any], env: dict[str, str], **replace: str
+) -> subprocess.CompletedProcess:
+    """A monitoring service's `sh -c` entrypoint, run here, with its paths and programs replaced."""
+    assert service["entrypoint"] == ["/bin/sh", "-c"]
+    script = service["command"][0].replace("$$", "$")  # Compose's escape of a literal $
+    for old, new in replace.items():
+        assert old in script, old
+        script = script.replace(old, new)
+    return subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=10)
+
+
+def test_the_monitoring_entrypoints_pass_the_token_and_demand_a_grafana_password(tmp_path: Path) -> None:
+    ran = run_entrypoint(
+        SERVICES["prometheus"],
+        {"SPILLWAY_API_TOKEN": "tok-$pecial 1"},
+        **{"/run/spillway": str(tmp_path), "/bin/prometheus": "true"},
+    )
+    assert ran.returncode == 0, ran.stderr
+    token = tmp_path / "api-token"
+    assert token.read_text() == "tok-$pecial 1" and token.stat().st_mode & 0o077 == 0
+    grafana = SERVICES["grafana"]
+    started = run_entrypoint(grafana, {"GF_SECURITY_ADMIN_PASSWORD": "pw"}, **{"/run.sh": "true"})
+    assert started.returncode == 0, started.stderr
+    refused = run_entrypoint(grafana, {"GF_SECURITY_ADMIN_PASSWORD": ""}, **{"/run.sh": "true"})
+    assert refused.returncode == 1 and "set GRAFANA_ADMIN_PASSWORD" in refused.stderr
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-}"
+    monitored = render(REAL_DOTENV, {**CREDENTIALS, "GRAFANA_ADMIN_PASSWORD": "pw"}, ("monitoring",))
+    assert set(monitored) == set(SERVICES) - SIMULATED
+    assert monitored["grafana"]["GF_SECURITY_ADMIN_PASSWORD"] == "pw"
+    assert not set(monitored["grafana"]) & set(parse_dotenv(REAL_DOTENV))  # no key reaches them
+    assert not set(monitored["prometheus"]) & set(parse_dotenv(REAL_DOTENV))
+
+
+@pytest.mark.parametrize("simulated", [False, True])
+def test_docker_compose_renders_the_monitoring_profile(tmp_path: Path, simulated: bool) -> None:
+    """As the README starts it: on real keys, or on the example .env with the simulator too."""
+    dotenv = (ROOT / ".env.example").read_text() if simulated else REAL_DOTENV
+    profiles = ["--profile", "simulator"] * simulated + ["--profile", "monitoring"]
+    out = docker_compose(tmp_path, dotenv, *profiles, **CREDENTIALS, GRAFANA_ADMIN_PASSWORD="pw-3000")
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    assert set(services) == set(SERVICES)
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "pw-3000"
+    assert services["prometheus"]["environment"]["SPILLWAY_API_TOKEN"] == CREDENTIALS["SPILLWAY_API_TOKEN"]
+    for name in MONITORING:  # relative binds resolve next to the compose file: the shipped files
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0] if isinstance(volume, str) else volume["source"]
+            if source.startswith("/"):
+                assert (ROOT / Path(source).relative_to(tmp_path)).exists(), source
+    assert services["prometheus"]["tmpfs"] == ["/run/spillway"]

@@ -6,10 +6,12 @@ from the attempts (every provider call is one), grouped as asked; cached answers
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import BigInteger, case, cast, func, select
 
 from workers.errors import InputError
 from workers.store.engine import Database, aware
@@ -24,6 +26,31 @@ def check_grouping(by: str) -> None:
         raise InputError(f"--by: expected one of {', '.join(GROUPINGS)}, got {by!r}")
 
 
+@dataclass(frozen=True)
+class LedgerGroup:
+    """Sums over the finished attempts of a ledger slice that share these labels."""
+
+    provider: str
+    model: str
+    task_type: str
+    outcome: str
+    called: bool
+    moved_away: bool  # the job went on to another provider after it: a re-route
+    attempts: int
+    input_tokens: int
+    output_tokens: int
+    cost_nusd: int  # nano-dollars: integer sums are exact, so totals built from slices only grow
+    latency_count: int
+    latency_sum_us: int
+    latency_le: tuple[int, ...]  # calls that took at most each of the bounds asked for
+
+
+@dataclass(frozen=True)
+class LedgerSlice:
+    groups: list[LedgerGroup]
+    in_flight: list[int]  # ids of its attempts still STARTED: not summed, look at them again later
+
+
 class ReportStore(Database):
     """Questions about many jobs at once; nothing here writes."""
 
@@ -33,6 +60,68 @@ class ReportStore(Database):
             if batch_id is not None:
                 query = query.where(Job.batch_id == batch_id)
             return dict(s.execute(query).all())
+
+    def ledger_top(self, *, started_before: datetime | None = None) -> int:
+        """The highest attempt id yet (0: none). Ids only grow: (after, upto] names a slice.
+
+        `started_before`: instead, the id of the latest attempt started before then (by the
+        index on started_at): a bound every attempt under it was written long before."""
+        with self.session(write=False) as s:
+            if started_before is None:
+                return int(s.execute(select(func.max(Attempt.id))).scalar() or 0)
+            latest = select(Attempt.id).where(Attempt.started_at < started_before)
+            latest = latest.order_by(Attempt.started_at.desc(), Attempt.id.desc()).limit(1)
+            return int(s.execute(latest).scalar() or 0)
+
+    def ledger_slice(
+        self,
+        *,
+        after: int = 0,
+        upto: int | None = None,
+        ids: Collection[int] | None = None,
+        latency_bounds_ms: Sequence[float] = (),
+    ) -> LedgerSlice:
+        """The attempts with `after` < id <= `upto` (or those of `ids`), summed in SQL per
+        provider, model, task type, outcome, call made and re-route, with latency counted under
+        each of `latency_bounds_ms`; the ones still in flight come back as ids instead. A range
+        is read by its primary key, in one statement, so in one snapshot: an attempt is summed
+        or in flight, never both nor neither."""
+        in_flight = case((Attempt.outcome == STARTED, Attempt.id), else_=None)
+        moved_away = case(
+            (Attempt.moved_to.is_not(None) & (Attempt.moved_to != Attempt.provider), True), else_=False
+        )
+        keys = [Attempt.provider, Attempt.model, Attempt.task_type, Attempt.outcome, Attempt.called]
+        query = select(
+            *keys,
+            moved_away,
+            in_flight,
+            func.count(),
+            func.sum(Attempt.input_tokens),
+            func.sum(Attempt.output_tokens),
+            func.sum(cast(func.round(Attempt.cost_usd * 1e9), BigInteger)),
+            func.count(Attempt.latency_ms),
+            func.sum(cast(func.round(Attempt.latency_ms * 1000), BigInteger)),
+            *(func.sum(case((Attempt.latency_ms <= bound, 1), else_=0)) for bound in latency_bounds_ms),
+        ).group_by(*keys, moved_away, in_flight)
+        if ids is None:
+            ranges = [query.where(Attempt.id > after, *([Attempt.id <= upto] if upto is not None else []))]
+        else:
+            chosen = sorted(ids)
+            ranges = [query.where(Attempt.id.in_(chosen[i : i + 500])) for i in range(0, len(chosen), 500)]
+        groups, open_ids = [], []
+        with self.session(write=False) as s:
+            for statement in ranges:
+                for row in s.execute(statement):
+                    *labels, called, away, open_id = row[: len(keys) + 2]
+                    if open_id is not None:
+                        open_ids.append(int(open_id))
+                        continue
+                    sums = [int(v or 0) for v in row[len(keys) + 2 :]]
+                    fixed = len(sums) - len(latency_bounds_ms)
+                    groups.append(
+                        LedgerGroup(*labels, bool(called), bool(away), *sums[:fixed], tuple(sums[fixed:]))
+                    )
+        return LedgerSlice(groups, open_ids)
 
     def created_span(self) -> tuple[datetime | None, datetime | None]:
         """When the first and the last job were stored (None, None: no jobs)."""
@@ -109,6 +198,36 @@ class ReportStore(Database):
         total = {k: sum(g[k] for g in groups) for k in summed}
         total["cost_usd"] = round(sum(g["cost_usd"] for g in groups), 6)
         return {"by": by, "since": since.isoformat() if since else None, "groups": groups, "total": total}
+
+    # -- the live page of `spillway serve` (producer/ops/dashboard.py) --------------------------
+
+    def recent_latency(self, since: datetime, *, limit: int = 5000) -> dict[str, dict[str, Any]]:
+        """Call latency p50 and p95 (ms) per provider over the calls started since `since`: the
+        newest `limit` of them, so a busy window costs no more than a quiet one."""
+        query = (
+            select(Attempt.provider, Attempt.latency_ms)
+            .where(
+                Attempt.called.is_(True),
+                Attempt.outcome != STARTED,  # in flight: its latency is not known yet
+                Attempt.latency_ms.is_not(None),
+                Attempt.started_at >= since,
+            )
+            .order_by(Attempt.started_at.desc())
+            .limit(limit)
+        )
+        samples: dict[str, list[float]] = {}
+        with self.session(write=False) as s:
+            for provider, latency_ms in s.execute(query):
+                samples.setdefault(provider, []).append(latency_ms)
+        report = {}
+        for provider, values in sorted(samples.items()):
+            values.sort()
+            report[provider] = {
+                "calls": len(values),
+                "p50_ms": _percentile(values, 0.50),
+                "p95_ms": _percentile(values, 0.95),
+            }
+        return report
 
 
 def _keys(by: str, table: Any) -> list[Any]:
