@@ -19,10 +19,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from dotenv import load_dotenv
-
 from producer import batch as batches
 from producer import jobs
+from workers import discovery
 from workers.celery import SpillwayCelery, make_app
 from workers.env import Env
 from workers.results import JobResult
@@ -105,7 +104,7 @@ def default_client() -> Client:
     if _default is None:
         with _default_lock:
             if _default is None:
-                load_dotenv(override=False)
+                discovery.load_dotenv()  # ./.env, else the user config directory's
                 _default = Client()
     return _default
 

@@ -29,7 +29,12 @@ def _var(name: str, default: Any, unit: str, doc: str) -> Any:
 class Env:
     """What the environment says; every field names its variable, default and unit."""
 
-    config_file: str = _var("SPILLWAY_CONFIG", DEFAULT_CONFIG_FILE, "path", "the config file")
+    config_file: str = _var(
+        "SPILLWAY_CONFIG",
+        DEFAULT_CONFIG_FILE,
+        "path",
+        "the config file (unset: found as *Where Spillway looks* says)",
+    )
     redis_url: str = _var(
         "SPILLWAY_REDIS_URL",
         DEFAULT_REDIS_URL,

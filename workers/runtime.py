@@ -11,9 +11,8 @@ import threading
 
 import httpx
 import redis
-from dotenv import load_dotenv
 
-from workers import redisconn
+from workers import discovery, redisconn
 from workers.config import Settings, load_settings
 from workers.dispatch import message_priority
 from workers.env import Env
@@ -38,7 +37,9 @@ class Runtime:
         quiet: bool = False,
     ) -> None:
         self.env = env or Env.from_environ()
-        self.settings = settings or load_settings(self.env.config_file, simulator_url=self.env.simulator_url)
+        self.settings = settings or load_settings(
+            discovery.find_config(environ=self.env.environ).path, simulator_url=self.env.simulator_url
+        )
         self.keyring = KeyRing(self.settings, self.env.environ, quiet=quiet)
         self.keys = Keyspace(self.env.key_prefix)
         self.store = store or Store(self.env.database_url, schema=self.env.database_schema)
@@ -62,12 +63,13 @@ _lock = threading.Lock()
 
 
 def runtime() -> Runtime:
-    """The worker process's runtime, built on first use (reads .env, the environment, the config)."""
+    """The worker process's runtime, built on first use (reads ./.env or the user config directory's,
+    the environment, the config: `workers.discovery`)."""
     global _runtime
     if _runtime is None:
         with _lock:
             if _runtime is None:
-                load_dotenv(override=False)
+                discovery.load_dotenv()
                 _runtime = Runtime()
     return _runtime
 
