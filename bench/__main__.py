@@ -14,7 +14,7 @@ from rich.table import Table
 
 from workers.embedded import start_redis
 
-BENCHMARKS = ["limiter", "submit", "overhead", "makespan", "waits", "tokens", "batch"]
+BENCHMARKS = ["limiter", "submit", "overhead", "makespan", "waits", "tokens", "batch", "front"]
 
 
 def main() -> None:
@@ -165,6 +165,37 @@ def main() -> None:
                     f"{r['end_to_end_s']:.1f}s / {r['theoretical_min_s']:.1f}s = {r['ratio']:.3f}",
                 ),
                 ("batch", "output lines · 429s", f"{r['output_lines']:,} · {r['rate_limited_429s']}"),
+            ]
+        if "front" in only:
+            from bench import front_door
+
+            sizes = {"seconds": 5, "burst_s": 2} if args.quick else {}
+            with console.status("the OpenAI front door…"), tempfile.TemporaryDirectory() as tmp:
+                r = front_door.run(Path(tmp), **sizes)
+            d, t, o = r["direct"], r["through"], r["overload"]
+            rows += [
+                (
+                    "front",
+                    f"chat completion at {r['rate']:.0f}/s, quota free: provider direct p50 / p99",
+                    f"{d['p50_ms']:.1f} / {d['p99_ms']:.1f} ms",
+                ),
+                (
+                    "front",
+                    "… through /v1/chat/completions p50 / p99 (added)",
+                    f"{t['p50_ms']:.1f} / {t['p99_ms']:.1f} ms "
+                    f"(+{r['added_p50_ms']:.1f} / +{r['added_p99_ms']:.1f})",
+                ),
+                (
+                    "front",
+                    f"{r['burst_rate']:.0f}/s offered to a 20/s provider: completed · failed",
+                    f"{o['completed']:,} · {o['failed']:,} of {o['offered']:,} in {o['drained_s']:.0f}s",
+                ),
+                (
+                    "front",
+                    "… answer p50 / p99 · GET /v1/models meanwhile p50 / max",
+                    f"{o['p50_ms'] / 1000:.1f} / {o['p99_ms'] / 1000:.1f} s · "
+                    f"{o['probe_p50_ms']:.0f} / {o['probe_max_ms']:.0f} ms",
+                ),
             ]
     finally:
         redis_server.stop()

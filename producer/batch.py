@@ -24,8 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from producer.batchfile import BadLine, BatchItem, check_item, line_format, read_jsonl, validate
-from producer.jobs import MAX_NAME_CHARS, check_text, job_row
+from producer.batchfile import (
+    BadLine,
+    BatchItem,
+    RouteModel,
+    check_item,
+    line_format,
+    model_in_chain,
+    read_jsonl,
+    validate,
+)
+from producer.jobs import MAX_NAME_CHARS, check_text, hold_for_tenant, job_row
 from workers import cache, dispatch, reconciler
 from workers.config import Candidate
 from workers.errors import InputError, ServiceUnavailable
@@ -226,29 +235,35 @@ def openai_record(job: Job) -> dict[str, Any]:
     error. Ids are derived from the job id; usage in OpenAI's names."""
     base: dict[str, Any] = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
     if job.status == SUCCEEDED:
-        tin, tout = job.input_tokens or 0, job.output_tokens or 0
-        finished = job.finished_at or utcnow()
-        body = {
-            "id": f"chatcmpl-{job.id}",
-            "object": "chat.completion",
-            "created": int(finished.timestamp()),
-            "model": job.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": job.text},
-                    "logprobs": None,
-                    "finish_reason": job.finish_reason if job.finish_reason in OPENAI_FINISH else "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout},
-        }
-        return {**base, "response": {"status_code": 200, "request_id": job.id, "body": body}, "error": None}
+        response = {"status_code": 200, "request_id": job.id, "body": chat_completion(job)}
+        return {**base, "response": response, "error": None}
     if job.status == FAILED:
         error = {"code": job.error_kind or "failed", "message": job.error or "failed"}
     else:
         error = {"code": "pending", "message": f"not finished yet ({job.status})"}
     return {**base, "response": None, "error": error}
+
+
+def chat_completion(job: Job) -> dict[str, Any]:
+    """A succeeded job as OpenAI's chat completion object (ids derived from the job id)."""
+    tin, tout = job.input_tokens or 0, job.output_tokens or 0
+    finished = job.finished_at or utcnow()
+    return {
+        "id": f"chatcmpl-{job.id}",
+        "object": "chat.completion",
+        "created": int(finished.timestamp()),
+        "model": job.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": job.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": job.finish_reason if job.finish_reason in OPENAI_FINISH else "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout},
+        "system_fingerprint": None,
+    }
 
 
 def submit_batch(
@@ -296,8 +311,19 @@ def fingerprint(path: str | Path, output: str | Path | None, task: str, tier: st
 
 
 def run_batch(
-    client: Client, source: Source, *, task: str, tier: str, key: str | None, skip_invalid: bool
+    client: Client,
+    source: Source,
+    *,
+    task: str,
+    tier: str,
+    key: str | None,
+    skip_invalid: bool,
+    route_model: RouteModel = model_in_chain,
+    tenant: str | None = None,
 ) -> BatchHandle:
+    """Check every line, then store and publish the batch chunk by chunk (see `_Enqueuer`).
+    A `tenant`'s batch holds the worst case of all its good lines of the tenant's daily token
+    budget first, or nothing is submitted (BudgetExhausted)."""
     rt = client.runtime
     check_text(task, "task", max_chars=MAX_NAME_CHARS)
     check_text(tier, "tier", max_chars=MAX_NAME_CHARS)
@@ -305,11 +331,13 @@ def run_batch(
         check_text(key, "batch_key", max_chars=MAX_NAME_CHARS)  # the batch's fingerprint column
     rt.settings.chain(task, tier)  # an unknown default task type or tier fails before anything
     good_ids: dict[str, int] = {}
-    good, bad = validate(rt, source(), task, tier, seen=good_ids)
+    tokens = [0]
+    good, bad = validate(rt, source(), task, tier, seen=good_ids, route_model=route_model, tokens=tokens)
     if bad and not skip_invalid:
         raise BatchInputError(bad)
     if not good and not bad:
         raise InputError("the batch is empty")
+    hold_for_tenant(rt, tenant, tokens[0])
     batch = rt.store.batch_by_fingerprint(key) if key else None
     batch_id = batch.id if batch else uuid.uuid4().hex
     if batch is None:
@@ -331,10 +359,11 @@ def run_batch(
         rt.store.batch_states(batch_id),
         chords_before=batch.chords if batch else 0,
         good_ids=set(good_ids),
+        tenant=tenant,
     )
     bad_lines = {b.line: b for b in bad}
     for chunk in _chunks(source(), CHUNK):
-        enqueuer.add([bad_lines.get(n) or check_item(rt, n, v, task, tier) for n, v in chunk])
+        enqueuer.add([bad_lines.get(n) or check_item(rt, n, v, task, tier, route_model) for n, v in chunk])
     enqueuer.flush()
     rt.store.update_batch(batch_id, total=rt.store.batch_totals(batch_id)["total"], chords=enqueuer.chords)
     return BatchHandle(batch_id, client)
@@ -350,8 +379,10 @@ class _Enqueuer:
         states: dict[str, tuple[str, str]],
         chords_before: int,
         good_ids: set[str] | None = None,
+        tenant: str | None = None,
     ) -> None:
         self.client = client
+        self.tenant = tenant
         self.rt = client.runtime
         self.batch_id = batch_id
         self.states = states  # custom_id -> (job id, status) of what this batch already holds
@@ -399,6 +430,7 @@ class _Enqueuer:
                         item.request,
                         target=candidate,
                         preferred_provider=item.preferred_provider,
+                        tenant=self.tenant,
                     ),
                     **self._header(job_id, job_id, candidate, item.tier),
                     "batch_id": self.batch_id,

@@ -9,7 +9,7 @@ or the OpenAI Batch API line ``{"custom_id", "method": "POST", "url": "/v1/chat/
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,18 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 yield number, BadLine(number, None, f"not valid JSON ({exc})")
 
 
-def check_item(rt: Runtime, number: int, value: Any, task: str, tier: str) -> BatchItem | BadLine:
+#: (runtime, a line's model or None, its task type, its tier) -> (task type, tier, preferred provider)
+RouteModel = Callable[[Runtime, Any, str, str], tuple[str, str, str | None]]
+
+
+def model_in_chain(rt: Runtime, model: Any, task: str, tier: str) -> tuple[str, str, str | None]:
+    """The default: a line's model must be one of its task type's chain, placed there first."""
+    return task, tier, _provider_of(rt, model, task, tier)
+
+
+def check_item(
+    rt: Runtime, number: int, value: Any, task: str, tier: str, route_model: RouteModel = model_in_chain
+) -> BatchItem | BadLine:
     """One line (or item) turned into a job, or the reason it cannot be one."""
     if isinstance(value, BadLine):
         return value
@@ -110,9 +121,9 @@ def check_item(rt: Runtime, number: int, value: Any, task: str, tier: str) -> Ba
     except InputError as exc:
         return BadLine(number, None, str(exc))
     try:
-        fields = _openai_fields(value) if is_openai_line(value) else _plain_fields(value)
+        fields = openai_fields(value) if is_openai_line(value) else _plain_fields(value)
         item_task, item_tier = fields.pop("task", task), fields.pop("tier", tier)
-        preferred = _provider_of(rt, fields.pop("model", None), item_task, item_tier)
+        item_task, item_tier, preferred = route_model(rt, fields.pop("model", None), item_task, item_tier)
         request = prepare(rt, item_task, item_tier, preferred_provider=preferred, **fields)
     except InputError as exc:
         return BadLine(number, custom_id, str(exc))
@@ -163,7 +174,7 @@ def _plain_fields(value: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in value.items() if k != "custom_id"}
 
 
-def _openai_fields(value: Mapping[str, Any]) -> dict[str, Any]:
+def openai_fields(value: Mapping[str, Any]) -> dict[str, Any]:
     """The OpenAI Batch API line format, as OpenAI documents it."""
     unknown = sorted(set(value) - OPENAI_LINE_KEYS)
     if unknown:
@@ -205,14 +216,17 @@ def validate(
     task: str,
     tier: str,
     seen: dict[str, int] | None = None,
+    route_model: RouteModel = model_in_chain,
+    tokens: list[int] | None = None,
 ) -> tuple[int, list[BadLine]]:
     """Check every line; (count of good items, every bad line). Keeps only the custom ids: the
-    good lines' go in `seen` (custom_id -> line), if given."""
+    good lines' go in `seen` (custom_id -> line), if given; `tokens[0]` grows by each good
+    line's worst case (estimated input + max_tokens), if given."""
     seen = {} if seen is None else seen
     bad: list[BadLine] = []
     good = 0
     for number, value in numbered:
-        item = check_item(rt, number, value, task, tier)
+        item = check_item(rt, number, value, task, tier, route_model)
         if isinstance(item, BatchItem):
             if item.custom_id in seen:
                 item = BadLine(
@@ -223,6 +237,8 @@ def validate(
             else:
                 seen[item.custom_id] = number
                 good += 1
+                if tokens is not None:
+                    tokens[0] += item.request.estimated_input_tokens() + item.request.max_tokens
         if isinstance(item, BadLine):
             bad.append(item)
     return good, bad

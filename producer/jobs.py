@@ -7,7 +7,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -16,8 +16,8 @@ from workers import cache, callbacks, dispatch
 from workers.cache import CachedAnswer
 from workers.config import Candidate
 from workers.constants import queue_name
-from workers.errors import IdempotencyConflict, InputError, ServiceUnavailable
-from workers.limiter import Costs
+from workers.errors import IdempotencyConflict, InputError, ServiceUnavailable, SpillwayError
+from workers.limiter import Costs, tenants
 from workers.messages import MAX_PROMPT_CHARS, ChatRequest, build_request
 from workers.results import JobResult
 from workers.runtime import Runtime
@@ -85,12 +85,76 @@ def submit(
     callback_url: str | None = None,
     deadline_s: float | None = None,
     idempotency_scope: str | None = None,
+    tenant: str | None = None,
 ) -> JobHandle:
     """`Client.submit`: store one job and publish it to the provider queue that can finish it
     soonest; returns as soon as the job is stored and published.
 
     `idempotency_scope` (e.g. the caller `spillway serve` authenticated) is stored in front of
-    the key, so the same key from two scopes names two jobs."""
+    the key, so the same key from two scopes names two jobs. A `tenant`'s job holds its worst
+    case of the tenant's daily token budget (BudgetExhausted, nothing stored, when it cannot)."""
+    admitted = _admit(
+        client,
+        prompt,
+        messages=messages,
+        task=task,
+        tier=tier,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        stop=stop,
+        json_mode=json_mode,
+        preferred_provider=preferred_provider,
+        idempotency_key=idempotency_key,
+        callback_url=callback_url,
+        deadline_s=deadline_s,
+        idempotency_scope=idempotency_scope,
+        tenant=tenant,
+    )
+    if isinstance(admitted, JobHandle):
+        return admitted
+    rt = client.runtime
+    try:
+        target = rt.router.place(task, tier, admitted.costs, preferred=preferred_provider).candidate
+    except ServiceUnavailable:
+        if not rt.env.keep_when_broker_down:
+            raise
+        target = rt.router.candidates(task, tier)[0]  # Redis is down: the reconciler sends it later
+    result = _store_and_publish(client, [admitted], [target])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+@dataclass
+class Admitted:
+    """A checked submit, ready to be placed, stored and published."""
+
+    task: str
+    tier: str
+    request: ChatRequest
+    costs: Costs
+    row: dict[str, Any]  # job_row's keyword arguments but the target
+    shown_key: str | None = None
+    tenant: str | None = None
+
+
+def _admit(
+    client: Client,
+    prompt: str | None = None,
+    *,
+    task: str,
+    tier: str,
+    preferred_provider: str | None = None,
+    idempotency_key: str | None = None,
+    callback_url: str | None = None,
+    deadline_s: float | None = None,
+    idempotency_scope: str | None = None,
+    tenant: str | None = None,
+    **fields: Any,
+) -> Admitted | JobHandle:
+    """Check a submit; the job it names already (an idempotency key, a cached answer), or
+    what is left to do."""
     rt = client.runtime
     key = None
     if idempotency_key is not None:
@@ -98,23 +162,11 @@ def submit(
         check_text(idempotency_key, "idempotency_key", max_chars=MAX_IDEMPOTENCY_KEY - len(prefix))
         key = prefix + idempotency_key
     deadline_s = check_deadline(deadline_s)
-    request = prepare(
-        rt,
-        task,
-        tier,
-        prompt=prompt,
-        messages=messages,
-        system=system,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        stop=stop,
-        json_mode=json_mode,
-        preferred_provider=preferred_provider,
-    )
+    request = prepare(rt, task, tier, prompt=prompt, preferred_provider=preferred_provider, **fields)
     if key is not None:
         existing = rt.store.by_idempotency_key(key)
         if existing is not None:
-            return JobHandle(_same_request(existing, task, tier, request, idempotency_key), client)
+            return JobHandle(_same_request(existing, task, tier, request, idempotency_key or ""), client)
     if callback_url is not None:
         _check_url(callback_url)
         callbacks.secret(rt.env)  # signing needs it: fail now, not when the result is ready
@@ -128,34 +180,120 @@ def submit(
     if answer is not None:
         return _store_cached(client, task, tier, request, answer, shown_key=idempotency_key, **extra)
     costs = Costs.estimate(request.estimated_input_tokens(), request.max_tokens)
+    return Admitted(task, tier, request, costs, {**extra, "tenant": tenant}, idempotency_key, tenant)
+
+
+def submit_many(client: Client, submits: list[dict[str, Any]]) -> list[JobHandle | Exception]:
+    """Many `submit`s at once (`spillway serve` under load): each is checked on its own and gets
+    its job or its error; the rest are placed with one limiter read per route, stored in one
+    transaction and published in one pipelined round trip."""
+    results: list[JobHandle | Exception | None] = [None] * len(submits)
+    admitted: list[tuple[int, Admitted]] = []
+    for i, fields in enumerate(submits):
+        try:
+            done = _admit(client, **fields)
+        except SpillwayError as exc:
+            results[i] = exc
+            continue
+        if isinstance(done, JobHandle):
+            results[i] = done
+        else:
+            admitted.append((i, done))
+    groups: dict[tuple[str, str, str | None], list[tuple[int, Admitted]]] = {}
+    for i, a in admitted:
+        groups.setdefault((a.task, a.tier, a.row["preferred_provider"]), []).append((i, a))
+    for (task, tier, preferred), members in groups.items():
+        try:
+            placed = client.runtime.router.place_many(
+                task, tier, [a.costs for _, a in members], preferred=preferred
+            )
+        except ServiceUnavailable as exc:
+            for i, _ in members:
+                results[i] = exc
+            continue
+        stored = _store_and_publish(client, [a for _, a in members], placed)
+        for (i, _), result in zip(members, stored, strict=True):
+            results[i] = result
+    return [r if r is not None else InputError("not submitted") for r in results]
+
+
+def _store_and_publish(
+    client: Client, admitted: list[Admitted], targets: list[Candidate]
+) -> list[JobHandle | Exception]:
+    """Hold each tenant's tokens, store the jobs in one transaction, publish them pipelined;
+    what fails gives its hold back. A concurrent submit with the same idempotency key wins."""
+    rt = client.runtime
+    out: list[JobHandle | Exception] = []
+    rows, held, ready = [], [], []
+    for a, target in zip(admitted, targets, strict=True):
+        try:
+            hold = hold_for_tenant(rt, a.tenant, int(a.costs.tokens))
+        except SpillwayError as exc:
+            out.append(exc)
+            continue
+        job_id = uuid.uuid4().hex
+        rows.append(job_row(job_id, a.task, a.tier, a.request, target=target, **a.row))
+        held.append(hold)
+        ready.append((len(out), a, job_id, target))
+        out.append(JobHandle(job_id, client))
+    if not rows:
+        return out
     try:
-        target = rt.router.place(task, tier, costs, preferred=preferred_provider).candidate
-    except ServiceUnavailable:
-        if not rt.env.keep_when_broker_down:
-            raise
-        target = rt.router.candidates(task, tier)[0]  # Redis is down: the reconciler sends it later
-    job_id = uuid.uuid4().hex
-    row = job_row(
-        job_id,
-        task,
-        tier,
-        request,
-        preferred_provider=preferred_provider,
-        idempotency_key=key,
-        callback_url=callback_url,
-        deadline_s=deadline_s,
-        target=target,
-    )
-    try:
-        rt.store.add_jobs([row])
+        rt.store.add_jobs(rows)
     except DuplicateJob:
-        existing = rt.store.by_idempotency_key(key or "")
+        for hold in held:
+            hold.give_back()
+        if len(rows) > 1:  # one of them lost an idempotency race: each on its own
+            for place, a, _, target in ready:
+                out[place] = _store_and_publish(client, [a], [target])[0]
+            return out
+        a = ready[0][1]
+        existing = rt.store.by_idempotency_key(a.row["idempotency_key"] or "")
         if existing is None:
             raise
         # a concurrent submit with the same key won
-        return JobHandle(_same_request(existing, task, tier, request, idempotency_key or ""), client)
-    publish(client, [dispatch.Target(job_id, target.provider, target.model, rt.priority(tier))])
-    return JobHandle(job_id, client)
+        shown = a.shown_key or ""
+        out[ready[0][0]] = JobHandle(_same_request(existing, a.task, a.tier, a.request, shown), client)
+        return out
+    except Exception:
+        for hold in held:
+            hold.give_back()
+        raise
+    try:
+        publish(
+            client,
+            [dispatch.Target(job_id, t.provider, t.model, rt.priority(a.tier)) for _, a, job_id, t in ready],
+        )
+    except ServiceUnavailable as exc:
+        for hold in held:
+            hold.give_back()
+        for place, *_ in ready:
+            out[place] = exc
+    return out
+
+
+@dataclass(frozen=True)
+class Held:
+    """Tokens a tenant's submit holds of its day's budget, to give back if it does not happen."""
+
+    rt: Runtime | None = None
+    tenant: str = ""
+    tokens: int = 0
+    at: datetime | None = None
+
+    def give_back(self) -> None:
+        if self.rt is not None and self.at is not None:
+            tenants.give_back(self.rt.redis, self.rt.keys, self.tenant, self.tokens, self.at)
+
+
+def hold_for_tenant(rt: Runtime, tenant: str | None, tokens: int) -> Held:
+    """Hold `tokens` of the tenant's daily budget (none for a submit with no tenant)."""
+    if tenant is None:
+        return Held()
+    config = rt.settings.tenants.get(tenant)
+    now = utcnow()
+    tenants.hold(rt.redis, rt.keys, tenant, tokens, config.daily_tokens if config else None, now)
+    return Held(rt, tenant, tokens, now)
 
 
 def _same_request(existing: Any, task: str, tier: str, request: ChatRequest, key: str) -> str:

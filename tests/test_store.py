@@ -402,7 +402,7 @@ def test_the_store_has_a_schema_version_and_migrates_it_once(backend, tmp_path, 
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_version_1_store_gets_the_batch_line_format_column(backend, tmp_path, request) -> None:
+def test_a_version_1_store_gets_every_later_column(backend, tmp_path, request) -> None:
     from sqlalchemy import text
 
     from tests.conftest import PG_URL
@@ -414,17 +414,20 @@ def test_a_version_1_store_gets_the_batch_line_format_column(backend, tmp_path, 
         request.getfixturevalue("pg_schema")  # PostgreSQL answers (else skipped / failed in CI)
         url, schema = PG_URL, f"spillway_v1_{uuid.uuid4().hex[:8]}"
     store = Store(url, schema=schema)
-    table = f'"{schema}".spillway_batches' if schema else "spillway_batches"
+    batches = f'"{schema}".spillway_batches' if schema else "spillway_batches"
+    jobs = f'"{schema}".spillway_jobs' if schema else "spillway_jobs"
     with store.engine.begin() as conn:  # the layout of version 1, as a store made before it
-        conn.execute(text(f"ALTER TABLE {table} DROP COLUMN line_format"))
+        conn.execute(text(f"ALTER TABLE {batches} DROP COLUMN line_format"))  # version 2
+        conn.execute(text(f"ALTER TABLE {jobs} DROP COLUMN tenant"))  # version 3
         conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="1"))
     store.close()
     upgraded = Store(url, schema=schema)
     try:
         upgraded.add_batch(id="b1", task_type="chat", tier="free", line_format="openai")
         assert upgraded.batch("b1").line_format == "openai"
+        assert upgraded.job(new_job(upgraded, tenant="team-a")).tenant == "team-a"
         with upgraded.session(write=False) as s:
-            assert s.scalar(select(Meta.value).where(Meta.key == "schema_version")) == "2"
+            assert s.scalar(select(Meta.value).where(Meta.key == "schema_version")) == "3"
         assert isinstance(upgraded.batch("b1"), Batch)
     finally:
         if schema:

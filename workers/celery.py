@@ -16,6 +16,7 @@ from celery import Celery
 from celery.app import backends
 from celery.backends.redis import RedisBackend
 
+from workers import discovery
 from workers.env import Env
 from workers.resultbackend import QuietRedisBackend
 
@@ -39,9 +40,11 @@ def celery_settings(env: Env) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # LLM calls take seconds: a worker holds one message per thread, no more.
         "worker_prefetch_multiplier": env.prefetch_multiplier,
-        # Flower sees every task: sent, started, retried, succeeded.
+        # Flower sees every task from its worker: received, started, retried, succeeded. No
+        # "sent" event from producers: one publish fewer per job, and a sent event arriving
+        # after the worker's overwrote the provider:model name Flower shows with the plain one.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": False,
         "task_track_started": True,
         # Redis broker: an unacked message comes back after `visibility_timeout`; it must outlast
         # the longest call plus the longest countdown (Spillway parks longer waits in Redis).
@@ -119,4 +122,5 @@ def make_app(env: Env, *, main: bool = False) -> SpillwayCelery:
     return app
 
 
+discovery.load_dotenv()  # the broker's URL may be in ./.env: read before the app is made
 app = make_app(Env.from_environ(), main=True)

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from workers import constants
+from workers import constants, discovery
 from workers.errors import ConfigError, InputError
 from workers.providers import ADAPTERS, SIGNAL_PARSERS
 from workers.strategies import STRATEGIES
@@ -133,6 +133,19 @@ class TierConfig:
 
 
 @dataclass(frozen=True)
+class TenantConfig:
+    """A caller of `spillway serve` (``[tenants.<name>]``): its token comes from the
+    environment, never the file; what it submits runs at its tier; it sees only its own."""
+
+    name: str
+    token_env: str
+    tier: str
+    tiers: tuple[str, ...]  # the tiers it may ask for (X-Spillway-Tier); its own by default
+    task: str  # the task type of a request whose model names none
+    daily_tokens: int | None = None  # tokens a UTC day, held at each job's worst case until it ends
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str
     providers: dict[str, ProviderConfig]
@@ -146,6 +159,7 @@ class Settings:
     lease_margin_s: float = constants.LEASE_MARGIN_S
     admission_margin_s: float = constants.ADMISSION_MARGIN_S
     simulator: dict[str, Any] = field(default_factory=dict)
+    tenants: dict[str, TenantConfig] = field(default_factory=dict)
 
     def fallback_note(self, task: str) -> str | None:
         """What to tell a user whose task type is not configured but the "*" route takes it."""
@@ -172,10 +186,11 @@ class Settings:
 
 
 def load_settings(
-    path: str | os.PathLike[str] = constants.DEFAULT_CONFIG_FILE, *, simulator_url: str | None = None
+    path: str | os.PathLike[str] | None = None, *, simulator_url: str | None = None
 ) -> Settings:
-    """Read and validate the config file (`Env.config_file`: ``$SPILLWAY_CONFIG``)."""
-    path = Path(path)
+    """Read and validate the config file: `path`, else the one `workers.discovery` finds
+    (``$SPILLWAY_CONFIG``, ``./spillway.toml``, the user config directory's)."""
+    path = discovery.find_config().path if path is None else Path(path)
     source = path.name if path.parent == Path(".") else str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -203,18 +218,50 @@ def settings_from_data(data: dict[str, Any], source: str, *, simulator_url: str 
     providers = _providers(root.pop_table("providers", required=True), simulator_url)
     tiers = _tiers(root.pop_table("tiers"))
     routes = _routes(root.pop_table("routes", required=True), providers, tiers)
+    tenants = _tenants(root.pop_table("tenants"), tiers, routes)
     simulator = root.pop_raw("simulator", {})
     if not isinstance(simulator, dict):
         raise root.error("simulator", "expected a table", simulator)
-    root.done(known=("spillway", "providers", "routes", "tiers", "simulator"))
+    root.done(known=("spillway", "providers", "routes", "tiers", "tenants", "simulator"))
     return Settings(
         source=source,
         providers=providers,
         routes=routes,
         tiers=tiers,
         simulator=simulator,
+        tenants=tenants,
         **general,
     )
+
+
+def _tenants(
+    table: Table, tiers: dict[str, TierConfig], routes: dict[str, dict[str, Chain]]
+) -> dict[str, TenantConfig]:
+    tenants = {}
+    for name, t in table.subtables():
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise table.error(name, "tenant names may use letters, digits, - and _ only")
+        token_env = t.pop_str("token_env")
+        tier = t.pop_str("tier", "free")
+        if tier not in tiers:
+            raise t.error("tier", f"unknown tier (known: {', '.join(tiers)})", tier)
+        allowed = t.pop_str_list("tiers", [tier])
+        for other in allowed:
+            if other not in tiers:
+                raise t.error("tiers", f"unknown tier (known: {', '.join(tiers)})", other)
+        task = t.pop_str("task", "chat")
+        if task not in routes and "*" not in routes:
+            raise t.error("task", f"unknown task type (known: {', '.join(routes)})", task)
+        tenants[name] = TenantConfig(
+            name,
+            token_env,
+            tier,
+            tuple(dict.fromkeys([tier, *allowed])),
+            task,
+            t.pop_int("daily_tokens", None),
+        )
+        t.done(known=("token_env", "tier", "tiers", "task", "daily_tokens"))
+    return tenants
 
 
 def _general(t: Table) -> dict[str, Any]:

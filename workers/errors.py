@@ -5,6 +5,7 @@
     ├── InputError             a job or batch line is wrong (names the field or line)
     │   ├── NoRouteError       no candidate of the chain is usable (says why, per candidate)
     │   └── IdempotencyConflict  an idempotency key already names a different request
+    ├── BudgetExhausted        a `spillway serve` tenant's daily token budget is spent (HTTP 429)
     ├── ServiceUnavailable     Redis, the broker or the store cannot be reached
     └── ProviderError          a provider call failed (provider, status, what it said)
         ├── RetryableError     worth trying again, here later or elsewhere now
@@ -47,6 +48,10 @@ class InputError(SpillwayError, ValueError):
 class IdempotencyConflict(InputError):
     """The idempotency key was used for a different request: answering with that job would
     hand one client's answer to another (HTTP 409)."""
+
+
+class BudgetExhausted(SpillwayError):
+    """A tenant's daily token budget cannot hold the job (or batch): nothing was submitted."""
 
 
 class NoRouteError(InputError):

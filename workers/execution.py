@@ -39,7 +39,7 @@ from workers.errors import (
     RetryableError,
     ServiceUnavailable,
 )
-from workers.limiter import DIMENSIONS, RESERVED, Costs, Lease, Reserved, Settled, Wait
+from workers.limiter import DIMENSIONS, RESERVED, Costs, Lease, Reserved, Settled, Wait, tenants
 from workers.messages import ChatRequest
 from workers.providers.transport import complete
 from workers.router import AfterError, Fail, JobFacts, Move, NoRoom, Park, Reason, next_hop
@@ -386,6 +386,7 @@ class _Run:
         )
         if not stored:  # another run of this job finished first: its result is the one
             return Done(summary(rt.store.job(self.job.id)))
+        self._give_back_to_tenant(completion.input_tokens + completion.output_tokens)
         if self.cache_key is not None and completion.finish_reason != "error":
             answer = cache.CachedAnswer(
                 candidate.provider, candidate.model, completion.text, completion.finish_reason
@@ -578,6 +579,13 @@ class _Run:
             reservation=reservation,
         )
 
+    def _give_back_to_tenant(self, used: int) -> None:
+        """This run ended the job: its tenant gets back what the job held and did not use."""
+        job = self.job
+        if job.tenant is not None:
+            unused = int(_estimate(job).tokens) - used
+            tenants.give_back(self.rt.redis, self.rt.keys, job.tenant, unused, aware(job.created_at))
+
     def _fail(self, record: AttemptRecord | None, message: str, kind: str) -> Outcome:
         stored = self.rt.store.finish(
             self.job.id,
@@ -591,6 +599,7 @@ class _Run:
         )
         if not stored:
             return Done(summary(self.rt.store.job(self.job.id)))
+        self._give_back_to_tenant(0)
         summary_now = summary_of(
             self.job.id, FAILED, self.candidate.provider, self.candidate.model, 0, 0, 0.0, kind
         )

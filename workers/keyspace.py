@@ -51,6 +51,10 @@ class Keyspace:
     def orphans_lock(self) -> str:
         return f"{self.prefix}:orphans:lock"
 
+    def tenant_day(self, tenant: str, day: str) -> str:
+        """Tokens a tenant's jobs of a UTC day hold or spent (`workers.limiter.tenants`)."""
+        return f"{self.prefix}:tenant:{tenant}:{day}"
+
     def recover_lock(self) -> str:
         return f"{self.prefix}:recover:lock"
 

@@ -16,12 +16,15 @@ from rich.markup import escape
 from rich.text import Text
 
 from producer.cli import batch as batchcli
+from producer.cli import check as checkcli
+from producer.cli import init as initcli
 from producer.cli.client import check_urls, checked_client
 from producer.cli.live import closed_line
 from producer.jobs import MAX_TOKENS
+from producer.ops.tenants import Tenants
 from producer.status import fit_status, render_route, render_status, route_report, status_report
 from producer.usage import parse_since, render_usage, usage_report
-from workers import reconciler
+from workers import discovery, reconciler
 from workers.celery import app as celery_app
 from workers.config import load_settings
 from workers.env import Env
@@ -318,7 +321,7 @@ def worker(
         raise click.BadParameter(f"unknown provider(s): {', '.join(unknown)}", param_hint="--providers")
     names = [n for n in names if rt.keyring.usable(n)]
     if not names:
-        raise click.UsageError("no provider with a key to serve (set their key_env variables)")
+        raise click.UsageError(f"no provider with a key to serve: {initcli.KEY_HINT}")
     threads = concurrency or min(256, sum(rt.settings.providers[n].threads() for n in names))
     if not no_supervise:
         child = [
@@ -345,6 +348,8 @@ def worker(
     # The keyring logged these before Celery set up logging, where nobody sees them.
     for name, why in rt.keyring.skipped.items():
         click.echo(f"spillway worker: provider {name} skipped: {why}", err=True)
+    if hint := initcli.no_key_hint(rt.settings, rt.keyring, names):
+        click.echo(f"spillway worker: {hint}", err=True)
     # Celery's own command in standalone mode: it exits with the worker's exit code. app.start
     # and app.worker_main return None even after an "Unrecoverable error" (click returns the
     # code instead of raising), and the supervisor would take a broken worker for a stopped one.
@@ -358,7 +363,7 @@ def worker(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
-    help="Config file (default: $SPILLWAY_CONFIG or spillway.toml).",
+    help="Config file (default: $SPILLWAY_CONFIG, ./spillway.toml, ~/.config/spillway/spillway.toml).",
 )
 @click.option("--port", type=PORT, help="Port (default: [simulator] port, 8900; 0 picks a free one).")
 @click.option("--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 inside a container).")
@@ -366,8 +371,8 @@ def simulate(config_path: str | None, port: int | None, host: str | None) -> Non
     """Serve the configured providers from the built-in simulator on 127.0.0.1."""
     from workers.simulator import SimServer, sim_settings  # the simulator: only this command needs it
 
-    env = Env.from_environ()
-    settings = load_settings(config_path or env.config_file)
+    discovery.load_dotenv()  # it may name $SPILLWAY_CONFIG
+    settings = load_settings(discovery.find_config(config_path).path)
     server = SimServer(sim_settings(settings, port=port, host=host))
     click.echo(f"spillway simulator listening on {server.url}", err=False)
     sys.stdout.flush()
@@ -421,14 +426,22 @@ def recover(idle_s: float, as_json: bool) -> None:
 @click.option("--port", default=8080, show_default=True, type=PORT)
 @click.option("--insecure-no-auth", is_flag=True, help="Serve without a token (local experiments only).")
 def serve(host: str, port: int, insecure_no_auth: bool) -> None:
-    """HTTP: /metrics, /v1/status, /v1/usage, POST /v1/jobs, GET /v1/jobs/{id} (bearer token)."""
+    """HTTP: /metrics, /v1/status, /v1/usage, POST /v1/jobs, GET /v1/jobs/{id} (bearer token).
+
+    Also a live page of charts, for a deployment without Grafana: open
+    http://127.0.0.1:8080/dashboard#token=TOKEN (the part after # never leaves the browser; or
+    paste the token into the page). It polls GET /v1/dashboard every 2 s.
+    """
     from producer.ops.serve import serve as run_server  # tornado and prometheus: only this command
 
     client = checked_client()
-    token = client.env.api_token
-    if token is None and not insecure_no_auth:
-        raise ConfigError("spillway serve needs $SPILLWAY_API_TOKEN (clients send it as a bearer token)")
-    run_server(client, host=host, port=port, token=token)
+    tenants = Tenants.from_settings(client.runtime.settings, client.env.environ, client.env.api_token)
+    if not tenants and not insecure_no_auth:
+        raise ConfigError(
+            "spillway serve needs $SPILLWAY_API_TOKEN or [tenants] in the config "
+            "(clients send a token as a bearer token)"
+        )
+    run_server(client, host=host, port=port, tenants=tenants)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -461,3 +474,7 @@ def demo(job_count: int, hold: bool) -> None:
     from producer.ops.demo import run_demo  # the local stack: only this command needs it
 
     run_demo(job_count=job_count, hold=hold)
+
+
+main.add_command(initcli.init)
+main.add_command(checkcli.check)

@@ -1,12 +1,15 @@
 """`spillway serve`: one small HTTP service on Tornado (which Flower already brings).
 
-    GET  /metrics          Prometheus: queue lengths, budget left per account, jobs by status
+    GET  /metrics          Prometheus: queues, budgets, jobs; calls, tokens, cost (producer/ops/metrics.py)
     GET  /v1/status        the JSON of `spillway status --json`
     GET  /v1/usage         the JSON of `spillway usage --json` (?since=24h&by=model)
     POST /v1/jobs          submit a job (JSON body as `producer.submit`'s arguments) → 202
     GET  /v1/jobs/{id}     the job's result, as `spillway submit --json` prints it
+    GET  /v1/dashboard     one sample of the live page's charts (producer/ops/dashboard.py)
+    GET  /dashboard        the live page (`/` redirects there), and /static/… its files
 
-Every route needs ``Authorization: Bearer $SPILLWAY_API_TOKEN``. Blocking work (store,
+Every route but the live page and its files (which hold no data) needs
+``Authorization: Bearer $SPILLWAY_API_TOKEN``. Blocking work (store,
 Redis, broker) runs in a thread pool so one slow call never stalls the others. An
 idempotency key is the caller's own: it is stored behind an id derived from the token
 (never the token itself), so two callers' keys never name each other's jobs.
@@ -15,23 +18,29 @@ idempotency key is the caller's own: it is stored behind an id derived from the 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
 from tornado.httpserver import HTTPServer
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
 from producer.client import Client
+from producer.ops.dashboard import DashboardFeed, dashboard_routes, dashboard_sample
+from producer.ops.metrics import metrics_text
+from producer.ops.openai import openai_routes
+from producer.ops.tenants import Tenant, Tenants
 from producer.status import status_report
 from producer.usage import parse_since, usage_report
-from workers.errors import IdempotencyConflict, InputError, NoRouteError, ServiceUnavailable, SpillwayError
-from workers.runtime import Runtime
+from workers.errors import (
+    BudgetExhausted,
+    IdempotencyConflict,
+    InputError,
+    NoRouteError,
+    ServiceUnavailable,
+    SpillwayError,
+)
 
 log = logging.getLogger("spillway.serve")
 
@@ -57,68 +66,21 @@ DRAIN_BODY_BYTES = 8 * MAX_BODY_BYTES
 TOO_LARGE = f"the body is larger than {MAX_BODY_BYTES // 2**20} MiB ({MAX_BODY_BYTES:,} bytes), the limit"
 
 
-class StatusCollector:
-    """Reads the limiter, the broker and the store when Prometheus scrapes."""
-
-    def __init__(self, rt: Runtime, app: Any) -> None:
-        self.rt, self.app = rt, app
-
-    def collect(self) -> Any:
-        report = status_report(self.rt, self.app)
-        queue = GaugeMetricFamily(
-            "spillway_queue_length", "Messages waiting in a provider queue", labels=["queue"]
-        )
-        remaining = GaugeMetricFamily(
-            "spillway_budget_remaining",
-            "Units left in a bucket now",
-            labels=["provider", "model", "account", "limit"],
-        )
-        capacity = GaugeMetricFamily(
-            "spillway_budget_limit",
-            "A bucket's limit (learned, if lower)",
-            labels=["provider", "model", "account", "limit"],
-        )
-        in_flight = GaugeMetricFamily(
-            "spillway_in_flight", "Calls holding a lease", labels=["provider", "account"]
-        )
-        usable = GaugeMetricFamily(
-            "spillway_account_available",
-            "1 if the account takes calls now",
-            labels=["provider", "model", "account", "state"],
-        )
-        for p in report["providers"]:
-            if p["queue_length"] is not None:
-                queue.add_metric([p["queue"]], p["queue_length"])
-            for a in p["accounts"]:
-                for limit, v in a["remaining"].items():
-                    labels = [p["provider"], a["model"], a["account"], limit]
-                    remaining.add_metric(labels, v["remaining"])
-                    capacity.add_metric(labels, v["limit"])
-                in_flight.add_metric([p["provider"], a["account"]], a["in_flight"])
-                usable.add_metric(
-                    [p["provider"], a["model"], a["account"], a["state"]],
-                    1 if a["state"] in ("available", "probing") else 0,
-                )
-        jobs = GaugeMetricFamily("spillway_jobs", "Jobs in the store by status", labels=["status"])
-        for status, count in sorted(self.rt.store.count_by_status().items()):
-            jobs.add_metric([status], count)
-        yield from (queue, remaining, capacity, in_flight, usable, jobs)
-
-
 class Base(RequestHandler):
-    def initialize(self, client: Client, token: str | None, pool: ThreadPoolExecutor) -> None:
-        self.client, self.token, self.pool = client, token, pool
+    def initialize(self, client: Client, tenants: Tenants, pool: ThreadPoolExecutor) -> None:
+        self.client, self.tenants, self.pool = client, tenants, pool
         self.rt, self.celery = client.runtime, client.app
-        self.caller = caller_id(token)
+        self.caller: str | None = None
+        self.tenant: str | None = None  # None: --insecure-no-auth
 
     def prepare(self) -> None:
-        if self.token is None:
-            return
-        header = self.request.headers.get("Authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
+        if not self.tenants:
+            return  # --insecure-no-auth
+        tenant = self.tenants.authenticate(self.request.headers.get("Authorization", ""))
+        if tenant is None:
             self.set_header("WWW-Authenticate", 'Bearer realm="spillway"')
             raise HTTPError(401, reason="missing or wrong bearer token")
+        self.caller, self.tenant = tenant.scope, tenant.name
 
     async def blocking(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -127,6 +89,8 @@ class Base(RequestHandler):
             raise HTTPError(422, reason=str(exc)) from exc
         except IdempotencyConflict as exc:
             raise HTTPError(409, reason=str(exc)) from exc
+        except BudgetExhausted as exc:
+            raise HTTPError(429, reason=str(exc)) from exc
         except InputError as exc:
             raise HTTPError(422, reason=str(exc)) from exc
         except ServiceUnavailable as exc:
@@ -155,9 +119,7 @@ class Base(RequestHandler):
 
 class Metrics(Base):
     async def get(self) -> None:
-        registry = CollectorRegistry()
-        registry.register(StatusCollector(self.rt, self.celery))
-        body = await self.blocking(generate_latest, registry)
+        body = await self.blocking(metrics_text, self.rt, self.celery)
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(body)
 
@@ -165,6 +127,17 @@ class Metrics(Base):
 class Status(Base):
     async def get(self) -> None:
         self.reply(200, await self.blocking(status_report, self.rt, self.celery))
+
+
+class Dashboard(Base):
+    """The live page's data: one sample, shared by every tab polling within a second."""
+
+    def initialize(self, feed: DashboardFeed, **args: Any) -> None:
+        super().initialize(**args)
+        self.feed = feed
+
+    async def get(self) -> None:
+        self.reply(200, await self.blocking(self.feed.sample))
 
 
 class Usage(Base):
@@ -210,7 +183,10 @@ class Jobs(Base):
             )
         handle = await self.blocking(
             lambda: self.client.submit(
-                body.pop("prompt", None), **_job_kwargs(body), idempotency_scope=self.caller
+                body.pop("prompt", None),
+                **_job_kwargs(body),
+                idempotency_scope=self.caller,
+                tenant=self.tenant,
             )
         )
         self.reply(202, {"job_id": handle.id, "status_url": f"/v1/jobs/{handle.id}"})
@@ -218,7 +194,7 @@ class Jobs(Base):
 
 def caller_id(token: str | None) -> str | None:
     """A stable id of the caller a token authenticates: the scope of its idempotency keys."""
-    return None if token is None else "t" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    return None if token is None else Tenant("", "", (), "", token).scope
 
 
 def _job_kwargs(body: dict[str, Any]) -> dict[str, Any]:
@@ -239,8 +215,16 @@ class Job(Base):
         self.reply(200, result.to_json())
 
 
-def make_app(client: Client, token: str | None) -> Application:
-    args = {"client": client, "token": token, "pool": ThreadPoolExecutor(16, "spillway-serve")}
+def make_app(client: Client, token: str | None = None, *, tenants: Tenants | None = None) -> Application:
+    """The routes; callers are the config's tenants and `token` (``$SPILLWAY_API_TOKEN``)."""
+    if tenants is None:
+        tenants = Tenants.from_settings(client.runtime.settings, client.env.environ, token)
+    pool = ThreadPoolExecutor(32, "spillway-serve")
+    # one broker connection per thread that may publish (kombu's default pool of 10 made the
+    # other submitting threads queue for one)
+    client.app.conf.broker_pool_limit = 40
+    args = {"client": client, "tenants": tenants, "pool": pool}
+    feed = DashboardFeed(lambda: dashboard_sample(client))
     return Application(
         [
             (r"/metrics", Metrics, args),
@@ -248,6 +232,9 @@ def make_app(client: Client, token: str | None) -> Application:
             (r"/v1/usage", Usage, args),
             (r"/v1/jobs", Jobs, args),
             (r"/v1/jobs/([0-9a-f]{32})", Job, args),
+            (r"/v1/dashboard", Dashboard, {**args, "feed": feed}),
+            *dashboard_routes(),
+            *openai_routes(client, tenants, pool),
         ],
         default_handler_class=NotFound,
         default_handler_args=args,
@@ -259,14 +246,14 @@ class NotFound(Base):
         raise HTTPError(404, reason=f"no such path {self.request.path}")
 
 
-def make_server(client: Client, token: str | None) -> HTTPServer:
+def make_server(client: Client, token: str | None = None, *, tenants: Tenants | None = None) -> HTTPServer:
     """The server `serve` runs (call `listen` on it inside a running event loop)."""
-    return HTTPServer(make_app(client, token), max_body_size=MAX_BODY_BYTES + 1024)
+    return HTTPServer(make_app(client, token, tenants=tenants), max_body_size=MAX_BODY_BYTES + 1024)
 
 
-def serve(client: Client, *, host: str, port: int, token: str | None) -> None:
+def serve(client: Client, *, host: str, port: int, tenants: Tenants) -> None:
     async def main() -> None:
-        server = make_server(client, token)
+        server = make_server(client, tenants=tenants)
         server.listen(port, address=host)
         print(f"spillway serve listening on http://{host}:{port}", flush=True)
         await asyncio.Event().wait()

@@ -30,7 +30,7 @@ PING_IDLE_S = 5.0
 
 #: The layout of the tables. A change to it bumps this and adds the step from the version
 #: before to MIGRATIONS, which every process runs once (under the schema lock) on its way in.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _add_column(conn: Connection, table: str, column: str) -> None:
@@ -47,6 +47,7 @@ def _add_column(conn: Connection, table: str, column: str) -> None:
 
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {  # from version N to N + 1
     1: lambda conn: _add_column(conn, "spillway_batches", "line_format"),
+    2: lambda conn: _add_column(conn, "spillway_jobs", "tenant"),  # the API's tables: create_all
 }
 
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 QUEUED, RUNNING, PARKED, SUCCEEDED, FAILED = "queued", "running", "parked", "succeeded", "failed"
@@ -82,6 +93,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_kind: Mapped[str | None] = mapped_column(String(32))
     deadline_at: Mapped[datetime | None] = mapped_column(Stamp)
+    # the `spillway serve` tenant that submitted it: its daily token budget (schema version 3)
+    tenant: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(Stamp)
     created_at: Mapped[datetime] = mapped_column(Stamp)
     updated_at: Mapped[datetime] = mapped_column(Stamp)
@@ -115,6 +128,40 @@ class Attempt(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     started_at: Mapped[datetime] = mapped_column(Stamp, index=True)
     finished_at: Mapped[datetime] = mapped_column(Stamp)
+
+
+class ApiFile(Base):
+    """A file uploaded through the OpenAI-compatible Files API (`spillway serve`), its owner's."""
+
+    __tablename__ = "spillway_api_files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)  # the tenant's name, never its token
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(256))
+    bytes: Mapped[int] = mapped_column(Integer)
+    lines: Mapped[int] = mapped_column(Integer, default=0)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(Stamp)
+
+
+class ApiBatch(Base):
+    """An OpenAI Batch API batch: its own id and fields over a Spillway batch (`batch_id`)."""
+
+    __tablename__ = "spillway_api_batches"
+    __table_args__ = (Index("ix_spillway_api_batches_owner_created", "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    batch_id: Mapped[str | None] = mapped_column(String(32))  # None: it failed validation
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # OpenAI's `metadata`
+    state: Mapped[str | None] = mapped_column(String(16))  # failed | cancelling | cancelled
+    errors: Mapped[list[Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(Stamp)
+    cancelling_at: Mapped[datetime | None] = mapped_column(Stamp)
 
 
 class Meta(Base):

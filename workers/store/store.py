@@ -6,14 +6,16 @@ One class put together from its parts, each a module of its own:
     jobs.py     the job hot path: store, claim, finish, requeue, republish (`JobStore`)
     batches.py  batch bookkeeping: rows, pages, resumes, totals, summaries (`BatchStore`)
     reports.py  read-only counts and the usage report (`ReportStore`)
+    api.py      the OpenAI-compatible front door's files and batches (`ApiStore`)
 """
 
 from __future__ import annotations
 
+from workers.store.api import ApiStore
 from workers.store.batches import BatchStore
 from workers.store.jobs import JobStore
 from workers.store.reports import ReportStore
 
 
-class Store(JobStore, BatchStore, ReportStore):
+class Store(JobStore, BatchStore, ReportStore, ApiStore):
     """`Store(url=None, *, schema=None)`: SQLite by default, PostgreSQL by URL (see `Database`)."""
