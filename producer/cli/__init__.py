@@ -18,7 +18,7 @@ from rich.text import Text
 from producer.cli import batch as batchcli
 from producer.cli import check as checkcli
 from producer.cli import init as initcli
-from producer.cli.client import check_urls, checked_client
+from producer.cli.client import check_urls, checked_client, config_option
 from producer.cli.live import closed_line
 from producer.jobs import MAX_TOKENS
 from producer.ops.tenants import Tenants
@@ -359,12 +359,7 @@ def worker(
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="Config file (default: $SPILLWAY_CONFIG, ./spillway.toml, ~/.config/spillway/spillway.toml).",
-)
+@config_option
 @click.option("--port", type=PORT, help="Port (default: [simulator] port, 8900; 0 picks a free one).")
 @click.option("--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 inside a container).")
 def simulate(config_path: str | None, port: int | None, host: str | None) -> None:

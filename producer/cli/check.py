@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from producer.cli.client import config_option
 from producer.cli.init import STARTERS
 from workers import discovery, redisconn
 from workers.config import ProviderConfig, Settings, load_settings
@@ -309,12 +310,7 @@ def render(report: dict[str, Any], rows: list[AccountCheck], settings: Settings,
 
 
 @click.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="Config file (default: $SPILLWAY_CONFIG, ./spillway.toml, ~/.config/spillway/spillway.toml).",
-)
+@config_option
 @click.option("--no-call", is_flag=True, help="Check the files and keys only; call no provider.")
 @click.option(
     "--timeout",

@@ -3,6 +3,7 @@ a malformed one is a config error naming its variable (not an internal error fro
 
 from __future__ import annotations
 
+import click
 from redis.connection import parse_url
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -43,3 +44,12 @@ def check_urls(env: Env) -> None:
         raise ConfigError(
             f"$SPILLWAY_DATABASE_URL: its driver is not installed ({exc.name or exc})"
         ) from None
+
+
+#: `--config FILE` for the commands that read the config themselves.
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file (default: $SPILLWAY_CONFIG, ./spillway.toml, ~/.config/spillway/spillway.toml).",
+)
