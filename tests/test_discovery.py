@@ -14,6 +14,7 @@ import pytest
 
 from workers import discovery
 from workers.config import load_settings
+from workers.env import Env
 from workers.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -185,3 +186,15 @@ def test_a_process_finds_the_user_config_directory(tmp_path: Path) -> None:
     (user / ".env").write_text(f"SPILLWAY_CONFIG={tmp_path / 'other' / 'other.toml'}\n")
     seen = run_python(code, work, HOME=str(home))
     assert seen["dotenv"] == str(user / ".env") and seen["model"] == "from-dotenv-variable"
+
+
+def test_the_store_lies_beside_the_config_unless_named(tmp_path) -> None:
+    """Processes in different directories that read one config share one store: a worker in
+    one finds the jobs a producer in another stored."""
+    from workers.runtime import database_url
+
+    config = tmp_path / "cfg" / "spillway.toml"
+    assert database_url(Env.from_environ({}), config) == f"sqlite:///{tmp_path / 'cfg' / 'spillway.db'}"
+    named = Env.from_environ({"SPILLWAY_DATABASE_URL": "sqlite:////srv/s.db"})
+    assert database_url(named, config) == "sqlite:////srv/s.db"
+    assert database_url(Env.from_environ({}), None) == "sqlite:///spillway.db"  # settings given: as named

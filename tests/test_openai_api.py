@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 DB = 9
 TOKEN_A, TOKEN_B, TOKEN_C = "sk-team-a-5b1c0e", "sk-team-b-77d2aa", "sk-team-c-0f9e31"
+OPERATOR = "sk-operator-4e8d21"  # $SPILLWAY_API_TOKEN
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,12 @@ def front(redis_server) -> Iterator[tuple[LocalStack, str]]:
     stack = LocalStack(
         CONFIGS / "openai_api.toml",
         redis_url=redis_server.url(DB),
-        extra_env={"TEAM_A_TOKEN": TOKEN_A, "TEAM_B_TOKEN": TOKEN_B, "TEAM_C_TOKEN": TOKEN_C},
+        extra_env={
+            "TEAM_A_TOKEN": TOKEN_A,
+            "TEAM_B_TOKEN": TOKEN_B,
+            "TEAM_C_TOKEN": TOKEN_C,
+            "SPILLWAY_API_TOKEN": OPERATOR,
+        },
     )
     try:
         stack.start()
@@ -276,3 +282,42 @@ def test_a_client_that_hangs_up_leaves_its_job_running_and_findable(front) -> No
     with stack.client().runtime.store.session(write=False) as s:
         keyed = s.query(Job).filter(Job.idempotency_key.like(f"%:{hung['Idempotency-Key']}")).all()
     assert [j.id for j in keyed] == [job_id] and keyed[0].status == "succeeded"
+
+
+def test_a_failed_job_is_one_error_the_sdk_does_not_retry(front) -> None:
+    """A job that failed answers 502 with x-should-retry: false: the SDK (which retries 5xx
+    twice by default) submits it once."""
+    stack, url = front
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN_A, timeout=60)  # default retries
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="spillway/locked", messages=[{"role": "user", "content": "x"}])
+    assert failed.value.status_code == 502 and failed.value.code == "auth"
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    with stack.client().runtime.store.session(write=False) as s:
+        assert s.query(Job).filter(Job.task_type == "locked").count() == 1
+    assert stack.simulator_stats()["locked"]["auth_error"] == 1  # one call, not three
+
+
+def test_serves_own_routes_keep_tenants_apart(front) -> None:
+    """A job is its tenant's (and the operator's); a tenant keeps to its tiers on /v1/jobs too;
+    the routes that show every tenant's usage take the operator's token."""
+    _, url = front
+    answer = sdk(url, TOKEN_A).chat.completions.with_raw_response.create(
+        model="spillway", messages=[{"role": "user", "content": "mine"}]
+    )
+    job_id = answer.headers["x-request-id"]
+
+    def get(path: str, token: str) -> httpx.Response:
+        return httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    assert get(f"/v1/jobs/{job_id}", TOKEN_A).json()["status"] == "succeeded"
+    assert get(f"/v1/jobs/{job_id}", OPERATOR).status_code == 200
+    assert get(f"/v1/jobs/{job_id}", TOKEN_B).status_code == 404
+    body = {"prompt": "hi", "task": "chat", "tier": "pro"}
+    refused = httpx.post(
+        f"{url}/v1/jobs", json=body, headers={"Authorization": f"Bearer {TOKEN_B}"}, timeout=30
+    )
+    assert refused.status_code == 403 and "tier 'pro'" in refused.json()["error"]["message"]
+    for path in ("/v1/usage", "/v1/status", "/v1/dashboard", "/metrics"):
+        assert get(path, TOKEN_A).status_code == 403, path
+        assert get(path, OPERATOR).status_code == 200, path

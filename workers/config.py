@@ -143,6 +143,7 @@ class TenantConfig:
     tiers: tuple[str, ...]  # the tiers it may ask for (X-Spillway-Tier); its own by default
     task: str  # the task type of a request whose model names none
     daily_tokens: int | None = None  # tokens a UTC day, held at each job's worst case until it ends
+    operator: bool = False  # may see every tenant's usage, status and jobs
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,9 @@ def _tenants(
             tuple(dict.fromkeys([tier, *allowed])),
             task,
             t.pop_int("daily_tokens", None),
+            t.pop_bool("operator", False),
         )
-        t.done(known=("token_env", "tier", "tiers", "task", "daily_tokens"))
+        t.done(known=("token_env", "tier", "tiers", "task", "daily_tokens", "operator"))
     return tenants
 
 

@@ -51,7 +51,7 @@ class Env:
         "SPILLWAY_DATABASE_URL",
         "sqlite:///spillway.db",
         "URL",
-        "the store (PostgreSQL: `postgresql+psycopg://…`)",
+        "the store (PostgreSQL: `postgresql+psycopg://…`); unset: `spillway.db` beside the config file",
     )
     database_schema: str | None = _var(
         "SPILLWAY_DATABASE_SCHEMA", None, "name", "PostgreSQL schema of the store's tables"

@@ -8,6 +8,7 @@ A worker process has one (`runtime()`, built on first use from its environment);
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import httpx
 import redis
@@ -24,6 +25,14 @@ from workers.router import Router
 from workers.store import Store
 
 
+def database_url(env: Env, config: Path | None) -> str:
+    """``$SPILLWAY_DATABASE_URL``; unset, a SQLite file beside the config file, so that every
+    process reading one config shares one store whatever directory it runs in."""
+    if "SPILLWAY_DATABASE_URL" in env.environ or config is None:
+        return env.database_url
+    return f"sqlite:///{config.resolve().parent / 'spillway.db'}"
+
+
 class Runtime:
     def __init__(
         self,
@@ -37,12 +46,14 @@ class Runtime:
         quiet: bool = False,
     ) -> None:
         self.env = env or Env.from_environ()
-        self.settings = settings or load_settings(
-            discovery.find_config(environ=self.env.environ).path, simulator_url=self.env.simulator_url
-        )
+        config = None
+        if settings is None:
+            config = discovery.find_config(environ=self.env.environ).path
+            settings = load_settings(config, simulator_url=self.env.simulator_url)
+        self.settings = settings
         self.keyring = KeyRing(self.settings, self.env.environ, quiet=quiet)
         self.keys = Keyspace(self.env.key_prefix)
-        self.store = store or Store(self.env.database_url, schema=self.env.database_schema)
+        self.store = store or Store(database_url(self.env, config), schema=self.env.database_schema)
         self.redis = redis_client or redisconn.connect(self.env.redis_url)
         self.limiter = Limiter(self.redis, self.settings, self.keyring, clock=clock, keys=self.keys)
         self.router = Router(self.settings, self.keyring, self.limiter)

@@ -41,6 +41,7 @@ from workers.errors import (
     ServiceUnavailable,
     SpillwayError,
 )
+from workers.results import JobResult
 
 log = logging.getLogger("spillway.serve")
 
@@ -72,6 +73,7 @@ class Base(RequestHandler):
         self.rt, self.celery = client.runtime, client.app
         self.caller: str | None = None
         self.tenant: str | None = None  # None: --insecure-no-auth
+        self.principal: Tenant | None = None
 
     def prepare(self) -> None:
         if not self.tenants:
@@ -80,7 +82,7 @@ class Base(RequestHandler):
         if tenant is None:
             self.set_header("WWW-Authenticate", 'Bearer realm="spillway"')
             raise HTTPError(401, reason="missing or wrong bearer token")
-        self.caller, self.tenant = tenant.scope, tenant.name
+        self.caller, self.tenant, self.principal = tenant.scope, tenant.name, tenant
 
     async def blocking(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -117,19 +119,32 @@ class Base(RequestHandler):
         log.error("request failed: %s: %s", typ.__name__, value)
 
 
-class Metrics(Base):
+class OperatorOnly(Base):
+    """Routes that show every tenant's usage and every account: the operator's token only."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.principal is not None and not self.principal.operator:
+            raise HTTPError(
+                403,
+                reason="this route shows every tenant's usage: it takes the operator's token "
+                "($SPILLWAY_API_TOKEN, or a tenant with operator = true)",
+            )
+
+
+class Metrics(OperatorOnly):
     async def get(self) -> None:
         body = await self.blocking(metrics_text, self.rt, self.celery)
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(body)
 
 
-class Status(Base):
+class Status(OperatorOnly):
     async def get(self) -> None:
         self.reply(200, await self.blocking(status_report, self.rt, self.celery))
 
 
-class Dashboard(Base):
+class Dashboard(OperatorOnly):
     """The live page's data: one sample, shared by every tab polling within a second."""
 
     def initialize(self, feed: DashboardFeed, **args: Any) -> None:
@@ -140,7 +155,7 @@ class Dashboard(Base):
         self.reply(200, await self.blocking(self.feed.sample))
 
 
-class Usage(Base):
+class Usage(OperatorOnly):
     async def get(self) -> None:
         by = self.get_query_argument("by", "model")
         since = self.get_query_argument("since", None)
@@ -181,6 +196,10 @@ class Jobs(Base):
             raise HTTPError(
                 400, reason=f"unknown field(s): {', '.join(unknown)} (known: {', '.join(sorted(JOB_FIELDS))})"
             )
+        tier = body.get("tier")
+        if self.principal is not None and isinstance(tier, str) and tier not in self.principal.tiers:
+            allowed = ", ".join(self.principal.tiers)
+            raise HTTPError(403, reason=f"tier {tier!r} is not open to this token (it may use: {allowed})")
         handle = await self.blocking(
             lambda: self.client.submit(
                 body.pop("prompt", None),
@@ -206,13 +225,11 @@ def _job_kwargs(body: dict[str, Any]) -> dict[str, Any]:
 
 class Job(Base):
     async def get(self, job_id: str) -> None:
-        try:
-            result = await self.blocking(self.client.get, job_id)
-        except HTTPError as exc:
-            if exc.status_code == 422:
-                raise HTTPError(404, reason=f"no job with id {job_id!r}") from exc
-            raise
-        self.reply(200, result.to_json())
+        job = await self.blocking(self.rt.store.job, job_id)
+        theirs = self.principal is None or self.principal.operator or job is None or job.tenant == self.tenant
+        if job is None or not theirs:  # another tenant's job does not exist for this one
+            raise HTTPError(404, reason=f"no job with id {job_id!r}")
+        self.reply(200, JobResult.from_job(job).to_json())
 
 
 def make_app(client: Client, token: str | None = None, *, tenants: Tenants | None = None) -> Application:

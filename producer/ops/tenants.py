@@ -1,7 +1,8 @@
 """Who calls `spillway serve`: each bearer token names a tenant (``[tenants.<name>]`` in the
 config, its token in the environment variable it names). A tenant's files, batches and jobs
 are its own; its requests run at its tier. ``$SPILLWAY_API_TOKEN`` is the tenant "default",
-which may ask for any tier (the token of `spillway serve` before tenants existed)."""
+which may ask for any tier and is the operator: it alone (and a tenant with ``operator = true``)
+sees every tenant's usage, status and jobs."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class Tenant:
     tiers: tuple[str, ...]
     task: str
     token: str
+    operator: bool = False  # sees every tenant's usage, status and jobs (/metrics, the live page)
 
     @property
     def scope(self) -> str:
@@ -50,10 +52,14 @@ class Tenants:
                 raise ConfigError(
                     f"{settings.source}: tenants.{config.name}.token_env: ${config.token_env} is not set"
                 )
-            tenants.append(Tenant(config.name, config.tier, config.tiers, config.task, token))
+            tenants.append(
+                Tenant(config.name, config.tier, config.tiers, config.task, token, config.operator)
+            )
         if api_token:
             tier = "free" if "free" in settings.tiers else next(iter(settings.tiers))
-            tenants.append(Tenant(DEFAULT_TENANT, tier, tuple(settings.tiers), "chat", api_token))
+            tenants.append(
+                Tenant(DEFAULT_TENANT, tier, tuple(settings.tiers), "chat", api_token, operator=True)
+            )
         tokens = [t.token for t in tenants]
         if len(set(tokens)) != len(tokens):
             raise ConfigError("two tenants of spillway serve have the same token")

@@ -58,8 +58,11 @@ class ChatCompletions(ApiHandler):
             tenant=self.tenant.name if self.tenants else None,
             **fields,
         )
-        self.set_header("x-request-id", handle.id)  # `GET /v1/jobs/{id}` finds it after a disconnect
-        self.set_header("x-should-retry", "false")  # the SDK must not submit it again
+        # the job's id finds it after a disconnect (`GET /v1/jobs/{id}`); the SDK must not
+        # submit it again after an error (its retries would make new jobs)
+        job_headers = {"x-request-id": handle.id, "x-should-retry": "false"}
+        for name, value in job_headers.items():
+            self.set_header(name, value)
         job = await self.waiters.wait(handle.id, CHAT_WAIT_S)
         if job is None:
             raise ApiError(
@@ -67,6 +70,7 @@ class ChatCompletions(ApiHandler):
                 f"job {handle.id} is still queued after {CHAT_WAIT_S:.0f}s; it keeps its place",
                 type="server_error",
                 code="still_queued",
+                headers=job_headers,
             )
         if job.status == SUCCEEDED:
             self.reply(chat_completion(job))
@@ -77,6 +81,7 @@ class ChatCompletions(ApiHandler):
             job.error or "failed",
             type="invalid_request_error" if client_side else "api_error",
             code=job.error_kind,
+            headers=job_headers,
         )
 
 

@@ -22,9 +22,11 @@ class ApiError(HTTPError):
         type: str = "invalid_request_error",  # OpenAI's field name
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(status)
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers or {}  # sent with the error (Tornado clears those set before it)
 
 
 def not_found(what: str, ident: str) -> ApiError:
