@@ -200,6 +200,8 @@ def fit_status(report: dict[str, Any], console: Console) -> str:
     rows = [p["provider"] for p in report["providers"]]
     shown = lines[: max(1, height - 1)]
     hidden = [name for name in rows if not any(name in line for line in shown)]
+    if not hidden:  # every provider's line fits; only the table's bottom edge does not
+        return "\n".join(lines[: max(1, height)]) + "\n"
     return (
         "\n".join([*shown, f"… {len(hidden)} more provider(s): a taller terminal or --json shows them"])
         + "\n"

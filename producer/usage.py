@@ -18,12 +18,12 @@ from workers.errors import InputError
 from workers.store import Store
 from workers.store.reports import check_grouping
 
-_RELATIVE = re.compile(r"(\d+)([hdw])")
-_UNIT = {"h": "hours", "d": "days", "w": "weeks"}
+_RELATIVE = re.compile(r"(\d+)([mhdw])")
+_UNIT = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def parse_since(text: str | None, now: datetime | None = None) -> datetime | None:
-    """``2026-11-01``, ``2026-11-01T12:00``, or ``24h`` / ``7d`` / ``2w`` back from now (UTC)."""
+    """``2026-11-01``, ``2026-11-01T12:00``, or ``30m`` / ``24h`` / ``7d`` / ``2w`` back from now (UTC)."""
     if not text:
         return None
     now = now or datetime.now(UTC)
@@ -40,7 +40,7 @@ def parse_since(text: str | None, now: datetime | None = None) -> datetime | Non
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
         raise InputError(
-            f"--since: expected a date like 2026-11-01, a time, or 24h / 7d, got {text!r}"
+            f"--since: expected a date like 2026-11-01, a time, or 30m / 24h / 7d, got {text!r}"
         ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 

@@ -533,3 +533,13 @@ def test_a_malformed_url_is_a_config_error_naming_its_variable(tmp_path, variabl
     assert out.returncode == 1, out.stderr
     assert out.stderr.startswith(f"error: {named}: ") and out.stderr.count("\n") == 1, out.stderr
     assert not (tmp_path / "store.db").exists()  # refused before the store was opened
+
+
+def test_get_shows_a_job_by_its_id(client) -> None:
+    job_id = client.submit("later", task="chat", tier="free").id  # no worker here: it stays queued
+    code, out, err = cli(client, "get", job_id)
+    assert code == 4 and "queued" in err
+    code, out, _ = cli(client, "get", job_id, "--json")
+    assert code == 4 and json.loads(out)["status"] == "queued" and json.loads(out)["job_id"] == job_id
+    code, _, err = cli(client, "get", "0" * 32)
+    assert code == 2 and "no job with id" in err

@@ -321,3 +321,15 @@ def test_serves_own_routes_keep_tenants_apart(front) -> None:
     for path in ("/v1/usage", "/v1/status", "/v1/dashboard", "/metrics"):
         assert get(path, TOKEN_A).status_code == 403, path
         assert get(path, OPERATOR).status_code == 200, path
+
+
+def test_models_retrieve_and_files_list(front) -> None:
+    _, url = front
+    a, b = sdk(url, TOKEN_A), sdk(url, TOKEN_B)
+    assert a.models.retrieve("claude-haiku-4-5").owned_by == "anthropic"
+    assert a.models.retrieve("spillway/analysis").owned_by == "spillway"
+    with pytest.raises(openai.NotFoundError):
+        a.models.retrieve("gpt-nope")
+    upload = a.files.create(file=jsonl([request("listed", "spillway", "x")]), purpose="batch")
+    assert upload.id in {f.id for f in a.files.list()}
+    assert upload.id not in {f.id for f in b.files.list()}

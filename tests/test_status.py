@@ -179,3 +179,14 @@ def test_status_watch_fits_the_terminal(width: int, height: int) -> None:
         assert "2/3" in big and "tpm 900/6000" in big  # available accounts and the scarcest limit
     else:
         assert big.count("blocked") == 10  # the full table fits: every account has its row
+
+
+def test_status_watch_never_says_zero_providers_did_not_fit() -> None:
+    from rich.console import Console
+
+    from producer.status import fit_status
+
+    for height in range(8, 30):
+        console = Console(width=100, height=height, force_terminal=False, color_system=None)
+        text = fit_status(_report(10, 3), console)
+        assert "… 0 more" not in text and len(text.splitlines()) <= height - 1, height

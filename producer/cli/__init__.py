@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from workers.celery import app as celery_app
 from workers.config import load_settings
 from workers.env import Env
 from workers.errors import ConfigError, SpillwayError
+from workers.results import JobResult
 from workers.runtime import runtime as worker_runtime
 from workers.supervise import supervise
 
@@ -163,19 +165,43 @@ def submit(
     if not wait:
         _print_json({"job_id": handle.id}) if as_json else click.echo(handle.id)
         return
-    result = handle.wait(timeout_s)
+    show_result(handle.wait(timeout_s), as_json)
+
+
+def show_result(result: JobResult, as_json: bool) -> None:
+    """A job's result: its text (exit 0), its error (exit 1), or its state while it runs (exit 4)."""
     if as_json:
         _print_json(result.to_json())
-        return
-    if result.status == "succeeded":
+    elif result.status == "succeeded":
         console.print(
             f"[dim]{result.provider}:{result.model} · {result.input_tokens}→"
             f"{result.output_tokens} tokens · ${result.cost_usd:.6f}[/]"
         )
         click.echo(result.text)
+    elif result.status == "failed":
+        err_console.print(f"[red]failed:[/] {escape(result.error or '')}", highlight=False)
     else:
-        err_console.print(f"[red]failed:[/] {result.error}", highlight=False)
-        sys.exit(1)
+        err_console.print(f"{result.status} (attempts so far: {result.attempts})", highlight=False)
+    if result.status != "succeeded":
+        sys.exit(1 if result.status == "failed" else 4)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--wait", is_flag=True, help="Wait until the job is done.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=Seconds(),
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait with --wait.",
+)
+@json_option
+def get(job_id: str, wait: bool, timeout_s: float, as_json: bool) -> None:
+    """A job's result (or where it is) by the id `submit` printed."""
+    client = checked_client()
+    show_result(client.job(job_id).wait(timeout_s) if wait else client.get(job_id), as_json)
 
 
 @main.command()
@@ -247,6 +273,13 @@ def status(as_json: bool, watch: bool, every_s: float) -> None:
     if not watch:
         render_status(status_report(rt, app), console)
         return
+    if not console.is_terminal:  # piped: each refresh appended, as a log of the states
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                render_status(status_report(rt, app), console)
+                console.file.flush()
+                time.sleep(every_s)
+        return
     with closed_line(console), Live(console=console, auto_refresh=False) as live:
         try:
             while True:
@@ -257,7 +290,7 @@ def status(as_json: bool, watch: bool, every_s: float) -> None:
 
 
 @main.command()
-@click.option("--since", help="A date (2026-11-01), a time, or 24h / 7d / 2w back from now.")
+@click.option("--since", help="A date (2026-11-01), a time, or 30m / 24h / 7d / 2w back from now.")
 @click.option(
     "--by",
     "by",

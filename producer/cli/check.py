@@ -305,8 +305,10 @@ def render(report: dict[str, Any], rows: list[AccountCheck], settings: Settings,
             )
     for problem in report["problems"]:
         console.print(f"[bold red]problem[/] {escape(problem)}", highlight=False, soft_wrap=True)
-    if report["ok"]:
+    if report["ok"] and report.get("called", True):
         console.print("[green]ready[/]: every configured provider has its key and answers", highlight=False)
+    elif report["ok"]:
+        console.print("[green]keys found[/] for every provider (--no-call: none was called)", highlight=False)
 
 
 @click.command()
@@ -330,6 +332,8 @@ def check(config_path: str | None, no_call: bool, timeout_s: float, as_json: boo
     dotenv_values = discovery.dotenv_names(dotenv_found)
     rows = check_accounts(settings, env, dotenv_values, call=not no_call, timeout_s=timeout_s)
     problems = [f"{row.provider}: {row.problem}" for row in rows if row.problem]
+    if env.simulator_url and any("cannot connect to" in p for p in problems):
+        problems.append(f"is `spillway simulate` running? $SPILLWAY_SIMULATOR_URL is {env.simulator_url}")
     redis = None if no_call else redis_problem(env)
     if redis:
         problems.append(redis)
@@ -350,6 +354,7 @@ def check(config_path: str | None, no_call: bool, timeout_s: float, as_json: boo
         "simulator_url": env.simulator_url,
         "files": files,
         "accounts": [asdict(row) | {"ok": row.ok} for row in rows],
+        "called": not no_call,
         "problems": problems,
         "ok": not problems,
     }

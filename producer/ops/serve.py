@@ -35,6 +35,7 @@ from producer.status import status_report
 from producer.usage import parse_since, usage_report
 from workers.errors import (
     BudgetExhausted,
+    ConfigError,
     IdempotencyConflict,
     InputError,
     NoRouteError,
@@ -271,7 +272,10 @@ def make_server(client: Client, token: str | None = None, *, tenants: Tenants | 
 def serve(client: Client, *, host: str, port: int, tenants: Tenants) -> None:
     async def main() -> None:
         server = make_server(client, tenants=tenants)
-        server.listen(port, address=host)
+        try:
+            server.listen(port, address=host)
+        except OSError as exc:  # in use, or an address this machine does not have
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
         print(f"spillway serve listening on http://{host}:{port}", flush=True)
         await asyncio.Event().wait()
 

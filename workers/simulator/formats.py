@@ -95,6 +95,7 @@ class OpenAIFormat(SimFormat):
         "insufficient_quota": "insufficient_quota",
         "auth": "invalid_request_error",
         "bad_request": "invalid_request_error",
+        "model_not_found": "invalid_request_error",
         "server": "server_error",
         "overloaded": "server_error",
     }
@@ -102,6 +103,7 @@ class OpenAIFormat(SimFormat):
         "rate_limit": "rate_limit_exceeded",
         "insufficient_quota": "insufficient_quota",
         "auth": "invalid_api_key",
+        "model_not_found": "model_not_found",
         "bad_request": None,
         "server": None,
         "overloaded": None,
@@ -172,6 +174,7 @@ class AnthropicFormat(SimFormat):
         "insufficient_quota": "rate_limit_error",
         "auth": "authentication_error",
         "bad_request": "invalid_request_error",
+        "model_not_found": "not_found_error",
         "server": "api_error",
         "overloaded": "overloaded_error",
     }
@@ -243,6 +246,7 @@ class GeminiFormat(SimFormat):
     STATUS: ClassVar[dict[int, str]] = {
         400: "INVALID_ARGUMENT",
         403: "PERMISSION_DENIED",
+        404: "NOT_FOUND",
         429: "RESOURCE_EXHAUSTED",
         500: "INTERNAL",
         503: "UNAVAILABLE",

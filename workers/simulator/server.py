@@ -178,6 +178,10 @@ class Handler(BaseHTTPRequestHandler):
             status = 400 if provider.api == "gemini" else 401
             self._send(status, fmt.error(status, "auth", "Incorrect API key provided"))
             return
+        if req.model and provider.model_limits and req.model not in provider.model_limits:
+            sim.count(name, "model_not_found")  # as the providers do: a typo is a 404, not an answer
+            self._send(404, fmt.error(404, "model_not_found", f"The model `{req.model}` does not exist"))
+            return
         sim.count(name, "requests")
         fault = sim.fault(provider)
         if fault is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import defer
 
 from workers.store.engine import Database, utcnow
 from workers.store.models import FAILED, FINAL, PARKED, QUEUED, ApiBatch, ApiFile, Job
@@ -26,6 +27,14 @@ class ApiStore(Database):
         with self.session(write=False) as s:
             row = s.get(ApiFile, file_id)
             return row if row is not None and row.owner == owner else None
+
+    def files(self, owner: str, *, limit: int) -> list[ApiFile]:
+        """The owner's uploads, newest first (without loading their content)."""
+        with self.session(write=False) as s:
+            query = (
+                select(ApiFile).where(ApiFile.owner == owner).order_by(ApiFile.created_at.desc()).limit(limit)
+            )
+            return list(s.scalars(query.options(defer(ApiFile.content))))
 
     def delete_file(self, owner: str, file_id: str) -> bool:
         with self.session() as s:

@@ -46,6 +46,7 @@ def openai_routes(
     return [
         (r"/v1/chat/completions", ChatCompletions, args),
         (r"/v1/models", Models, args),
+        (r"/v1/models/(.+)", Models, args),
         (r"/v1/files", Files, args),
         (r"/v1/files/(file-[0-9a-z-]{1,60})(/content)?", File, args),
         (r"/v1/batches", Batches, args),

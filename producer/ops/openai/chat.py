@@ -14,6 +14,7 @@ from producer.jobs import submit_many
 from producer.ops.openai.errors import ApiError, api_error
 from producer.ops.openai.handler import ApiHandler
 from producer.ops.openai.routing import route_for
+from workers.config import Settings
 from workers.errors import InputError, SpillwayError
 from workers.store import SUCCEEDED, Job
 
@@ -85,18 +86,33 @@ class ChatCompletions(ApiHandler):
         )
 
 
+def model_objects(settings: Settings) -> list[dict[str, Any]]:
+    """Every configured model, and `spillway/<task>` for each task type, as OpenAI lists models."""
+    data = [
+        {"id": model, "object": "model", "created": 0, "owned_by": name}
+        for name, provider in settings.providers.items()
+        for model in provider.models
+    ]
+    data += [
+        {"id": f"spillway/{task}", "object": "model", "created": 0, "owned_by": "spillway"}
+        for task in settings.routes
+        if task != "*"
+    ]
+    return data
+
+
 class Models(ApiHandler):
-    async def get(self) -> None:
-        settings, data = self.rt.settings, []
-        for name, provider in settings.providers.items():
-            for model in provider.models:
-                data.append({"id": model, "object": "model", "created": 0, "owned_by": name})
-        for task in settings.routes:
-            if task != "*":
-                data.append(
-                    {"id": f"spillway/{task}", "object": "model", "created": 0, "owned_by": "spillway"}
-                )
-        self.reply({"object": "list", "data": data})
+    async def get(self, model_id: str | None = None) -> None:
+        data = model_objects(self.rt.settings)
+        if model_id is None:
+            self.reply({"object": "list", "data": data})
+            return
+        found = next((m for m in data if m["id"] == model_id), None)
+        if found is None:
+            raise ApiError(
+                404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found"
+            )
+        self.reply(found)
 
 
 # -- waiting for jobs ------------------------------------------------------------------------------

@@ -143,7 +143,8 @@ class Files(ApiHandler):
         self.reply(file_object(row))
 
     async def get(self) -> None:
-        raise ApiError(405, "listing files is not supported; GET /v1/files/{id}")
+        rows = await self.blocking(self.rt.store.files, self.tenant.name, limit=10_000)
+        self.reply({"object": "list", "data": [file_object(row) for row in rows], "has_more": False})
 
 
 class File(ApiHandler):
