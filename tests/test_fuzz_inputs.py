@@ -441,11 +441,11 @@ HARNESS_CLI_INPUTS = [
     (["route", "--task", "chat", "--tier", "free", "--max-tokens", "-3"], "--max-tokens"),
     (
         ["submit", "--task", "chat", "--tier", "free", "--prompt", "x", "--max-tokens", str(10**30)],
-        "max_tokens",
+        "--max-tokens",
     ),
     (
         ["submit", "--task", "chat", "--tier", "free", "--prompt", "x", "--idempotency-key", "k" * 257],
-        "idempotency_key",
+        "--idempotency-key",
     ),
 ]
 
