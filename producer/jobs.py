@@ -207,7 +207,7 @@ def submit_many(client: Client, submits: list[dict[str, Any]]) -> list[JobHandle
             placed = client.runtime.router.place_many(
                 task, tier, [a.costs for _, a in members], preferred=preferred
             )
-        except ServiceUnavailable as exc:
+        except SpillwayError as exc:  # no usable provider for the route, or Redis away
             for i, _ in members:
                 results[i] = exc
             continue

@@ -257,6 +257,8 @@ def test_a_tenants_daily_budget_is_its_own(front) -> None:
     )
     with pytest.raises(openai.RateLimitError):
         c.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    [refused_batch] = c.batches.list().data  # kept as failed, saying why; none of its jobs exists
+    assert refused_batch.status == "failed" and refused_batch.errors.data[0].code == "daily_token_budget"
     assert job_count(stack) == before_jobs + 1 and spent("team-c") == answer.usage.total_tokens
     # team-a, without a budget, is only counted, and team-c's use is not its
     sdk(url, TOKEN_A).chat.completions.create(model="spillway", messages=[{"role": "user", "content": "a"}])

@@ -67,9 +67,9 @@ class ApiStore(Database):
             query = query.order_by(ApiBatch.created_at.desc(), ApiBatch.id.desc()).limit(limit)
             return list(s.scalars(query))
 
-    def update_api_batch(self, batch_id: str, **values: Any) -> None:
+    def update_api_batch(self, api_id: str, **values: Any) -> None:
         with self.session() as s:
-            s.execute(update(ApiBatch).where(ApiBatch.id == batch_id).values(**values))
+            s.execute(update(ApiBatch).where(ApiBatch.id == api_id).values(**values))
 
     def cancel_open_jobs(self, batch_id: str) -> list[Any]:
         """Fail the batch's jobs no worker runs now (queued or parked): their messages, when a

@@ -158,7 +158,7 @@ class ApiBatch(Base):
     endpoint: Mapped[str] = mapped_column(String(64))
     completion_window: Mapped[str] = mapped_column(String(16))
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # OpenAI's `metadata`
-    state: Mapped[str | None] = mapped_column(String(16))  # failed | cancelling | cancelled
+    state: Mapped[str | None] = mapped_column(String(16))  # validating | failed | cancelling
     errors: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(Stamp)
     cancelling_at: Mapped[datetime | None] = mapped_column(Stamp)

@@ -52,6 +52,9 @@ def batch_object(rt: Runtime, api: ApiBatch) -> dict[str, Any]:
         "request_counts": {"total": 0, "completed": 0, "failed": 0},
         "metadata": api.meta,
     }
+    if api.state == "validating":
+        body["status"] = "validating"  # its jobs are being stored and sent
+        return body
     if api.batch_id is None:
         body["failed_at"] = created
         return body
@@ -125,28 +128,37 @@ class Batches(ApiHandler):
                 if raw.strip():
                     yield number, json.loads(raw)  # checked at upload
 
-        api_id = f"batch_{uuid.uuid4().hex[:24]}"
-        handle = await self.blocking(
-            run_batch,
-            self.client,
-            numbered,
-            task=task,
-            tier=tier,
-            key=None,
-            skip_invalid=True,
-            route_model=router,
-            tenant=self.tenant.name if self.tenants else None,
-        )
+        # the API's row first: a serve that dies while the batch is stored leaves it "validating"
+        # (its jobs still run), never a batch its tenant cannot see
         api = await self.blocking(
             self.rt.store.add_api_batch,
-            id=api_id,
+            id=f"batch_{uuid.uuid4().hex[:24]}",
             owner=self.tenant.name,
-            batch_id=handle.id,
+            batch_id=None,
+            state="validating",
             input_file_id=file_id,
             endpoint=endpoint,
             completion_window=window,
             meta=metadata,
         )
+        try:
+            handle = await self.blocking(
+                run_batch,
+                self.client,
+                numbered,
+                task=task,
+                tier=tier,
+                key=api.id,
+                skip_invalid=True,
+                route_model=router,
+                tenant=self.tenant.name if self.tenants else None,
+            )
+        except ApiError as exc:
+            error = {"code": exc.body["error"]["code"] or "invalid", "message": exc.body["error"]["message"]}
+            await self.blocking(self.rt.store.update_api_batch, api.id, state="failed", errors=[error])
+            raise
+        await self.blocking(self.rt.store.update_api_batch, api.id, batch_id=handle.id, state=None)
+        api = await self.blocking(self.rt.store.api_batch, self.tenant.name, api.id)
         self.reply(await self.blocking(batch_object, self.rt, api))
 
     async def get(self) -> None:
