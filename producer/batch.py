@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import time
 import uuid
@@ -112,25 +113,32 @@ class Progress:
 
 def limit_rate(rt: Runtime, task: str, tier: str, tokens_per_job: float | None) -> float | None:
     """The most jobs/s the providers of a task/tier chain can take, by their per-minute
-    limits (requests, and tokens at `tokens_per_job`), summed over their accounts and held to
-    the tier's share; None if one of them has no per-minute limit (nothing bounds it)."""
+    limits (requests, and tokens at `tokens_per_job`; a provider's and its models' own),
+    summed over their accounts and held to the tier's share; None if one of them has no
+    per-minute limit (nothing bounds it)."""
     try:
         candidates = rt.settings.chain(task, tier).candidates
         share = rt.settings.tiers[tier].budget_share if tier in rt.settings.tiers else 1.0
     except (InputError, KeyError):
         return None
+
+    def per_minute(limits: Any) -> float:
+        caps = [limits.rpm] if limits.rpm else []
+        if limits.tpm and tokens_per_job:
+            caps.append(limits.tpm / tokens_per_job)
+        return min(caps) if caps else math.inf
+
     total = 0.0
     for provider in {c.provider for c in candidates}:
         config = rt.settings.providers.get(provider)
         accounts = {k.account for k in rt.keyring.keys(provider)}
         if config is None or not accounts:
             continue  # not served here: it takes no share of the batch
-        per_minute = [config.limits.rpm] if config.limits.rpm else []
-        if config.limits.tpm and tokens_per_job:
-            per_minute.append(config.limits.tpm / tokens_per_job)
-        if not per_minute:
+        models = {c.model for c in candidates if c.provider == provider}
+        cap = min(per_minute(config.limits), sum(per_minute(config.models[m].limits) for m in models))
+        if math.isinf(cap):
             return None
-        total += min(per_minute) / 60 * share * len(accounts)
+        total += cap / 60 * share * len(accounts)
     return total or None
 
 

@@ -41,3 +41,16 @@ def test_no_limit_no_bound(make_rt) -> None:
     rt.store.add_batch(id="b2", task_type="chat", tier="free", total=1)
     add_job(rt, batch_id="b2", seq=0)
     assert BatchHandle("b2", Client(runtime=rt)).progress().limit_jobs_per_s is None
+
+
+def test_a_models_own_limit_bounds_the_eta(make_rt) -> None:
+    """A per-model rpm (no provider-wide one) bounds the rate like a provider's does."""
+    from dataclasses import replace
+
+    from producer.batch import limit_rate
+
+    rt = make_rt(a_limits="concurrency = 4", b_limits="rpm = 30")
+    a = rt.settings.providers["a"]
+    am = a.models["am"]
+    rt.settings.providers["a"] = replace(a, models={"am": replace(am, limits=replace(am.limits, rpm=60))})
+    assert limit_rate(rt, "chat", "free", None) == pytest.approx((60 + 30) / 60)
