@@ -105,6 +105,14 @@ def main() -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+wait_timeout_option = click.option(
+    "--timeout",
+    "timeout_s",
+    type=Seconds(),
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait with --wait.",
+)
 
 
 def note_fallback(task: str) -> None:
@@ -128,14 +136,7 @@ def _print_json(data: Any) -> None:
 @click.option("--provider", "preferred_provider", help="Prefer this provider of the chain.")
 @click.option("--idempotency-key", help="A retried submit with the same key returns the same job.")
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=Seconds(),
-    default=300.0,
-    show_default=True,
-    help="Seconds to wait with --wait.",
-)
+@wait_timeout_option
 @json_option
 def submit(
     task: str,
@@ -189,14 +190,7 @@ def show_result(result: JobResult, as_json: bool) -> None:
 @main.command()
 @click.argument("job_id")
 @click.option("--wait", is_flag=True, help="Wait until the job is done.")
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=Seconds(),
-    default=300.0,
-    show_default=True,
-    help="Seconds to wait with --wait.",
-)
+@wait_timeout_option
 @json_option
 def get(job_id: str, wait: bool, timeout_s: float, as_json: bool) -> None:
     """A job's result (or where it is) by the id `submit` printed."""

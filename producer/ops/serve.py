@@ -198,7 +198,8 @@ class Jobs(Base):
                 400, reason=f"unknown field(s): {', '.join(unknown)} (known: {', '.join(sorted(JOB_FIELDS))})"
             )
         tier = body.get("tier")
-        if self.principal is not None and isinstance(tier, str) and tier not in self.principal.tiers:
+        known = isinstance(tier, str) and tier in self.rt.settings.tiers  # else: 422 naming it
+        if self.principal is not None and known and tier not in self.principal.tiers:
             allowed = ", ".join(self.principal.tiers)
             raise HTTPError(403, reason=f"tier {tier!r} is not open to this token (it may use: {allowed})")
         handle = await self.blocking(
