@@ -30,7 +30,7 @@ from producer.client import Client
 from producer.ops.dashboard import DashboardFeed, dashboard_routes, dashboard_sample
 from producer.ops.metrics import metrics_text
 from producer.ops.openai import openai_routes
-from producer.ops.tenants import Tenant, Tenants
+from producer.ops.tenants import Tenant, Tenants, token_scope
 from producer.status import status_report
 from producer.usage import parse_since, usage_report
 from workers.errors import (
@@ -215,7 +215,7 @@ class Jobs(Base):
 
 def caller_id(token: str | None) -> str | None:
     """A stable id of the caller a token authenticates: the scope of its idempotency keys."""
-    return None if token is None else Tenant("", "", (), "", token).scope
+    return None if token is None else token_scope(token)
 
 
 def _job_kwargs(body: dict[str, Any]) -> dict[str, Any]:

@@ -28,8 +28,12 @@ class Tenant:
 
     @property
     def scope(self) -> str:
-        """A stable id of the caller, from its token (never the token): its idempotency keys'."""
-        return "t" + hashlib.sha256(self.token.encode()).hexdigest()[:12]
+        return token_scope(self.token)
+
+
+def token_scope(token: str) -> str:
+    """A stable id of the caller a token names (never the token): its idempotency keys' scope."""
+    return "t" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 class Tenants:
