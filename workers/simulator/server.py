@@ -6,6 +6,9 @@ Paths: ``/<provider>/...`` with the provider's own path below it (``/groq/openai
 completions``, ``/anthropic/v1/messages``, ``/gemini/v1beta/models/<m>:generateContent``).
 Control: ``GET /_sim/stats``, ``POST /_sim/faults`` ``{"provider": p, "faults": {...}}``,
 ``POST /_sim/reset``.
+
+Batch APIs (OpenAI Batch + files, Anthropic Message Batches, Gemini batchGenerateContent):
+``batch_routes`` picks them out before anything else; ``batches`` explains the engine.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from workers.simulator import ratelimit_headers
+from workers.simulator import batch_routes, ratelimit_headers
+from workers.simulator.batches import BatchBook
 from workers.simulator.formats import FORMATS, BadSimRequest, SimRequest, reply
 from workers.simulator.quota import Quota, Refusal
 from workers.simulator.settings import FAULTS, SimProvider, SimSettings
@@ -52,6 +56,7 @@ class Simulation:
             self.stats = {name: Counter() for name in self.settings.providers}
             self.peak: dict[str, int] = dict.fromkeys(self.settings.providers, 0)
             self.in_flight: dict[str, int] = dict.fromkeys(self.settings.providers, 0)
+            self.batch_book = BatchBook(self.settings.seed)  # batch APIs: every batch and file
 
     def count(self, provider: str, what: str) -> None:
         with self.lock:
@@ -121,12 +126,16 @@ class Handler(BaseHTTPRequestHandler):
     # -- control ------------------------------------------------------------------------------
 
     def do_GET(self) -> None:
+        if batch_routes.handle(self, "GET"):  # the batch APIs (batch_routes.py)
+            return
         if urlsplit(self.path).path == "/_sim/stats":
             self._send(200, self.server.sim.snapshot())
         else:
             self._send(404, {"error": {"message": f"no such path {self.path}"}})
 
     def do_POST(self) -> None:
+        if batch_routes.handle(self, "POST"):  # the batch APIs: before the JSON read (files are multipart)
+            return
         url = urlsplit(self.path)
         sim = self.server.sim
         try:

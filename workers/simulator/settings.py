@@ -12,6 +12,8 @@ latency_ms = { median = 300, p95 = 900 }
 faults = { error_500 = 0.2, rate_limit = 0.1 }
 reject_keys = ["bad-*"]        # keys answered with the format's authentication error
 tokenizer = "cjk"              # count input like a real tokenizer (CJK: 5x Spillway's estimate)
+# The batch APIs (workers/simulator/batches.py); [simulator] batch = {...} sets every provider's.
+batch = { turnaround_s = 2, error_rate = 0.05, expire_rate = 0.0, queue_tokens = 90000 }
 ```
 """
 
@@ -42,6 +44,19 @@ class Latency:
     p95_ms: float = 50.0
 
 
+@dataclass(frozen=True)
+class BatchBehaviour:
+    """How the simulated batch APIs behave for one provider."""
+
+    turnaround_s: float = 5.0  # a batch is done this long after it was created
+    error_rate: float = 0.0  # share of requests answered with the provider's per-request error
+    expire_rate: float = 0.0  # share of batches that expire with half their requests unanswered
+    queue_tokens: int | None = None  # enqueued input tokens per model and owner; None: no limit
+
+
+BATCH_KEYS = ("turnaround_s", "error_rate", "expire_rate", "queue_tokens")
+
+
 @dataclass
 class SimProvider:
     name: str
@@ -57,6 +72,7 @@ class SimProvider:
     reject_keys: tuple[str, ...] = ()
     hang_s: float = 10.0
     tokenizer: str = "estimate"  # how input tokens are counted: "estimate" or "cjk"
+    batch: BatchBehaviour = BatchBehaviour()
 
 
 @dataclass
@@ -82,6 +98,17 @@ def _faults(t: Table) -> dict[str, float]:
     return {k: v for k, v in out.items() if v > 0}
 
 
+def _batch(t: Table, default: BatchBehaviour) -> BatchBehaviour:
+    behaviour = BatchBehaviour(
+        turnaround_s=t.pop_number("turnaround_s", default.turnaround_s),
+        error_rate=t.pop_number("error_rate", default.error_rate, maximum=1.0),
+        expire_rate=t.pop_number("expire_rate", default.expire_rate, maximum=1.0),
+        queue_tokens=t.pop_int("queue_tokens", default.queue_tokens),
+    )
+    t.done(known=BATCH_KEYS)
+    return behaviour
+
+
 def _limits(t: Table, default: Limits) -> Limits:
     if not t.names():
         return default
@@ -102,8 +129,9 @@ def sim_settings(settings: Settings, *, port: int | None = None, host: str | Non
     config_port = root.pop_int("port", 8900, minimum=0)
     seed = root.pop_int("seed", None, minimum=0)
     latency = _latency(root.pop_table("latency_ms"), Latency())
+    batch = _batch(root.pop_table("batch"), BatchBehaviour())
     overrides = root.pop_table("providers")
-    root.done(known=("host", "port", "seed", "latency_ms", "providers"))
+    root.done(known=("host", "port", "seed", "latency_ms", "batch", "providers"))
 
     providers = {}
     for name, p in settings.providers.items():
@@ -117,6 +145,7 @@ def sim_settings(settings: Settings, *, port: int | None = None, host: str | Non
             shared_quota=p.shared_quota,
             require_key=p.key_env is not None,
             latency=latency,
+            batch=batch,
         )
     for name, t in overrides.subtables():
         if name not in providers:
@@ -130,6 +159,7 @@ def sim_settings(settings: Settings, *, port: int | None = None, host: str | Non
             reject_keys=tuple(t.pop_str_list("reject_keys", [])),
             hang_s=t.pop_number("hang_s", base.hang_s, minimum=0.1),
             tokenizer=t.pop_str("tokenizer", "estimate", choices=("estimate", "cjk")),
+            batch=_batch(t.pop_table("batch"), base.batch),
         )
-        t.done(known=("limits", "latency_ms", "faults", "reject_keys", "hang_s", "tokenizer"))
+        t.done(known=("limits", "latency_ms", "faults", "reject_keys", "hang_s", "tokenizer", "batch"))
     return SimSettings(host or config_host, config_port if port is None else port, seed, providers)
