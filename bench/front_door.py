@@ -11,6 +11,7 @@ requests/s offered to a provider whose limit is far lower — every request must
 from __future__ import annotations
 
 import asyncio
+import collections
 import statistics
 import time
 from pathlib import Path
@@ -109,8 +110,8 @@ async def _offer(
             sent = time.monotonic()
             try:
                 status = (await client.post(url, json=body)).status_code
-            except httpx.HTTPError:
-                status = 0
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
             return status, (time.monotonic() - sent) * 1000
 
         probes: list[float] = []
@@ -130,6 +131,7 @@ async def _offer(
     ok = sorted(ms for status, ms in results if status == 200)
     return {
         "offered": count,
+        "statuses": dict(collections.Counter(status for status, _ in results)),
         "completed": len(ok),
         "failed": count - len(ok),
         "p50_ms": _pct(ok, 0.50),

@@ -53,3 +53,22 @@ def test_lengths_and_ids_cover_every_priority_and_unacked(app) -> None:
     assert queue_lengths(celery_app, ["llm.groq"]) == {"llm.groq": 3}
     assert message_task_ids(celery_app, ["llm.groq"]) == set(jobs)
     assert message_task_ids(celery_app, []) == {"j9"}
+
+
+def test_a_redis_broker_builds_one_client_per_pool_not_one_per_command(app) -> None:
+    celery_app, client = app
+    with celery_app.connection_for_write() as conn:
+        channel = conn.default_channel
+        assert type(conn.transport).__module__ == "workers.redis_transport"
+        first = channel._create_client()
+        assert channel._create_client() is first  # kombu's own would build a new one
+        channel._disconnect_pools()  # as after a fork or a lost connection: a new pool, a new client
+        assert channel._create_client() is not first
+    publish_jobs(celery_app, [Target("after", "groq", "m", priority=0)])  # still publishes
+    assert client.llen("llm.groq") == 1
+
+
+def test_other_brokers_keep_kombus_transport() -> None:
+    amqp = make_app(Env.from_environ({"CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"}))
+    assert amqp.conf.broker_transport is None
+    amqp.close()

@@ -414,3 +414,25 @@ def test_input_counted_unlike_the_estimate_is_learned_and_reserved_for(redis_cli
     assert before - buckets(lim)["tpm"] == pytest.approx(100 * account.input_ratio, rel=0.01)
     lim.settle(take(lim, costs), actual=Costs(1, 100, 100, 0), outcome="alive", input_ratio=1.0)
     assert lim.snapshots([P])[P].accounts[0].input_ratio < account.input_ratio  # it follows the text
+
+
+def test_the_lease_set_outlives_its_newest_lease_with_one_expire_per_lease_time(
+    redis_client: redis.Redis,
+) -> None:
+    lim = make(redis_client, "concurrency = 100")
+
+    def expires() -> int:
+        return int(redis_client.info("commandstats").get("cmdstat_pexpire", {}).get("calls", 0))
+
+    take(lim, lease_ttl_s=60)
+    [leases] = [k for k in redis_client.scan_iter("t:*") if k.endswith(b":leases")]
+    before = expires()
+    for _ in range(20):
+        take(lim, lease_ttl_s=60)
+        lim.clock.advance(1)
+    assert expires() == before  # no expiry pushed out per lease
+    assert redis_client.pttl(leases) >= 60_000 + 20_000  # still beyond the newest lease
+    lim.clock.advance(45)  # the newest lease would now outlive the set's TTL: pushed out once
+    take(lim, lease_ttl_s=60)
+    assert expires() == before + 1
+    assert redis_client.pttl(leases) >= 60_000

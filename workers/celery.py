@@ -28,6 +28,10 @@ def celery_settings(env: Env) -> dict[str, Any]:
     """Spillway's Celery configuration, the environment's part taken from `env`."""
     return {
         "broker_url": env.broker,
+        # the same transport kombu would pick, with fewer Redis clients built (see the module)
+        "broker_transport": "workers.redis_transport:Transport"
+        if env.broker.startswith("redis://")
+        else None,
         # Chords need a result backend (on Redis, a quiet one: see workers/resultbackend.py).
         "result_backend": env.results,
         # Messages carry ids only, as JSON (never pickle).

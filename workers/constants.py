@@ -42,6 +42,10 @@ PROBE_RECHECK_S = 5.0
 
 #: Extra time a concurrency lease lives beyond the call's timeout, so a crashed worker frees it.
 LEASE_MARGIN_S = 10.0
+#: A producer places a job on a view of the limiter at most this old, plus the jobs it placed
+#: since: one read of Redis per route this often, not one per submit. (Placement only picks a
+#: queue; the worker's acquire decides, on Redis's state of that moment.)
+PLACEMENT_VIEW_S = 0.1
 #: How long an idle "work queued for this provider" counter lives in Redis.
 PENDING_TTL_S = 3600
 

@@ -13,9 +13,12 @@ another candidate with room, a countdown, a parking spot until a quota is back, 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from workers import constants
 from workers.config import Candidate, Chain, Settings
 from workers.errors import (
     AuthError,
@@ -274,6 +277,15 @@ def _after_error(
     return Park(best.candidate, clock() + wait_s, 1)
 
 
+@dataclass
+class _View:
+    """What a producer last read of some candidates, and what it placed on them since."""
+
+    read_at: float
+    snapshots: dict[Candidate, Snapshot]
+    queued: dict[Candidate, Costs]
+
+
 class Router:
     def __init__(self, settings: Settings, keyring: KeyRing, limiter: Limiter) -> None:
         self.settings = settings
@@ -281,6 +293,8 @@ class Router:
         self.limiter = limiter
         #: round_robin's turns, one drawn each time a strategy chooses (placement and next hops)
         self.turns = itertools.count()
+        self._views: dict[tuple[Candidate, ...], _View] = {}
+        self._views_lock = threading.Lock()
 
     def usable(self, chain: Chain) -> tuple[list[Candidate], dict[str, str]]:
         """The chain's candidates with a key here, and why each other one was skipped."""
@@ -330,8 +344,12 @@ class Router:
         if not candidates:
             raise NoRouteError(f"no other provider in the {task}/{tier} chain")
         share = self.settings.tiers[tier].budget_share
-        options = self.options(candidates, costs, share)
-        choice = self.choose(options, chain.strategy, preferred)
+        view = self._view(tuple(candidates))
+        with self._views_lock:
+            options = [expected_wait(view.snapshots[c], costs, share, view.queued.get(c)) for c in candidates]
+            choice = self.choose(options, chain.strategy, preferred)
+            if count and not choice.wait.is_never:
+                view.queued[choice.candidate] = view.queued.get(choice.candidate, Costs(0, 0, 0, 0)) + costs
         if choice.wait.is_never:
             detail = "; ".join(f"{o.candidate}: {o.why}" for o in options)
             raise NoRouteError(
@@ -340,6 +358,19 @@ class Router:
         if count:
             self.limiter.add_pending({choice.candidate: costs})
         return Placement(choice.candidate, choice.wait, tuple(options))
+
+    def _view(self, candidates: tuple[Candidate, ...]) -> _View:
+        """The limiter's state of these candidates as of at most PLACEMENT_VIEW_S ago (read
+        again when older), with the jobs this process placed on them since."""
+        now = time.monotonic()
+        with self._views_lock:
+            view = self._views.get(candidates)
+            if view is not None and now - view.read_at < constants.PLACEMENT_VIEW_S:
+                return view
+        view = _View(now, self.limiter.snapshots(list(candidates)), {})
+        with self._views_lock:
+            self._views[candidates] = view
+        return view
 
     def place_many(
         self, task: str, tier: str, costs: Sequence[Costs], *, preferred: str | None = None

