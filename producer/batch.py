@@ -35,7 +35,7 @@ from producer.batchfile import (
     read_jsonl,
     validate,
 )
-from producer.jobs import MAX_NAME_CHARS, check_text, hold_for_tenant, job_row
+from producer.jobs import MAX_NAME_CHARS, check_deadline, check_mode, check_text, hold_for_tenant, job_row
 from workers import cache, dispatch, reconciler
 from workers.config import Candidate
 from workers.errors import InputError, ServiceUnavailable
@@ -282,6 +282,8 @@ def submit_batch(
     tier: str,
     batch_key: str | None = None,
     skip_invalid: bool = False,
+    mode: str | None = None,
+    deadline_s: float | None = None,
 ) -> BatchHandle:
     """Submit many jobs as one batch; each item is a dict like a JSONL line::
 
@@ -291,10 +293,21 @@ def submit_batch(
             print(record["custom_id"], record["text"])
 
     Items may override ``task``, ``tier``, ``max_tokens``, ``temperature``. The same
-    `batch_key` again resumes: only items not yet succeeded are sent.
+    `batch_key` again resumes: only items not yet succeeded are sent. `mode` ("sync",
+    "batch", "auto"; default: the route's) and `deadline_s` (every job's, from now) let jobs
+    go through the providers' batch APIs at their lower price (see the README).
     """
     listed = list(enumerate(items, 1))
-    return run_batch(client, lambda: listed, task=task, tier=tier, key=batch_key, skip_invalid=skip_invalid)
+    return run_batch(
+        client,
+        lambda: listed,
+        task=task,
+        tier=tier,
+        key=batch_key,
+        skip_invalid=skip_invalid,
+        mode=mode,
+        deadline_s=deadline_s,
+    )
 
 
 def submit_file(
@@ -305,11 +318,20 @@ def submit_file(
     tier: str,
     output: str | Path | None = None,
     skip_invalid: bool = False,
+    mode: str | None = None,
+    deadline_s: float | None = None,
 ) -> BatchHandle:
     """A JSONL file as a batch; the same input, output, task and tier resume the same batch."""
     key = fingerprint(path, output, task, tier)
     return run_batch(
-        client, lambda: read_jsonl(path), task=task, tier=tier, key=key, skip_invalid=skip_invalid
+        client,
+        lambda: read_jsonl(path),
+        task=task,
+        tier=tier,
+        key=key,
+        skip_invalid=skip_invalid,
+        mode=mode,
+        deadline_s=deadline_s,
     )
 
 
@@ -328,6 +350,8 @@ def run_batch(
     skip_invalid: bool,
     route_model: RouteModel = model_in_chain,
     tenant: str | None = None,
+    mode: str | None = None,
+    deadline_s: float | None = None,
 ) -> BatchHandle:
     """Check every line, then store and publish the batch chunk by chunk (see `_Enqueuer`).
     A `tenant`'s batch holds the worst case of all its good lines of the tenant's daily token
@@ -338,6 +362,8 @@ def run_batch(
     if key is not None:
         check_text(key, "batch_key", max_chars=MAX_NAME_CHARS)  # the batch's fingerprint column
     rt.settings.chain(task, tier)  # an unknown default task type or tier fails before anything
+    check_mode(mode)
+    deadline_s = check_deadline(deadline_s)
     good_ids: dict[str, int] = {}
     tokens = [0]
     good, bad = validate(rt, source(), task, tier, seen=good_ids, route_model=route_model, tokens=tokens)
@@ -368,6 +394,8 @@ def run_batch(
         chords_before=batch.chords if batch else 0,
         good_ids=set(good_ids),
         tenant=tenant,
+        mode=mode,
+        deadline_s=deadline_s,
     )
     bad_lines = {b.line: b for b in bad}
     for chunk in _chunks(source(), CHUNK):
@@ -388,9 +416,12 @@ class _Enqueuer:
         chords_before: int,
         good_ids: set[str] | None = None,
         tenant: str | None = None,
+        mode: str | None = None,
+        deadline_s: float | None = None,
     ) -> None:
         self.client = client
         self.tenant = tenant
+        self.mode, self.deadline_s = mode, deadline_s
         self.rt = client.runtime
         self.batch_id = batch_id
         self.states = states  # custom_id -> (job id, status) of what this batch already holds
@@ -439,6 +470,8 @@ class _Enqueuer:
                         target=candidate,
                         preferred_provider=item.preferred_provider,
                         tenant=self.tenant,
+                        mode=self.mode,
+                        deadline_s=self.deadline_s,
                     ),
                     **self._header(job_id, job_id, candidate, item.tier),
                     "batch_id": self.batch_id,

@@ -14,7 +14,7 @@ import redis
 
 from workers import cache, callbacks, dispatch
 from workers.cache import CachedAnswer
-from workers.config import Candidate
+from workers.config import MODES, Candidate
 from workers.constants import queue_name
 from workers.errors import IdempotencyConflict, InputError, ServiceUnavailable, SpillwayError
 from workers.limiter import Costs, tenants
@@ -453,6 +453,13 @@ def check_deadline(deadline_s: object) -> float | None:
             f"(365 days), got {_shown(deadline_s)}"
         )
     return float(deadline_s)
+
+
+def check_mode(mode: object) -> str | None:
+    """A submission's own mode (None: its route's)."""
+    if mode is not None and mode not in MODES:
+        raise InputError(f"mode: expected one of {', '.join(MODES)}, got {_shown(mode)}")
+    return mode  # type: ignore[return-value]
 
 
 def _shown(value: object) -> str:

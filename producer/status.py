@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from workers import provider_batch
 from workers.broker import queue_lengths
 from workers.config import Candidate
 from workers.limiter import AccountState, Costs, Scope
@@ -90,7 +91,11 @@ def status_report(rt: Runtime, app: Celery | None = None) -> dict[str, Any]:
                     }
             entry["accounts"].extend(seen.values())
         providers.append(entry)
-    return {"now": _iso(rt.limiter.now_s() * 1000), "providers": providers}
+    return {
+        "now": _iso(rt.limiter.now_s() * 1000),
+        "providers": providers,
+        "provider_batches": provider_batch.in_flight(rt),
+    }
 
 
 def route_report(rt: Runtime, task: str, tier: str, *, max_tokens: int | None = None) -> dict[str, Any]:
@@ -152,6 +157,40 @@ def render_status(report: dict[str, Any], console: Console) -> None:
                 p["provider"], a["model"], keys, state, remaining or "no limits", str(a["in_flight"]), queued
             )
     console.print(table)
+    render_provider_batches(report, console)
+
+
+def render_provider_batches(report: dict[str, Any], console: Console) -> None:
+    """Jobs waiting in the providers' batch APIs: one line per provider batch (none: no table)."""
+    batches = report.get("provider_batches") or []
+    if not batches:
+        return
+    table = Table(title="provider batches in flight", expand=False)
+    for column in ("provider", "model", "state", "jobs (answered)", "age", "expected in", "batch"):
+        table.add_column(column, no_wrap=True)
+    for b in batches:
+        state = b["state"] + (f" ({b['provider_status']})" if b["provider_status"] else "")
+        expected = "-" if b["expected_in_s"] is None else _span(b["expected_in_s"])
+        table.add_row(
+            b["provider"],
+            b["model"],
+            state,
+            f"{b['jobs']} ({b['done']})",
+            _span(b["age_s"]),
+            expected,
+            b["id"][:12],
+        )
+    console.print(table)
+
+
+def _span(seconds: float) -> str:
+    if seconds < 0:
+        return f"overdue {_span(-seconds)}"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def render_compact(report: dict[str, Any], console: Console) -> None:

@@ -62,6 +62,8 @@ def render_usage(report: dict[str, Any], console: Console) -> None:
         "failures",
         "reroutes",
         "in_doubt",
+        "via_batch",
+        "saved_usd",
         "cached",
         "latency_p50_ms",
         "latency_p95_ms",
@@ -79,7 +81,7 @@ def render_usage(report: dict[str, Any], console: Console) -> None:
 def _cell(column: str, value: Any) -> str:
     if value is None:
         return "-"
-    if column == "cost_usd":
+    if column in ("cost_usd", "saved_usd"):
         return f"${value:.6f}"
     if isinstance(value, float):
         return f"{value:,.1f}"

@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -414,11 +415,18 @@ def test_a_version_1_store_gets_every_later_column(backend, tmp_path, request) -
         request.getfixturevalue("pg_schema")  # PostgreSQL answers (else skipped / failed in CI)
         url, schema = PG_URL, f"spillway_v1_{uuid.uuid4().hex[:8]}"
     store = Store(url, schema=schema)
-    batches = f'"{schema}".spillway_batches' if schema else "spillway_batches"
-    jobs = f'"{schema}".spillway_jobs' if schema else "spillway_jobs"
+
+    def name(table: str) -> str:
+        return f'"{schema}".{table}' if schema else table
+
+    batches, jobs, attempts = name("spillway_batches"), name("spillway_jobs"), name("spillway_attempts")
     with store.engine.begin() as conn:  # the layout of version 1, as a store made before it
         conn.execute(text(f"ALTER TABLE {batches} DROP COLUMN line_format"))  # version 2
         conn.execute(text(f"ALTER TABLE {jobs} DROP COLUMN tenant"))  # version 3
+        conn.execute(text(f"DROP INDEX {name('ix_spillway_jobs_provider_batch_id')}"))  # version 4
+        for table, column in ((jobs, "mode"), (jobs, "provider_batch_id"), (attempts, "provider_batch_id")):
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(text(f"ALTER TABLE {attempts} DROP COLUMN saved_usd"))
         conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="1"))
     store.close()
     upgraded = Store(url, schema=schema)
@@ -426,8 +434,13 @@ def test_a_version_1_store_gets_every_later_column(backend, tmp_path, request) -
         upgraded.add_batch(id="b1", task_type="chat", tier="free", line_format="openai")
         assert upgraded.batch("b1").line_format == "openai"
         assert upgraded.job(new_job(upgraded, tenant="team-a")).tenant == "team-a"
+        assert upgraded.job(new_job(upgraded, mode="batch", provider_batch_id="pb1")).mode == "batch"
+        assert [j.mode for j in upgraded.provider_batch_jobs("pb1")] == ["batch"]
         with upgraded.session(write=False) as s:
-            assert s.scalar(select(Meta.value).where(Meta.key == "schema_version")) == "3"
+            assert s.scalar(select(Meta.value).where(Meta.key == "schema_version")) == "4"
+        with upgraded.engine.connect() as conn:
+            indexes = sqlalchemy.inspect(conn).get_indexes("spillway_jobs", schema=schema)
+        assert "ix_spillway_jobs_provider_batch_id" in {i["name"] for i in indexes}
         assert isinstance(upgraded.batch("b1"), Batch)
     finally:
         if schema:

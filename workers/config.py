@@ -96,6 +96,7 @@ class ProviderConfig:
     signals: str = ""
     circuit: Circuit = Circuit()
     worker_concurrency: int | None = None
+    batch: BatchApi | None = None  # None: jobs here are always called synchronously
 
     @property
     def queue(self) -> str:
@@ -106,6 +107,24 @@ class ProviderConfig:
         if self.worker_concurrency:
             return self.worker_concurrency
         return self.limits.concurrency or 16
+
+
+#: How a job may run: a call now (sync), through the provider's batch API (batch), or the
+#: cheapest way that still meets its deadline (auto).
+MODES = ("sync", "batch", "auto")
+BATCH_APIS = ("openai", "anthropic", "gemini")  # wire formats whose providers have a batch API
+
+
+@dataclass(frozen=True)
+class BatchApi:
+    """A provider's batch API (`[providers.X.batch]`): its price and how Spillway uses it."""
+
+    discount: float = 0.5  # batch price / synchronous price
+    turnaround_s: float = 3600.0  # expected submit → results, until observed batches say
+    collect_s: float = 5.0  # jobs are gathered this long into one provider batch
+    max_requests: int = 10_000  # per provider batch (below the provider's own cap)
+    queue_tokens: int | None = None  # enqueued input tokens per model the provider allows
+    poll_s: float = 10.0  # the first poll; later ones back off to POLL_MAX_S
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,7 @@ class Chain:
     strategy: str = "ordered"
     cache_ttl_s: float | None = None  # answers cached this long (exact-match), or no cache
     cache_across_tiers: bool = False  # a cached answer may serve another tier of the route
+    mode: str = "sync"  # sync | batch | auto (see MODES); a submission may choose its own
 
 
 @dataclass(frozen=True)
@@ -328,6 +348,7 @@ PROVIDER_KEYS = (
     "signals",
     "circuit",
     "worker_concurrency",
+    "batch",
 )
 
 
@@ -374,9 +395,29 @@ def _provider(name: str, t: Table, simulator_url: str | None) -> ProviderConfig:
         signals=signals,
         circuit=circuit,
         worker_concurrency=t.pop_int("worker_concurrency", None),
+        batch=_batch_api(t, api),
         models=_models(t.pop_table("models", required=True)),
     )
     t.done(known=PROVIDER_KEYS)
+    return config
+
+
+def _batch_api(t: Table, api: str) -> BatchApi | None:
+    if "batch" not in t.names():
+        return None
+    if api not in BATCH_APIS:
+        raise t.error("batch", f"a batch API for the {api} wire format (known: {', '.join(BATCH_APIS)})")
+    b = t.pop_table("batch")
+    default = BatchApi()
+    config = BatchApi(
+        discount=b.pop_number("discount", default.discount, minimum=0.01, maximum=1.0),
+        turnaround_s=b.pop_number("turnaround_s", default.turnaround_s, minimum=1),
+        collect_s=b.pop_number("collect_s", default.collect_s, minimum=0.1, maximum=300),
+        max_requests=b.pop_int("max_requests", default.max_requests, minimum=1),
+        queue_tokens=b.pop_int("queue_tokens", None, minimum=1),
+        poll_s=b.pop_number("poll_s", default.poll_s, minimum=0.1, maximum=600),
+    )
+    b.done(known=("discount", "turnaround_s", "collect_s", "max_requests", "queue_tokens", "poll_s"))
     return config
 
 
@@ -416,6 +457,7 @@ def _routes(
     routes: dict[str, dict[str, Chain]] = {}
     for task, t in table.subtables():
         strategy = _strategy(t, "strategy", "ordered")
+        mode = t.pop_str("mode", "sync", choices=MODES)
         cache_ttl_s = t.pop_number("cache_ttl_s", None, minimum=1)
         across = t.pop_bool("cache_across_tiers", False)
         chains = {}
@@ -434,11 +476,14 @@ def _routes(
                     _strategy(sub, "strategy", strategy),
                     sub.pop_number("cache_ttl_s", cache_ttl_s, minimum=1),
                     across,
+                    sub.pop_str("mode", mode, choices=MODES),
                 )
-                sub.done(known=("chain", "strategy", "cache_ttl_s"))
+                sub.done(known=("chain", "strategy", "cache_ttl_s", "mode"))
             else:
                 names = _str_list(t, tier, value)
-                chains[tier] = Chain(_candidates(t, tier, names, providers), strategy, cache_ttl_s, across)
+                chains[tier] = Chain(
+                    _candidates(t, tier, names, providers), strategy, cache_ttl_s, across, mode
+                )
         if not chains:
             raise ConfigError(f"{t.source}: {t.path}: a route needs a chain for at least one tier")
         routes[task] = chains

@@ -10,6 +10,8 @@ QUEUE_PREFIX = "llm."
 RUN_JOB_TASK = "spillway.run_job"
 FINISH_BATCH_TASK = "spillway.finish_batch"
 DELIVER_CALLBACK_TASK = "spillway.deliver_callback"
+SUBMIT_PROVIDER_BATCH_TASK = "spillway.submit_provider_batch"
+POLL_PROVIDER_BATCH_TASK = "spillway.poll_provider_batch"
 
 DEFAULT_CONFIG_FILE = "spillway.toml"
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from workers import cache, parking
+from workers import cache, parking, provider_batch
 from workers.alerts import quota_crossed
 from workers.config import Candidate, Chain
 from workers.errors import (
@@ -76,7 +76,17 @@ class Requeue:
     reservation: str | None = None
 
 
-Outcome = Done | Requeue
+@dataclass(frozen=True)
+class InBatch:
+    """The job waits in a provider batch (`workers.provider_batch`); `created`: this run began
+    collecting that batch, so its submit is to be scheduled."""
+
+    batch_id: str
+    provider: str
+    created: bool = False
+
+
+Outcome = Done | Requeue | InBatch
 
 
 def summary(job: Job) -> dict[str, Any]:
@@ -184,6 +194,12 @@ def run_job(
     if claim.state == "busy":  # another delivery of this job is running it right now
         wait_s = min(claim.busy_for_s + 1, rt.settings.max_countdown_s)
         return Requeue(candidate, hop, _priority(rt, job), countdown_s=wait_s, reservation=reservation)
+    if claim.state == "batched":  # a stray delivery: the provider batch's poller answers for it
+        return InBatch(job.provider_batch_id or "", job.provider or candidate.provider)
+    if provider_batch.goes_to_batch(rt, job, candidate, _chain(rt, job)):
+        handed = provider_batch.hand_over(rt, job, candidate)
+        if handed is not None:
+            return InBatch(handed[0], candidate.provider, created=handed[1])
     return _Run(rt, job, candidate, hop, reservation).start()
 
 

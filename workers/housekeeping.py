@@ -14,7 +14,7 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from workers import liveness, parking, reconciler, watchdog
+from workers import liveness, parking, provider_batch, reconciler, watchdog
 from workers.errors import SpillwayError
 from workers.logs import install_redaction
 from workers.runtime import runtime
@@ -32,6 +32,7 @@ def _loop(app: Any, queues: list[str]) -> None:
         return
     next_recover = time.monotonic() + env.recover_every_s
     next_orphans = time.monotonic() + env.unacked_restore_s
+    next_batches = time.monotonic()
     dog = watchdog.Watchdog(app, queues, stuck_s=env.stuck_s)
     while not _stop.wait(env.parked_every_s):
         try:
@@ -45,6 +46,9 @@ def _loop(app: Any, queues: list[str]) -> None:
             if env.recover_every_s > 0 and time.monotonic() >= next_recover:
                 next_recover = time.monotonic() + env.recover_every_s
                 reconciler.recover_once(rt, app, idle_for_s=env.recover_idle_s)
+            if time.monotonic() >= next_batches:  # provider batches whose next step is late
+                next_batches = time.monotonic() + provider_batch.RESUME_LATE_S
+                provider_batch.resume_overdue(rt, app)
         except SpillwayError as exc:
             log.warning("housekeeping skipped a round: %s", exc)
         except Exception:

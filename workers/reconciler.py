@@ -20,7 +20,7 @@ from celery import Celery
 from workers import dispatch, parking
 from workers.broker import message_task_ids
 from workers.runtime import Runtime
-from workers.store import OPEN, RUNNING, Job, aware, utcnow
+from workers.store import BATCHED, OPEN, RUNNING, Job, aware, utcnow
 
 log = logging.getLogger("spillway.reconciler")
 
@@ -76,7 +76,8 @@ def _lost(rt: Runtime, app: Celery, idle_for_s: float, batch_id: str | None) -> 
 def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float, batch_id: str | None) -> Recovery:
     first, skipped = _lost(rt, app, idle_for_s, batch_id)
     counts = rt.store.count_by_status(batch_id)
-    too_recent = max(0, sum(counts.get(status, 0) for status in OPEN) - skipped - len(first))
+    waiting = sum(counts.get(status, 0) for status in OPEN if status != BATCHED)  # batched: see poller
+    too_recent = max(0, waiting - skipped - len(first))
     if first and confirm_s > 0:
         time.sleep(confirm_s)
         second, _ = _lost(rt, app, idle_for_s, batch_id)

@@ -14,10 +14,17 @@ import httpx
 from celery import Task
 from celery.exceptions import Retry
 
-from workers import batches, callbacks, dispatch, execution, parking
+from workers import batches, callbacks, dispatch, execution, parking, provider_batch
 from workers.celery import app
 from workers.config import Candidate
-from workers.constants import DELIVER_CALLBACK_TASK, FINISH_BATCH_TASK, RUN_JOB_TASK, queue_name
+from workers.constants import (
+    DELIVER_CALLBACK_TASK,
+    FINISH_BATCH_TASK,
+    POLL_PROVIDER_BATCH_TASK,
+    RUN_JOB_TASK,
+    SUBMIT_PROVIDER_BATCH_TASK,
+    queue_name,
+)
 from workers.errors import ConfigError
 from workers.results import JobResult
 from workers.runtime import runtime
@@ -36,6 +43,13 @@ def run_job(
         if outcome.notify:
             dispatch.deliver_callback(self.app, job_id)
         return outcome.summary
+    if isinstance(outcome, execution.InBatch):
+        if outcome.created:
+            settings = rt.settings.providers[outcome.provider].batch
+            collect_s = settings.collect_s if settings else 0.0
+            provider_batch.send_submit(self.app, outcome.provider, outcome.batch_id, collect_s)
+        # no message is kept: the provider batch's poller publishes this task again when done
+        raise Retry(f"waits in provider batch {outcome.batch_id} ({outcome.provider})")
     target = outcome.candidate
     kwargs = dispatch.job_kwargs(job_id, target.provider, target.model, outcome.hop, outcome.reservation)
     if outcome.park_until_s is not None:
@@ -84,6 +98,18 @@ def deliver_callback(self: Task, job_id: str, waits: int = 0) -> None:
             )
             return
         raise self.retry(countdown=callbacks.backoff_s(delivery), exc=None) from None
+
+
+@app.task(bind=True, name=SUBMIT_PROVIDER_BATCH_TASK, ignore_result=True)
+def submit_provider_batch(self: Task, batch_id: str) -> None:
+    """Send the jobs collected for one provider batch to the provider's batch API."""
+    provider_batch.submit(runtime(), self.app, batch_id)
+
+
+@app.task(bind=True, name=POLL_PROVIDER_BATCH_TASK, ignore_result=True)
+def poll_provider_batch(self: Task, batch_id: str) -> None:
+    """Look at a provider batch once; its results are applied when it has ended."""
+    provider_batch.poll(runtime(), self.app, batch_id)
 
 
 @app.task(name=FINISH_BATCH_TASK)

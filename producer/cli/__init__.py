@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 from rich.console import Console
@@ -27,7 +27,7 @@ from producer.status import fit_status, render_route, render_status, route_repor
 from producer.usage import parse_since, render_usage, usage_report
 from workers import discovery, reconciler
 from workers.celery import app as celery_app
-from workers.config import load_settings
+from workers.config import MODES, load_settings
 from workers.env import Env
 from workers.errors import ConfigError, SpillwayError
 from workers.results import JobResult
@@ -56,6 +56,28 @@ class Seconds(click.ParamType):
         if not math.isfinite(number) or not 0 <= number <= MAX_SECONDS:
             self.fail(f"expected a number of seconds from 0 to {MAX_SECONDS:,}, got {value!r}", param, ctx)
         return number
+
+
+class Duration(Seconds):
+    """Seconds, or a number with a unit: 90s, 30m, 2h, 1d."""
+
+    name = "duration"
+    UNITS: ClassVar[dict[str, int]] = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        text = str(value).strip().lower()
+        unit = self.UNITS.get(text[-1:]) if text else None
+        if unit is None:
+            return super().convert(value, param, ctx)
+        return super().convert(float(text[:-1]) * unit if _is_number(text[:-1]) else value, param, ctx)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class SpillwayGroup(click.Group):
@@ -213,6 +235,15 @@ def get(job_id: str, wait: bool, timeout_s: float, as_json: bool) -> None:
     "--attach", "attach_id", metavar="BATCH_ID", help="Follow a running batch (and write its output)."
 )
 @click.option("--status", "status_id", metavar="BATCH_ID", help="Print a batch's summary.")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    help="sync: call now; batch: the providers' batch APIs; auto: the cheapest in time "
+    "(default: the route's).",
+)
+@click.option(
+    "--deadline", "deadline_s", type=Duration(), help="When every job must be done: 2h, 30m, 1d or seconds."
+)
 @json_option
 def batch(
     input_path: str | None,
@@ -223,6 +254,8 @@ def batch(
     skip_invalid: bool,
     attach_id: str | None,
     status_id: str | None,
+    mode: str | None,
+    deadline_s: float | None,
     as_json: bool,
 ) -> None:
     """Run a JSONL file as one batch; resume it by running the same command again."""
@@ -247,6 +280,8 @@ def batch(
         output=output,
         no_wait=no_wait,
         skip_invalid=skip_invalid,
+        mode=mode,
+        deadline_s=deadline_s or None,
         console=console,
     )
 

@@ -46,10 +46,18 @@ def run(
     no_wait: bool,
     skip_invalid: bool,
     console: Console,
+    mode: str | None = None,
+    deadline_s: float | None = None,
 ) -> None:
     with console.status(f"checking {input_path} and enqueueing…"):
         handle = checked_client().submit_file(
-            input_path, task=task, tier=tier, output=output, skip_invalid=skip_invalid
+            input_path,
+            task=task,
+            tier=tier,
+            output=output,
+            skip_invalid=skip_invalid,
+            mode=mode,
+            deadline_s=deadline_s,
         )
     first = handle.progress()
     console.print(f"batch [bold]{handle.id}[/]: {first.total} jobs", highlight=False)

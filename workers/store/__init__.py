@@ -3,6 +3,7 @@
 from workers.store.engine import aware, utcnow
 from workers.store.jobs import AttemptRecord, Claim, DuplicateJob
 from workers.store.models import (
+    BATCHED,
     FAILED,
     FINAL,
     IN_DOUBT,
@@ -17,10 +18,12 @@ from workers.store.models import (
     Attempt,
     Batch,
     Job,
+    ProviderBatch,
 )
 from workers.store.store import Store
 
 __all__ = [
+    "BATCHED",
     "FAILED",
     "FINAL",
     "IN_DOUBT",
@@ -38,6 +41,7 @@ __all__ = [
     "Claim",
     "DuplicateJob",
     "Job",
+    "ProviderBatch",
     "Store",
     "aware",
     "utcnow",

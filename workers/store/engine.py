@@ -30,7 +30,7 @@ PING_IDLE_S = 5.0
 
 #: The layout of the tables. A change to it bumps this and adds the step from the version
 #: before to MIGRATIONS, which every process runs once (under the schema lock) on its way in.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _add_column(conn: Connection, table: str, column: str) -> None:
@@ -48,7 +48,23 @@ def _add_column(conn: Connection, table: str, column: str) -> None:
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {  # from version N to N + 1
     1: lambda conn: _add_column(conn, "spillway_batches", "line_format"),
     2: lambda conn: _add_column(conn, "spillway_jobs", "tenant"),  # the API's tables: create_all
+    3: lambda conn: _to_version_4(conn),
 }
+
+
+def _to_version_4(conn: Connection) -> None:
+    """Provider batches (their table: create_all): a job's mode and provider batch (indexed),
+    an attempt's provider batch and what it saved."""
+    for table, column in (
+        ("spillway_jobs", "mode"),
+        ("spillway_jobs", "provider_batch_id"),
+        ("spillway_attempts", "provider_batch_id"),
+        ("spillway_attempts", "saved_usd"),
+    ):
+        _add_column(conn, table, column)
+    for index in Base.metadata.tables["spillway_jobs"].indexes:
+        if index.name == "ix_spillway_jobs_provider_batch_id":
+            index.create(conn, checkfirst=True)
 
 
 def utcnow() -> datetime:

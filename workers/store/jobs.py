@@ -21,6 +21,7 @@ from workers import constants
 from workers.errors import SpillwayError
 from workers.store.engine import Database, aware, utcnow
 from workers.store.models import (
+    BATCHED,
     FAILED,
     FINAL,
     IN_DOUBT,
@@ -54,12 +55,15 @@ class AttemptRecord:
     cost_usd: float = 0.0
     latency_ms: float | None = None
     moved_to: str | None = None
+    provider_batch_id: str | None = None
+    saved_usd: float = 0.0
 
 
 @dataclass(frozen=True)
 class Claim:
     """What `Store.claim` found: ``run`` (yours now), ``final``, ``busy`` (another worker has
-    it), ``poison`` (failed just now: its workers kept dying) or ``missing``."""
+    it), ``batched`` (a provider batch has it), ``poison`` (failed just now: its workers kept
+    dying) or ``missing``."""
 
     state: str
     job: Job | None = None
@@ -209,6 +213,8 @@ class JobStore(Database):
             if not taken:
                 if job.status in FINAL:
                     return Claim("final", job)
+                if job.status == BATCHED:
+                    return Claim("batched", job)
                 lease = aware(job.lease_until) or now
                 return Claim("busy", job, max(0.0, (lease - now).total_seconds()))
             if job.crashes >= max_crashes:
@@ -295,9 +301,10 @@ class JobStore(Database):
             return list(s.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)))
 
     def open_jobs(self, *, idle_for_s: float, batch_id: str | None = None, limit: int = 10_000) -> list[Job]:
-        """Queued, running or parked jobs nothing has touched for `idle_for_s` (the reconciler's)."""
+        """Queued, running or parked jobs nothing has touched for `idle_for_s` (the reconciler's;
+        a job in a provider batch holds no broker message: its poller answers for it)."""
         before = utcnow() - timedelta(seconds=idle_for_s)
-        query = select(Job).where(Job.status.in_(OPEN), Job.updated_at < before)
+        query = select(Job).where(Job.status.in_(OPEN), Job.status != BATCHED, Job.updated_at < before)
         if batch_id is not None:
             query = query.where(Job.batch_id == batch_id)
         with self.session(write=False) as s:

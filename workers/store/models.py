@@ -24,7 +24,10 @@ FINAL = (SUCCEEDED, FAILED)
 # An attempt is STARTED before its request leaves; a run that dies before writing its outcome
 # leaves it so, and the job's next run marks it IN_DOUBT (charged at its estimate).
 STARTED, IN_DOUBT = "started", "in_doubt"
-OPEN = (QUEUED, RUNNING, PARKED)
+# A job handed to a provider's batch API waits there (`provider_batch_id`) until its result
+# is applied; no broker message carries it meanwhile.
+BATCHED = "batched"
+OPEN = (QUEUED, RUNNING, PARKED, BATCHED)
 
 Stamp = DateTime(timezone=True)
 
@@ -96,6 +99,10 @@ class Job(Base):
     # the `spillway serve` tenant that submitted it: its daily token budget (schema version 3)
     tenant: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(Stamp)
+    # sync | batch | auto: how the job may run (None: as its route says); the provider batch
+    # it is in or was answered by (schema version 4)
+    mode: Mapped[str | None] = mapped_column(String(8))
+    provider_batch_id: Mapped[str | None] = mapped_column(String(32), index=True)
     created_at: Mapped[datetime] = mapped_column(Stamp)
     updated_at: Mapped[datetime] = mapped_column(Stamp)
     published_at: Mapped[datetime | None] = mapped_column(Stamp)
@@ -128,6 +135,38 @@ class Attempt(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     started_at: Mapped[datetime] = mapped_column(Stamp, index=True)
     finished_at: Mapped[datetime] = mapped_column(Stamp)
+    # answered through this provider batch, at its price: `saved_usd` less than a call now
+    # would have cost (schema version 4)
+    provider_batch_id: Mapped[str | None] = mapped_column(String(32))
+    saved_usd: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ProviderBatch(Base):
+    """Jobs sent together through one provider's batch API: collected, submitted (its `ref`,
+    the provider's id, stored before anything is polled), polled, and applied once."""
+
+    __tablename__ = "spillway_provider_batches"
+    __table_args__ = (Index("ix_spillway_provider_batches_state", "state", "provider", "model"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    # collecting | submitting | submitted | applied | refused
+    state: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)  # estimated: the queue it takes
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    ref: Mapped[str | None] = mapped_column(String(128))  # the provider's batch id
+    provider_status: Mapped[str | None] = mapped_column(String(32))
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    polls: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    deadline_at: Mapped[datetime | None] = mapped_column(Stamp)  # its earliest job's
+    created_at: Mapped[datetime] = mapped_column(Stamp)
+    submitted_at: Mapped[datetime | None] = mapped_column(Stamp)
+    expected_at: Mapped[datetime | None] = mapped_column(Stamp)
+    next_poll_at: Mapped[datetime | None] = mapped_column(Stamp)
+    ended_at: Mapped[datetime | None] = mapped_column(Stamp)
 
 
 class ApiFile(Base):

@@ -144,6 +144,8 @@ class ReportStore(Database):
                 case((Attempt.moved_to.is_not(None) & (Attempt.moved_to != Attempt.provider), 1), else_=0)
             ),
             func.sum(case((Attempt.outcome == IN_DOUBT, 1), else_=0)),
+            func.sum(case((Attempt.provider_batch_id.is_not(None), 1), else_=0)),
+            func.sum(Attempt.saved_usd),
         )
         # calls in flight count once their outcome is known
         totals = totals.where(Attempt.outcome != STARTED).group_by(*keys)
@@ -157,7 +159,7 @@ class ReportStore(Database):
         rows: dict[str, dict[str, Any]] = {}
         with self.session(write=False) as s:
             for row in s.execute(totals):
-                requests, tin, tout, cost, failures, reroutes, in_doubt = row[n:]
+                requests, tin, tout, cost, failures, reroutes, in_doubt, batched, saved = row[n:]
                 rows[_name(row[:n])] = {
                     "requests": int(requests or 0),
                     "input_tokens": int(tin or 0),
@@ -166,6 +168,8 @@ class ReportStore(Database):
                     "failures": int(failures or 0),
                     "reroutes": int(reroutes or 0),
                     "in_doubt": int(in_doubt or 0),
+                    "via_batch": int(batched or 0),
+                    "saved_usd": round(float(saved or 0.0), 6),
                     "cached": 0,
                     "latency_ms": [],
                 }
@@ -182,6 +186,8 @@ class ReportStore(Database):
                         "failures": 0,
                         "reroutes": 0,
                         "in_doubt": 0,
+                        "via_batch": 0,
+                        "saved_usd": 0.0,
                         "cached": 0,
                         "latency_ms": [],
                     },
@@ -194,9 +200,19 @@ class ReportStore(Database):
             entry["latency_p50_ms"] = _percentile(samples, 0.50)
             entry["latency_p95_ms"] = _percentile(samples, 0.95)
             groups.append({by: name, **entry})
-        summed = ("requests", "input_tokens", "output_tokens", "failures", "reroutes", "in_doubt", "cached")
+        summed = (
+            "requests",
+            "input_tokens",
+            "output_tokens",
+            "failures",
+            "reroutes",
+            "in_doubt",
+            "via_batch",
+            "cached",
+        )
         total = {k: sum(g[k] for g in groups) for k in summed}
-        total["cost_usd"] = round(sum(g["cost_usd"] for g in groups), 6)
+        for money in ("cost_usd", "saved_usd"):
+            total[money] = round(sum(g[money] for g in groups), 6)
         return {"by": by, "since": since.isoformat() if since else None, "groups": groups, "total": total}
 
     # -- the live page of `spillway serve` (producer/ops/dashboard.py) --------------------------

@@ -7,6 +7,7 @@ One class put together from its parts, each a module of its own:
     batches.py  batch bookkeeping: rows, pages, resumes, totals, summaries (`BatchStore`)
     reports.py  read-only counts and the usage report (`ReportStore`)
     api.py      the OpenAI-compatible front door's files and batches (`ApiStore`)
+    provider_batches.py  jobs sent through the providers' batch APIs (`ProviderBatchStore`)
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 from workers.store.api import ApiStore
 from workers.store.batches import BatchStore
 from workers.store.jobs import JobStore
+from workers.store.provider_batches import ProviderBatchStore
 from workers.store.reports import ReportStore
 
 
-class Store(JobStore, BatchStore, ReportStore, ApiStore):
+class Store(JobStore, BatchStore, ReportStore, ApiStore, ProviderBatchStore):
     """`Store(url=None, *, schema=None)`: SQLite by default, PostgreSQL by URL (see `Database`)."""

@@ -1,0 +1,138 @@
+"""Provider batches without workers: which jobs go (sync, batch, auto and the deadline), the
+config that says so, and results applied once however often a poll fetches them — against
+real Redis, a real store and the simulator's batch endpoints."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from producer.jobs import job_row
+from tests.conftest import CONFIGS
+from workers import provider_batch
+from workers.config import Candidate, parse_settings
+from workers.env import Env
+from workers.errors import ConfigError
+from workers.limiter import Clock
+from workers.messages import build_request
+from workers.runtime import Runtime
+from workers.simulator.server import start_in_thread
+from workers.simulator.settings import sim_settings
+from workers.store import BATCHED, SUCCEEDED, Attempt, Store
+from workers.store.jobs import AttemptRecord
+
+OA = Candidate("oa", "o1")
+
+
+class Published:
+    """A Celery app stand-in that keeps what would be published (tasks by name, with options)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def signature(self, name: str, **options: Any) -> Any:
+        app = self
+
+        class _Sig:
+            def apply_async(self, **more: Any) -> None:
+                app.sent.append((name, {**options, **more}))
+
+        return _Sig()
+
+
+@pytest.fixture
+def rt(redis_client: redis.Redis, tmp_path):
+    text = (CONFIGS / "provider_batches.toml").read_text()
+    server = start_in_thread(sim_settings(parse_settings(text, "pb.toml"), port=0))
+    settings = parse_settings(text, "pb.toml", simulator_url=server.url)
+    runtime = Runtime(
+        settings,
+        env=Env.from_environ({k: f"sk-{k.lower()}" for k in ("OA_KEY", "AN_KEY", "GE_KEY", "EX_KEY")}),
+        store=Store(f"sqlite:///{tmp_path}/s.db"),
+        redis_client=redis_client,
+        clock=Clock(),
+        http=httpx.Client(),
+        quiet=True,
+    )
+    runtime.sim = server  # type: ignore[attr-defined]
+    yield runtime
+    server.shutdown()
+    server.server_close()
+
+
+def claimed(rt: Runtime, *, mode: str | None = None, deadline_s: float | None = None, task: str = "analysis"):
+    job_id = uuid.uuid4().hex
+    row = job_row(job_id, task, "free", build_request("hello"), target=OA, mode=mode, deadline_s=deadline_s)
+    rt.store.add_jobs([row])
+    claim = rt.store.claim(job_id, lease_s=30, max_crashes=3, started=lambda job: _started())
+    assert claim.state == "run"
+    return claim.job
+
+
+def _started() -> AttemptRecord:
+    from workers.store import utcnow
+
+    return AttemptRecord("oa", "o1", "started", utcnow(), input_tokens=2, output_tokens=32, cost_usd=1.0)
+
+
+def test_the_mode_and_the_deadline_decide(rt: Runtime) -> None:
+    chain = rt.settings.chain("analysis", "free")  # the route says auto
+    assert not provider_batch.goes_to_batch(rt, claimed(rt), OA, chain)  # auto, no deadline: now
+    assert provider_batch.goes_to_batch(rt, claimed(rt, deadline_s=7200), OA, chain)
+    # the turnaround (2 s configured, 1.5x for safety) plus collecting no longer fits: now
+    assert not provider_batch.goes_to_batch(rt, claimed(rt, deadline_s=3), OA, chain)
+    assert provider_batch.goes_to_batch(rt, claimed(rt, mode="batch"), OA, chain)
+    assert not provider_batch.goes_to_batch(rt, claimed(rt, mode="sync", deadline_s=7200), OA, chain)
+
+
+def test_batch_settings_and_modes_are_checked_by_name() -> None:
+    base = (CONFIGS / "provider_batches.toml").read_text()
+    with pytest.raises(ConfigError, match=r"routes\.analysis\.mode.*sync, batch, auto"):
+        parse_settings(base.replace('mode = "auto"', 'mode = "later"'), "pb.toml")
+    with pytest.raises(ConfigError, match=r"providers\.oa\.batch\.discout"):
+        parse_settings(
+            base.replace(
+                "discount = 0.5, turnaround_s = 2, collect_s = 0.5, poll_s = 0.3 }\n[providers.oa",
+                "discout = 0.5 }\n[providers.oa",
+                1,
+            ),
+            "pb.toml",
+        )
+
+
+def test_results_are_applied_once_however_often_they_are_fetched(rt: Runtime) -> None:
+    app = Published()
+    jobs = [claimed(rt, mode="batch") for _ in range(4)]
+    handed = [provider_batch.hand_over(rt, job, OA) for job in jobs]
+    batch_id = handed[0][0]
+    assert [h[1] for h in handed] == [True, False, False, False]  # one collecting batch for all
+    assert {j.status for j in rt.store.provider_batch_jobs(batch_id)} == {BATCHED}
+    # the estimate the claim put on the ledger is gone: no call was made
+    with rt.store.session(write=False) as s:
+        assert s.query(Attempt).filter(Attempt.job_id.in_([j.id for j in jobs])).count() == 0
+    provider_batch.submit(rt, app, batch_id)
+    provider_batch.submit(rt, app, batch_id)  # a second delivery of the submit task: nothing
+    stats = httpx.get(f"{rt.sim.url}/_sim/stats", timeout=5).json()  # type: ignore[attr-defined]
+    assert stats["oa"]["batches_created"] == 1
+    batch = rt.store.provider_batch(batch_id)
+    assert batch.state == "submitted" and batch.ref  # its id stored before any poll
+    deadline = time.monotonic() + 15
+    while rt.store.provider_batch(batch_id).state != "applied" and time.monotonic() < deadline:
+        provider_batch.poll(rt, app, batch_id)
+        time.sleep(0.2)
+    assert rt.store.provider_batch(batch_id).state == "applied"
+    # a late duplicate poll applies the same results again: nothing changes
+    provider_batch.apply(rt, app, batch, rt.settings.providers["oa"], [])
+    jobs_after = rt.store.provider_batch_jobs(batch_id)
+    assert {j.status for j in jobs_after} == {SUCCEEDED}
+    with rt.store.session(write=False) as s:
+        attempts = s.query(Attempt).filter(Attempt.job_id.in_([j.id for j in jobs])).all()
+    assert len(attempts) == 4 and all(a.provider_batch_id == batch_id for a in attempts)
+    assert all(a.saved_usd == pytest.approx(a.cost_usd) and a.cost_usd > 0 for a in attempts)
+    republished = [options["task_id"] for name, options in app.sent if name == "spillway.run_job"]
+    assert sorted(republished) == sorted(j.id for j in jobs)  # each job's task again, once
