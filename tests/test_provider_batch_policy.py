@@ -46,23 +46,49 @@ class Published:
 
 
 @pytest.fixture
-def rt(redis_client: redis.Redis, tmp_path):
-    text = (CONFIGS / "provider_batches.toml").read_text()
-    server = start_in_thread(sim_settings(parse_settings(text, "pb.toml"), port=0))
-    settings = parse_settings(text, "pb.toml", simulator_url=server.url)
-    runtime = Runtime(
-        settings,
-        env=Env.from_environ({k: f"sk-{k.lower()}" for k in ("OA_KEY", "AN_KEY", "GE_KEY", "EX_KEY")}),
-        store=Store(f"sqlite:///{tmp_path}/s.db"),
-        redis_client=redis_client,
-        clock=Clock(),
-        http=httpx.Client(),
-        quiet=True,
-    )
-    runtime.sim = server  # type: ignore[attr-defined]
-    yield runtime
-    server.shutdown()
-    server.server_close()
+def make_rt(redis_client: redis.Redis, tmp_path):
+    servers = []
+
+    def build(replace: tuple[str, str] = ("", "")) -> Runtime:
+        text = (CONFIGS / "provider_batches.toml").read_text().replace(*replace)
+        server = start_in_thread(sim_settings(parse_settings(text, "pb.toml"), port=0))
+        servers.append(server)
+        runtime = Runtime(
+            parse_settings(text, "pb.toml", simulator_url=server.url),
+            env=Env.from_environ({k: f"sk-{k.lower()}" for k in ("OA_KEY", "AN_KEY", "GE_KEY", "EX_KEY")}),
+            store=Store(f"sqlite:///{tmp_path}/s{len(servers)}.db"),
+            redis_client=redis_client,
+            clock=Clock(),
+            http=httpx.Client(),
+            quiet=True,
+        )
+        runtime.sim = server  # type: ignore[attr-defined]
+        return runtime
+
+    yield build
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def rt(make_rt) -> Runtime:
+    return make_rt()
+
+
+def hand_all(rt: Runtime, jobs: list) -> str:
+    """Every job into the batch being collected (one, while it has room): its id."""
+    handed = {provider_batch.hand_over(rt, job, OA)[0] for job in jobs}
+    assert len(handed) == 1
+    return handed.pop()
+
+
+def poll_until_applied(rt: Runtime, app: Published, batch_id: str) -> None:
+    deadline = time.monotonic() + 15
+    while rt.store.provider_batch(batch_id).state != "applied" and time.monotonic() < deadline:
+        provider_batch.poll(rt, app, batch_id)
+        time.sleep(0.2)
+    assert rt.store.provider_batch(batch_id).state == "applied"
 
 
 def claimed(rt: Runtime, *, mode: str | None = None, deadline_s: float | None = None, task: str = "analysis"):
@@ -121,11 +147,7 @@ def test_results_are_applied_once_however_often_they_are_fetched(rt: Runtime) ->
     assert stats["oa"]["batches_created"] == 1
     batch = rt.store.provider_batch(batch_id)
     assert batch.state == "submitted" and batch.ref  # its id stored before any poll
-    deadline = time.monotonic() + 15
-    while rt.store.provider_batch(batch_id).state != "applied" and time.monotonic() < deadline:
-        provider_batch.poll(rt, app, batch_id)
-        time.sleep(0.2)
-    assert rt.store.provider_batch(batch_id).state == "applied"
+    poll_until_applied(rt, app, batch_id)
     # a late duplicate poll applies the same results again: nothing changes
     provider_batch.apply(rt, app, batch, rt.settings.providers["oa"], [])
     jobs_after = rt.store.provider_batch_jobs(batch_id)
@@ -136,3 +158,44 @@ def test_results_are_applied_once_however_often_they_are_fetched(rt: Runtime) ->
     assert all(a.saved_usd == pytest.approx(a.cost_usd) and a.cost_usd > 0 for a in attempts)
     republished = [options["task_id"] for name, options in app.sent if name == "spillway.run_job"]
     assert sorted(republished) == sorted(j.id for j in jobs)  # each job's task again, once
+
+
+def test_a_full_batch_queue_sends_the_rest_later_not_never(make_rt) -> None:
+    rt = make_rt(
+        ("batch = { discount = 0.5, turnaround_s = 2,", "batch = { queue_tokens = 10, turnaround_s = 2,")
+    )
+    app = Published()
+    jobs = [claimed(rt, mode="batch") for _ in range(4)]
+    assert {j.est_input_tokens for j in jobs} == {5}  # two of them fill the queue
+    batch_id = hand_all(rt, jobs)
+    provider_batch.submit(rt, app, batch_id)
+    first = rt.store.provider_batch(batch_id)
+    assert first.state == "submitted" and first.size == 2 and first.input_tokens == 10
+    [options] = [o for n, o in app.sent if n == "spillway.submit_provider_batch"]
+    waiting = options["kwargs"]["batch_id"]
+    assert options["countdown"] == provider_batch.POLL_MAX_S  # looked at again later
+    provider_batch.submit(rt, app, waiting)  # too early: the queue is still full, it waits on
+    assert (
+        rt.store.provider_batch(waiting).state == "collecting" and rt.store.provider_batch(waiting).size == 2
+    )
+    poll_until_applied(rt, app, batch_id)  # the first batch ends: the queue is free again
+    provider_batch.submit(rt, app, waiting)
+    poll_until_applied(rt, app, waiting)
+    assert {
+        j.status for j in rt.store.provider_batch_jobs(batch_id) + rt.store.provider_batch_jobs(waiting)
+    } == {SUCCEEDED}
+
+
+def test_a_batch_still_running_near_the_deadline_is_cancelled_and_the_rest_called_now(make_rt) -> None:
+    # a simulated turnaround far longer than the deadline leaves: auto would not send these, so
+    # the route's own mode does ("batch"), with a deadline inside the cancel margin
+    rt = make_rt(("batch = { turnaround_s = 1.0 }", "batch = { turnaround_s = 30.0 }"))
+    app = Published()
+    jobs = [claimed(rt, mode="batch", deadline_s=120) for _ in range(3)]
+    batch_id = hand_all(rt, jobs)
+    provider_batch.submit(rt, app, batch_id)
+    poll_until_applied(rt, app, batch_id)  # cancelled at the first poll, ended soon after
+    after = {j.id: j for j in rt.store.provider_batch_jobs(batch_id)}
+    assert {j.status for j in after.values()} == {"queued"} and {j.mode for j in after.values()} == {"sync"}
+    republished = [o["kwargs"]["job_id"] for n, o in app.sent if n == "spillway.run_job"]
+    assert sorted(republished) == sorted(after)  # each sent again, to be called now

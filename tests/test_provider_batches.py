@@ -1,7 +1,8 @@
 """Jobs through the providers' own batch APIs, over real workers and the simulator's OpenAI,
 Anthropic and Gemini batch endpoints: `auto` sends a batch with a deadline there at half the
 price, answers come back once per job and the chord's callback runs once; without a deadline
-`auto` calls now; requests a provider batch leaves unanswered run synchronously; and killing
+`auto` calls now; requests a provider batch leaves unanswered go in another, then are called
+synchronously; and killing
 every worker and restarting Redis while provider batches are out loses and repeats nothing."""
 
 from __future__ import annotations
@@ -101,17 +102,48 @@ def test_auto_without_a_deadline_calls_now(stack, tmp_path) -> None:
     assert sum(delta(before, after, "requests").values()) == 6
 
 
-def test_requests_a_provider_batch_leaves_unanswered_are_called_synchronously(stack, tmp_path) -> None:
+def test_requests_a_provider_batch_leaves_unanswered_go_again_then_synchronously(stack, tmp_path) -> None:
     before = counts(stack)
-    lines = run_batch(stack, tmp_path, 10, task="expiring")  # the route's mode: batch; it expires
+    lines = run_batch(stack, tmp_path, 10, task="expiring")  # the route's mode: batch; they expire
     after = counts(stack)
     assert all(x["status"] == "succeeded" for x in lines)
-    assert delta(before, after, "batch_requests")["ex"] == 10
-    assert delta(before, after, "requests")["ex"] == 5  # the half the expired batch never ran
     with stack.applied() as client:
         report = client.runtime.store.usage_report(by="provider")
     ex = next(g for g in report["groups"] if g["provider"] == "ex")
-    assert ex["requests"] == 10 and ex["via_batch"] == 5  # 5 answered in the batch, 5 called now
+    called_now = delta(before, after, "requests")["ex"]
+    # every batch of "ex" expires with half its requests unanswered: those go in a second
+    # provider batch, and what that one leaves is called synchronously (MAX_BATCH_ROUNDS)
+    assert delta(before, after, "batches_created")["ex"] == 2
+    assert delta(before, after, "batch_requests")["ex"] == 10 + (10 - 5)
+    assert ex["via_batch"] + called_now == 10 and called_now == 3
+    assert ex["requests"] == 10  # each job answered once: no expired request is on the ledger
+
+
+def test_status_shows_provider_batches_in_flight(stack) -> None:
+    with stack.applied() as client:
+        from producer import submit_batch
+
+        store = client.runtime.store
+        handle = submit_batch(
+            [{"custom_id": f"s{i}", "prompt": f"status {i}"} for i in range(4)],
+            task="analysis",
+            tier="free",
+            mode="batch",
+        )
+        assert wait_until(lambda: bool(store.provider_batches(states=("submitted",))), timeout_s=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "status", "--json"],
+            env={**os.environ, **stack.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        shown = json.loads(out.stdout)["provider_batches"]
+        assert shown and {b["provider"] for b in shown} <= {"oa", "an", "ge"}
+        assert all(b["jobs"] >= 1 and b["age_s"] >= 0 for b in shown)
+        assert any(b["state"] == "submitted" and b["expected_in_s"] is not None for b in shown)
+        assert wait_until(lambda: handle.progress().done == 4, timeout_s=60)
 
 
 @pytest.mark.faults

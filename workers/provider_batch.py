@@ -39,6 +39,12 @@ log = logging.getLogger("spillway.provider_batch")
 POLL_MAX_S = 60.0
 #: `auto` counts on a provider batch taking this many times its expected turnaround.
 TURNAROUND_SAFETY = 1.5
+#: A job that has moved this often (a provider batch left it unanswered, or a re-route) is
+#: called synchronously: a batch API that keeps expiring cannot hold a job forever.
+MAX_BATCH_ROUNDS = 2
+#: A provider batch still running this close to its earliest job's deadline is cancelled; what
+#: it has not answered is called synchronously in the time left.
+CANCEL_BEFORE_DEADLINE_S = 300.0
 #: A refused or failed submit is tried again this much later.
 RESUBMIT_S = 30.0
 #: A step this late is published again by the housekeeping thread (a second poll is harmless).
@@ -71,6 +77,8 @@ def goes_to_batch(rt: Runtime, job: Job, candidate: Candidate, chain: Chain | No
     if provider is None or provider.batch is None:
         return False
     mode = mode_of(job, chain)
+    if job.hops >= MAX_BATCH_ROUNDS:
+        return False
     if mode == "batch":
         return True
     if mode != "auto" or provider.batch.discount >= 1.0:
@@ -145,6 +153,9 @@ def submit(rt: Runtime, app: Celery, batch_id: str) -> None:
     if provider is None or provider.batch is None or key is None:
         _give_back(rt, app, batch, jobs, f"{batch.provider} takes no provider batches here")
         return
+    jobs = _within_batch_queue(rt, app, batch, provider, jobs)
+    if not jobs:
+        return
     adapter = batch_adapter(provider)
     items = _items(jobs)
     try:
@@ -173,6 +184,51 @@ def submit(rt: Runtime, app: Celery, batch_id: str) -> None:
     )
     log.info("provider batch %s: %d jobs sent to %s:%s", batch.id, len(jobs), batch.provider, batch.model)
     send_poll(app, batch.provider, batch.id, provider.batch.poll_s)
+
+
+def _within_batch_queue(
+    rt: Runtime, app: Celery, batch: ProviderBatch, provider: ProviderConfig, jobs: list[Job]
+) -> list[Job]:
+    """The jobs the provider's batch queue (`queue_tokens` of enqueued input per model) has room
+    for now; the rest wait in a new batch, sent when earlier ones have ended (or called now if
+    that would be too late for them)."""
+    assert provider.batch is not None
+    limit = provider.batch.queue_tokens
+    if limit is None:
+        return jobs
+    room = limit - rt.store.enqueued_tokens(batch.provider, batch.model)
+    now, later, used = [], [], 0
+    for job in sorted(jobs, key=lambda j: j.id):
+        tokens = int(job.est_input_tokens or 0)
+        if used + tokens <= room:
+            now.append(job)
+            used += tokens
+        else:
+            later.append(job)
+    if not later:
+        return now
+    wait_s = POLL_MAX_S
+    if _too_late(batch, wait_s, rt, provider):
+        if not now:
+            _give_back(rt, app, batch, jobs, "the batch queue is full until after the deadline")
+            return []
+        _give_back_some(rt, app, later)
+        return now
+    if not now:  # nothing fits yet: the whole batch waits
+        rt.store.retake_for_submit(batch.id)
+        send_submit(app, batch.provider, batch.id, wait_s)
+        return []
+    waiting = rt.store.split_provider_batch(batch.id, [j.id for j in later])
+    if waiting is not None:
+        log.info("provider batch %s: %d job(s) wait for room in the batch queue", batch.id, len(later))
+        send_submit(app, batch.provider, waiting, wait_s)
+    return now
+
+
+def _give_back_some(rt: Runtime, app: Celery, jobs: list[Job]) -> None:
+    """Jobs out of a batch being submitted, queued again for a synchronous call."""
+    rt.store.back_in_line([j.id for j in jobs], sync=True)
+    _publish_again(rt, app, [job for j in jobs if (job := rt.store.job(j.id)) is not None])
 
 
 def _too_late(batch: ProviderBatch, wait_s: float, rt: Runtime, provider: ProviderConfig) -> bool:
@@ -216,6 +272,7 @@ def poll(rt: Runtime, app: Celery, batch_id: str) -> None:
         send_poll(app, batch.provider, batch.id, next_s)
         return
     if results is None:
+        _cancel_if_late(rt, batch, provider, key, state.status)
         rt.store.provider_batch_polled(
             batch.id,
             provider_status=state.status,
@@ -225,6 +282,33 @@ def poll(rt: Runtime, app: Celery, batch_id: str) -> None:
         send_poll(app, batch.provider, batch.id, next_s)
         return
     apply(rt, app, batch, provider, results, failed_whole=state.failed_whole)
+
+
+def _cancel_if_late(
+    rt: Runtime, batch: ProviderBatch, provider: ProviderConfig, key: ApiKey, status: str
+) -> None:
+    """Cancel a provider batch that is still running close to its earliest job's deadline:
+    what it answered stays, the rest is called synchronously in the time left."""
+    deadline = aware(batch.deadline_at)
+    if deadline is None or "cancel" in status.lower():
+        return
+    if utcnow() + timedelta(seconds=CANCEL_BEFORE_DEADLINE_S) < deadline:
+        return
+    log.warning(
+        "provider batch %s is not done %.0f s before its deadline: cancelling it",
+        batch.id,
+        CANCEL_BEFORE_DEADLINE_S,
+    )
+    try:
+        batch_adapter(provider).cancel(rt.http, provider, key.secret, batch.ref or "")
+    except ProviderError as exc:
+        log.warning("provider batch %s: the cancel failed (%s); asked again at the next poll", batch.id, exc)
+
+
+def _late(job: Job) -> bool:
+    """Too close to its deadline for another provider batch."""
+    deadline = aware(job.deadline_at)
+    return deadline is not None and utcnow() + timedelta(seconds=CANCEL_BEFORE_DEADLINE_S) >= deadline
 
 
 def apply(
@@ -240,6 +324,7 @@ def apply(
     rest to synchronous calls, then publish every job's task again for its chord."""
     assert provider.batch is not None
     waiting = {j.id: j for j in rt.store.provider_batch_jobs(batch.id) if j.status == BATCHED}
+    jobs_by_id = dict(waiting)
     model = provider.models.get(batch.model)
     discount = provider.batch.discount
     started = aware(batch.submitted_at) or utcnow()
@@ -300,7 +385,9 @@ def apply(
     if back:
         why = failed_whole or "expired, cancelled or failed for now"
         log.warning("provider batch %s: %d job(s) go synchronous (%s)", batch.id, len(back), why)
-    rt.store.back_to_sync(back)
+    late = {job_id for job_id in back if _late(jobs_by_id[job_id])}
+    rt.store.back_in_line([j for j in back if j not in late])
+    rt.store.back_in_line(sorted(late), sync=True)
     # Only the apply that ends the batch publishes: a duplicate message for a job would count
     # twice in its chord. (One that dies first leaves the reconciler to send the jobs sent back
     # and to complete the batch.)
@@ -310,7 +397,7 @@ def apply(
 
 def _give_back(rt: Runtime, app: Celery, batch: ProviderBatch, jobs: list[Job], why: str) -> None:
     log.warning("provider batch %s: %s; its %d job(s) are called synchronously", batch.id, why, len(jobs))
-    rt.store.back_to_sync([j.id for j in jobs])
+    rt.store.back_in_line([j.id for j in jobs], sync=True)
     if rt.store.end_provider_batch(batch.id, state="refused", error=why):
         _publish_again(rt, app, rt.store.provider_batch_jobs(batch.id))
 

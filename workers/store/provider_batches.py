@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import case, delete, func, insert, select, update
 
@@ -158,18 +159,73 @@ class ProviderBatchStore(Database):
             )
         return done.rowcount == 1
 
-    def back_to_sync(self, job_ids: Sequence[str]) -> int:
-        """Jobs a provider batch did not answer (expired, cancelled, refused) run synchronously."""
+    def back_in_line(self, job_ids: Sequence[str], *, sync: bool = False) -> int:
+        """Jobs a provider batch did not answer (expired, cancelled, refused, failed for now)
+        are queued again, one hop further: their mode decides anew where they go, or `sync`."""
         if not job_ids:
             return 0
         now = utcnow()
+        values: dict[str, Any] = {
+            "status": QUEUED,
+            "hops": Job.hops + 1,
+            "updated_at": now,
+            "published_at": now,
+        }
+        if sync:
+            values["mode"] = "sync"
         with self.session() as s:
             done = s.execute(
-                update(Job)
-                .where(Job.id.in_(list(job_ids)), Job.status == BATCHED)
-                .values(status=QUEUED, mode="sync", updated_at=now, published_at=now)
+                update(Job).where(Job.id.in_(list(job_ids)), Job.status == BATCHED).values(values)
             )
         return done.rowcount
+
+    def split_provider_batch(self, batch_id: str, later: Sequence[str]) -> str | None:
+        """Move the jobs `later` of a batch being submitted into a new batch, collecting (a
+        provider's batch queue has no room for them yet). Its id, or None if none moved."""
+        if not later:
+            return None
+        now, new_id = utcnow(), uuid.uuid4().hex
+        with self.session() as s:
+            old = s.get(ProviderBatch, batch_id)
+            if old is None:
+                return None
+            moved = s.execute(
+                update(Job)
+                .where(Job.id.in_(list(later)), Job.provider_batch_id == batch_id, Job.status == BATCHED)
+                .values(provider_batch_id=new_id, updated_at=now)
+            ).rowcount
+            tokens = s.scalar(
+                select(func.coalesce(func.sum(Job.est_input_tokens), 0)).where(
+                    Job.provider_batch_id == new_id
+                )
+            )
+            s.add(
+                ProviderBatch(
+                    id=new_id,
+                    provider=old.provider,
+                    model=old.model,
+                    state="collecting",
+                    size=moved,
+                    input_tokens=int(tokens or 0),
+                    deadline_at=old.deadline_at,
+                    created_at=now,
+                )
+            )
+            old.size -= moved
+            old.input_tokens -= int(tokens or 0)
+        return new_id
+
+    def enqueued_tokens(self, provider: str, model: str) -> int:
+        """Input tokens of the provider:model batches at the provider now (its batch queue)."""
+        with self.session(write=False) as s:
+            total = s.scalar(
+                select(func.coalesce(func.sum(ProviderBatch.input_tokens), 0)).where(
+                    ProviderBatch.provider == provider,
+                    ProviderBatch.model == model,
+                    ProviderBatch.state == "submitted",
+                )
+            )
+        return int(total or 0)
 
     def provider_batch(self, batch_id: str) -> ProviderBatch | None:
         with self.session(write=False) as s:

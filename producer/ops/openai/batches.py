@@ -152,6 +152,9 @@ class Batches(ApiHandler):
                 skip_invalid=True,
                 route_model=router,
                 tenant=self.tenant.name if self.tenants else None,
+                # the completion window is the jobs' deadline: a route in `auto` mode may then
+                # send them through the providers' batch APIs at their price
+                deadline_s=WINDOWS[window].total_seconds(),
             )
         except ApiError as exc:
             error = {"code": exc.body["error"]["code"] or "invalid", "message": exc.body["error"]["message"]}
