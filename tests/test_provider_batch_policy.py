@@ -91,9 +91,13 @@ def poll_until_applied(rt: Runtime, app: Published, batch_id: str) -> None:
     assert rt.store.provider_batch(batch_id).state == "applied"
 
 
-def claimed(rt: Runtime, *, mode: str | None = None, deadline_s: float | None = None, task: str = "analysis"):
+def claimed(
+    rt: Runtime, *, mode: str | None = None, deadline_s: float | None = None, task: str = "analysis", **extra
+):
     job_id = uuid.uuid4().hex
-    row = job_row(job_id, task, "free", build_request("hello"), target=OA, mode=mode, deadline_s=deadline_s)
+    row = job_row(
+        job_id, task, "free", build_request("hello"), target=OA, mode=mode, deadline_s=deadline_s, **extra
+    )
     rt.store.add_jobs([row])
     claim = rt.store.claim(job_id, lease_s=30, max_crashes=3, started=lambda job: _started())
     assert claim.state == "run"
@@ -133,7 +137,8 @@ def test_batch_settings_and_modes_are_checked_by_name() -> None:
 
 def test_results_are_applied_once_however_often_they_are_fetched(rt: Runtime) -> None:
     app = Published()
-    jobs = [claimed(rt, mode="batch") for _ in range(4)]
+    jobs = [claimed(rt, mode="batch") for _ in range(3)]
+    jobs.append(claimed(rt, mode="batch", callback_url="http://127.0.0.1:9/done"))
     handed = [provider_batch.hand_over(rt, job, OA) for job in jobs]
     batch_id = handed[0][0]
     assert [h[1] for h in handed] == [True, False, False, False]  # one collecting batch for all
@@ -158,6 +163,8 @@ def test_results_are_applied_once_however_often_they_are_fetched(rt: Runtime) ->
     assert all(a.saved_usd == pytest.approx(a.cost_usd) and a.cost_usd > 0 for a in attempts)
     republished = [options["task_id"] for name, options in app.sent if name == "spillway.run_job"]
     assert sorted(republished) == sorted(j.id for j in jobs)  # each job's task again, once
+    callbacks = [o["args"] for n, o in app.sent if n == "spillway.deliver_callback"]
+    assert callbacks == [[jobs[-1].id]]  # the job that asked for one, once
 
 
 def test_a_full_batch_queue_sends_the_rest_later_not_never(make_rt) -> None:
@@ -199,3 +206,32 @@ def test_a_batch_still_running_near_the_deadline_is_cancelled_and_the_rest_calle
     assert {j.status for j in after.values()} == {"queued"} and {j.mode for j in after.values()} == {"sync"}
     republished = [o["kwargs"]["job_id"] for n, o in app.sent if n == "spillway.run_job"]
     assert sorted(republished) == sorted(after)  # each sent again, to be called now
+
+
+def test_a_batch_over_the_apis_size_limit_is_sent_in_parts(rt: Runtime, monkeypatch) -> None:
+    from workers.providers.batch import BATCH_ADAPTERS
+    from workers.providers.batch.base import ENVELOPE_BYTES
+
+    adapter = BATCH_ADAPTERS["openai"]
+    one_line = len(
+        adapter.item_line(rt.settings.providers["oa"], "o1", provider_batch._items([claimed(rt)])[0])
+    )
+    monkeypatch.setattr(
+        type(adapter), "max_bytes", ENVELOPE_BYTES + int(one_line * 1.5)
+    )  # one request per provider batch
+    app = Published()
+    jobs = [claimed(rt, mode="batch") for _ in range(3)]
+    batch_id = hand_all(rt, jobs)
+    provider_batch.submit(rt, app, batch_id)
+    assert rt.store.provider_batch(batch_id).size == 1
+    parts = [o["kwargs"]["batch_id"] for n, o in app.sent if n == "spillway.submit_provider_batch"]
+    assert len(parts) == 1  # the rest, in a batch of its own, sent at once (and split again there)
+    provider_batch.submit(rt, app, parts[0])
+    parts += [
+        o["kwargs"]["batch_id"] for n, o in app.sent[len(parts) :] if n == "spillway.submit_provider_batch"
+    ]
+    for part in {batch_id, *parts}:
+        provider_batch.submit(rt, app, part)
+        poll_until_applied(rt, app, part)
+    answered = {j.id: j.status for part in {batch_id, *parts} for j in rt.store.provider_batch_jobs(part)}
+    assert answered == {j.id: SUCCEEDED for j in jobs}

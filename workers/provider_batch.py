@@ -26,8 +26,9 @@ from celery import Celery
 from workers import dispatch
 from workers.config import Candidate, Chain, ProviderConfig
 from workers.constants import POLL_PROVIDER_BATCH_TASK, SUBMIT_PROVIDER_BATCH_TASK, queue_name
-from workers.errors import ProviderError, RetryableError
+from workers.errors import InputError, ProviderError, RetryableError
 from workers.keys import ApiKey
+from workers.limiter import Costs, tenants
 from workers.messages import ChatRequest
 from workers.providers.batch import BatchItem, ItemResult, batch_adapter
 from workers.runtime import Runtime
@@ -132,11 +133,12 @@ def _items(jobs: list[Job]) -> list[BatchItem]:
     return [BatchItem(j.id, ChatRequest.from_json(j.request)) for j in sorted(jobs, key=lambda j: j.id)]
 
 
-def _key(rt: Runtime, provider: str, key_id: str | None = None) -> ApiKey | None:
-    keys = rt.keyring.keys(provider)
+def _key(rt: Runtime, provider: str, batch_id: str, key_id: str | None = None) -> ApiKey | None:
+    """The key a batch was sent with; for a new one, the provider's keys in turn (by batch id)."""
     if key_id is not None:
         return rt.keyring.get(provider, key_id)
-    return keys[0] if keys else None
+    keys = rt.keyring.keys(provider)
+    return keys[int(batch_id, 16) % len(keys)] if keys else None
 
 
 def submit(rt: Runtime, app: Celery, batch_id: str) -> None:
@@ -149,7 +151,7 @@ def submit(rt: Runtime, app: Celery, batch_id: str) -> None:
         rt.store.end_provider_batch(batch_id, state="applied")
         return
     provider = rt.settings.providers.get(batch.provider)
-    key = _key(rt, batch.provider)
+    key = _key(rt, batch.provider, batch.id)
     if provider is None or provider.batch is None or key is None:
         _give_back(rt, app, batch, jobs, f"{batch.provider} takes no provider batches here")
         return
@@ -157,7 +159,14 @@ def submit(rt: Runtime, app: Celery, batch_id: str) -> None:
     if not jobs:
         return
     adapter = batch_adapter(provider)
-    items = _items(jobs)
+    first, *rest = adapter.split(_items(jobs), provider, batch.model)  # the API's size limits
+    if rest:
+        more = rt.store.split_provider_batch(batch.id, [item.custom_id for chunk in rest for item in chunk])
+        if more is not None:
+            send_submit(app, batch.provider, more, 0)
+        sent = {item.custom_id for item in first}
+        jobs = [j for j in jobs if j.id in sent]
+    items = first
     try:
         ref = adapter.submit(
             rt.http, provider, key.secret, batch.model, items, metadata={"spillway": batch.id}
@@ -171,7 +180,7 @@ def submit(rt: Runtime, app: Celery, batch_id: str) -> None:
         rt.store.retake_for_submit(batch.id)
         send_submit(app, batch.provider, batch.id, min(wait_s, POLL_MAX_S))
         return
-    except ProviderError as exc:  # refused for good: the jobs are called one by one
+    except (ProviderError, InputError) as exc:  # refused for good (or too big for any batch)
         _give_back(rt, app, batch, jobs, f"refused: {exc}")
         return
     now = utcnow()
@@ -182,7 +191,7 @@ def submit(rt: Runtime, app: Celery, batch_id: str) -> None:
         expected_at=now + timedelta(seconds=expected_turnaround_s(rt, provider)),
         next_poll_at=now + timedelta(seconds=provider.batch.poll_s),
     )
-    log.info("provider batch %s: %d jobs sent to %s:%s", batch.id, len(jobs), batch.provider, batch.model)
+    log.info("provider batch %s: %d jobs sent to %s:%s", batch.id, len(items), batch.provider, batch.model)
     send_poll(app, batch.provider, batch.id, provider.batch.poll_s)
 
 
@@ -245,7 +254,7 @@ def poll(rt: Runtime, app: Celery, batch_id: str) -> None:
     if batch is None or batch.state != "submitted" or not batch.ref:
         return
     provider = rt.settings.providers.get(batch.provider)
-    key = _key(rt, batch.provider, batch.key_id)
+    key = _key(rt, batch.provider, batch.id, batch.key_id)
     if provider is None or provider.batch is None or key is None:
         log.error("provider batch %s: %s or its key is gone from the config", batch.id, batch.provider)
         return  # kept in the store: a worker that has them resumes it
@@ -348,7 +357,7 @@ def apply(
             list_price = model.cost_usd(result.input_tokens, result.output_tokens) if model else 0.0
             cost = list_price * discount
             tokens = {"input_tokens": result.input_tokens, "output_tokens": result.output_tokens}
-            rt.store.finish(
+            stored = rt.store.finish(
                 job.id,
                 job.runs,
                 AttemptRecord(
@@ -363,13 +372,15 @@ def apply(
                 cost_usd=cost,
                 **tokens,
             )
+            if stored:
+                _ended(rt, app, job, result.input_tokens + result.output_tokens)
         elif (
             result.outcome == "failed"
             and result.error is not None
             and not isinstance(result.error, RetryableError)
         ):
             error = f"{batch.provider} (provider batch): {result.error.message}"
-            rt.store.finish(
+            stored = rt.store.finish(
                 job.id,
                 job.runs,
                 AttemptRecord(outcome=result.error.kind, error=error, **common),
@@ -379,6 +390,8 @@ def apply(
                 error=error,
                 error_kind=result.error.kind,
             )
+            if stored:
+                _ended(rt, app, job, 0)
         else:  # expired, cancelled, or a failure worth another try: a synchronous call
             back.append(job.id)
     back += list(waiting)  # never answered at all
@@ -393,6 +406,18 @@ def apply(
     # and to complete the batch.)
     if rt.store.end_provider_batch(batch.id, state="applied", error=failed_whole):
         _publish_again(rt, app, rt.store.provider_batch_jobs(batch.id))
+
+
+def _ended(rt: Runtime, app: Celery, job: Job, used_tokens: int) -> None:
+    """This apply made the job final: its tenant gets back what it held and did not use, and
+    its callback is sent (the run that handed it over could not)."""
+    if job.tenant is not None:
+        held = int(Costs.estimate(job.est_input_tokens, job.request["max_tokens"]).tokens)
+        tenants.give_back(
+            rt.redis, rt.keys, job.tenant, held - used_tokens, aware(job.created_at) or utcnow()
+        )
+    if job.callback_url:
+        dispatch.deliver_callback(app, job.id)
 
 
 def _give_back(rt: Runtime, app: Celery, batch: ProviderBatch, jobs: list[Job], why: str) -> None:
