@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -235,3 +236,37 @@ def test_a_batch_over_the_apis_size_limit_is_sent_in_parts(rt: Runtime, monkeypa
         poll_until_applied(rt, app, part)
     answered = {j.id: j.status for part in {batch_id, *parts} for j in rt.store.provider_batch_jobs(part)}
     assert answered == {j.id: SUCCEEDED for j in jobs}
+
+
+@pytest.mark.parametrize("candidate", [OA, Candidate("ge", "g1")])
+def test_a_batch_its_worker_sent_but_never_recorded_is_found_not_sent_twice(rt: Runtime, candidate) -> None:
+    """The worker died after the provider took the batch and before the store had its id."""
+    from sqlalchemy import update
+
+    from workers.providers.batch import batch_adapter
+    from workers.store import ProviderBatch, utcnow
+
+    app = Published()
+    jobs = [claimed(rt, mode="batch") for _ in range(2)]
+    batch_id = {provider_batch.hand_over(rt, job, candidate)[0] for job in jobs}.pop()
+    _, taken = rt.store.take_for_submit(batch_id)
+    provider = rt.settings.providers[candidate.provider]
+    key = provider_batch._key(rt, candidate.provider, batch_id)
+    items = provider_batch._items(taken)
+    batch_adapter(provider).submit(
+        rt.http, provider, key.secret, candidate.model, items, metadata={"spillway": batch_id}
+    )
+    with rt.store.session() as s:  # ... and ten minutes and more have passed since
+        s.execute(
+            update(ProviderBatch)
+            .where(ProviderBatch.id == batch_id)
+            .values(created_at=utcnow() - timedelta(seconds=provider_batch.RESUBMIT_STUCK_S + 60))
+        )
+    assert provider_batch.resume_overdue(rt, app) == 1
+    found = rt.store.provider_batch(batch_id)
+    assert found.state == "submitted" and found.ref
+    assert [n for n, _ in app.sent] == ["spillway.poll_provider_batch"]  # polled, not sent again
+    poll_until_applied(rt, app, batch_id)
+    stats = httpx.get(f"{rt.sim.url}/_sim/stats", timeout=5).json()  # type: ignore[attr-defined]
+    assert stats[candidate.provider]["batches_created"] == 1
+    assert {j.status for j in rt.store.provider_batch_jobs(batch_id)} == {SUCCEEDED}

@@ -453,14 +453,44 @@ def resume_overdue(rt: Runtime, app: Celery) -> int:
         collecting_s=collect_s + RESUME_LATE_S, submitting_s=RESUBMIT_STUCK_S, poll_late_s=RESUME_LATE_S
     )
     for batch in overdue:
+        if batch.state == "submitting" and _found_at_provider(rt, app, batch):
+            continue
         if batch.state == "submitting":
-            # its worker died while sending it; the provider may not have it: send it again
+            # its worker died while sending it and the provider does not list it: send it again
             rt.store.retake_for_submit(batch.id)
         if batch.state in ("collecting", "submitting"):
             send_submit(app, batch.provider, batch.id, 0)
         else:
             send_poll(app, batch.provider, batch.id, 0)
     return len(overdue)
+
+
+def _found_at_provider(rt: Runtime, app: Celery, batch: ProviderBatch) -> bool:
+    """A batch whose worker died after the provider took it but before its id was stored: the
+    provider lists it by Spillway's batch id (OpenAI's metadata, Gemini's display name), so it
+    is polled, not paid for twice. Anthropic's batches carry no such mark."""
+    provider = rt.settings.providers.get(batch.provider)
+    key = _key(rt, batch.provider, batch.id)
+    if provider is None or provider.batch is None or key is None:
+        return False
+    try:
+        ref = batch_adapter(provider).find(rt.http, provider, key.secret, batch.id)
+    except ProviderError as exc:
+        log.warning("provider batch %s: could not ask %s for it (%s)", batch.id, batch.provider, exc)
+        return True  # not now: asked again at the next round, never sent twice blind
+    if ref is None:
+        return False
+    now = utcnow()
+    rt.store.provider_batch_submitted(
+        batch.id,
+        ref=ref,
+        key_id=key.key_id,
+        expected_at=now + timedelta(seconds=expected_turnaround_s(rt, provider)),
+        next_poll_at=now,
+    )
+    log.warning("provider batch %s was at %s already (%s): polling it", batch.id, batch.provider, ref)
+    send_poll(app, batch.provider, batch.id, 0)
+    return True
 
 
 def in_flight(rt: Runtime) -> list[dict[str, Any]]:

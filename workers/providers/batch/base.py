@@ -92,6 +92,13 @@ class BatchAdapter:
         self._check(items, lines)
         return self._create(client, provider, api_key, model, items, lines, metadata or {})
 
+    def find(
+        self, client: httpx.Client, provider: ProviderConfig, api_key: str | None, marker: str
+    ) -> str | None:
+        """The id of a recent batch created with `metadata={"spillway": marker}`, if this API
+        can say (one whose creator died before it stored the id); None: none, or cannot tell."""
+        return None
+
     def state(
         self, client: httpx.Client, provider: ProviderConfig, api_key: str | None, batch_id: str
     ) -> BatchState:

@@ -100,6 +100,18 @@ class GeminiBatches(BatchAdapter):
         operation = send_json(client, provider, "POST", url, headers=headers, content=content)
         return string(operation, "name", provider, "the batch create")
 
+    def find(
+        self, client: httpx.Client, provider: ProviderConfig, api_key: str | None, marker: str
+    ) -> str | None:
+        """The first page of batches (operations), by the display name `submit` gave them."""
+        url = f"{provider.base_url}/batches?pageSize=100"
+        listed = send_json(client, provider, "GET", url, headers=self.sync.headers(provider, api_key))
+        for operation in listed.get("operations") or []:
+            meta = operation.get("metadata") or {} if isinstance(operation, dict) else {}
+            if meta.get("displayName") == f"spillway={marker}":
+                return str(operation["name"])
+        return None
+
     def _fetch(
         self, client: httpx.Client, provider: ProviderConfig, api_key: str | None, batch_id: str
     ) -> dict[str, Any]:

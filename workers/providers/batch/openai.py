@@ -89,6 +89,17 @@ class OpenAIBatches(BatchAdapter):
         created = send_json(client, provider, "POST", url, headers=headers, json=body)
         return string(created, "id", provider, "the batch create")
 
+    def find(
+        self, client: httpx.Client, provider: ProviderConfig, api_key: str | None, marker: str
+    ) -> str | None:
+        """The newest 100 batches (newest first, as OpenAI lists them), by their metadata."""
+        url = f"{provider.base_url}/batches?limit=100"
+        listed = send_json(client, provider, "GET", url, headers=self.sync.headers(provider, api_key))
+        for batch in listed.get("data") or []:
+            if isinstance(batch, dict) and (batch.get("metadata") or {}).get("spillway") == marker:
+                return str(batch["id"])
+        return None
+
     def _fetch(
         self, client: httpx.Client, provider: ProviderConfig, api_key: str | None, batch_id: str
     ) -> dict[str, Any]:
