@@ -14,7 +14,17 @@ from rich.table import Table
 
 from workers.embedded import start_redis
 
-BENCHMARKS = ["limiter", "submit", "overhead", "makespan", "waits", "tokens", "batch", "front"]
+BENCHMARKS = [
+    "limiter",
+    "submit",
+    "overhead",
+    "makespan",
+    "waits",
+    "tokens",
+    "batch",
+    "front",
+    "provider-batches",
+]
 
 
 def main() -> None:
@@ -197,6 +207,16 @@ def main() -> None:
                     f"{o['probe_p50_ms']:.0f} / {o['probe_max_ms']:.0f} ms",
                 ),
             ]
+        if "provider-batches" in only:
+            from bench import provider_batches
+
+            sizes = {"jobs": 200, "turnaround_s": 10.0} if args.quick else {}
+            with (
+                console.status("provider batches: all synchronous vs auto with a 2 h deadline…"),
+                tempfile.TemporaryDirectory() as tmp,
+            ):
+                r = provider_batches.run(Path(tmp), **sizes)
+            rows += provider_batches.summary_rows(r)
     finally:
         redis_server.stop()
     table = Table(title="Spillway benchmarks")

@@ -259,7 +259,10 @@ def poll(rt: Runtime, app: Celery, batch_id: str) -> None:
         log.error("provider batch %s: %s or its key is gone from the config", batch.id, batch.provider)
         return  # kept in the store: a worker that has them resumes it
     adapter = batch_adapter(provider)
-    next_s = min(POLL_MAX_S, provider.batch.poll_s * 1.5 ** (batch.polls + 1))
+    # back off from poll_s, but never past a tenth of the expected turnaround: a batch that
+    # takes 30 s is seen done within a few seconds, one that takes hours once a minute
+    ceiling = min(POLL_MAX_S, max(provider.batch.poll_s, expected_turnaround_s(rt, provider) / 10))
+    next_s = min(ceiling, provider.batch.poll_s * 1.5 ** (batch.polls + 1))
     try:
         state = adapter.state(rt.http, provider, key.secret, batch.ref)
         results = None
