@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from bench.events import EventCounter
 from producer.ops.stack import LocalStack
 from tests.conftest import CONFIGS
 from tests.faultkit import LEDGER, Row, all_final, audit, wait_until
+from workers.constants import POLL_PROVIDER_BATCH_TASK
 
 pytestmark = pytest.mark.integration
 DB = 4
@@ -119,8 +121,8 @@ def test_requests_a_provider_batch_leaves_unanswered_go_again_then_synchronously
     assert ex["requests"] == 10  # each job answered once: no expired request is on the ledger
 
 
-def test_status_shows_provider_batches_in_flight(stack) -> None:
-    with stack.applied() as client:
+def test_status_and_flower_show_provider_batches_in_flight(stack) -> None:
+    with stack.applied() as client, EventCounter(client.app, task=POLL_PROVIDER_BATCH_TASK) as polls:
         from producer import submit_batch
 
         store = client.runtime.store
@@ -144,6 +146,8 @@ def test_status_shows_provider_batches_in_flight(stack) -> None:
         assert all(b["jobs"] >= 1 and b["age_s"] >= 0 for b in shown)
         assert any(b["state"] == "submitted" and b["expected_in_s"] is not None for b in shown)
         assert wait_until(lambda: handle.progress().done == 4, timeout_s=60)
+        # the polling tasks, as Flower counts them from the workers' events
+        assert wait_until(lambda: polls.counts["task-succeeded"] >= 1, timeout_s=10), polls.counts
 
 
 @pytest.mark.faults
