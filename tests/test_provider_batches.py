@@ -24,6 +24,7 @@ from workers.constants import POLL_PROVIDER_BATCH_TASK
 
 pytestmark = pytest.mark.integration
 DB = 4
+OPERATOR = "sk-operator-pb-93c1"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def stack(redis_server, tmp_path_factory):
         CONFIGS / "provider_batches.toml",
         redis_url=redis_server.url(DB),
         workdir=str(tmp_path_factory.mktemp("provider-batches")),
+        extra_env={"SPILLWAY_API_TOKEN": OPERATOR},
     )
     stack.start()
     stack.start_worker(concurrency=16, loglevel="WARNING")
@@ -148,6 +150,39 @@ def test_status_and_flower_show_provider_batches_in_flight(stack) -> None:
         assert wait_until(lambda: handle.progress().done == 4, timeout_s=60)
         # the polling tasks, as Flower counts them from the workers' events
         assert wait_until(lambda: polls.counts["task-succeeded"] >= 1, timeout_s=10), polls.counts
+
+
+def test_an_upload_to_the_openai_batch_api_goes_through_provider_batches(stack) -> None:
+    """Its 24 h completion window is the jobs' deadline, and the route says auto."""
+    import io
+
+    import openai
+
+    url = stack.start_service(["serve"], "/v1/models")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=OPERATOR, max_retries=0, timeout=60)
+    lines = [
+        {
+            "custom_id": f"api-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "g1", "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 16},
+        }
+        for i in range(5)
+    ]
+    upload = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+    upload.name = "in.jsonl"
+    before = counts(stack)
+    file = client.files.create(file=upload, purpose="batch")
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert wait_until(lambda: client.batches.retrieve(batch.id).status == "completed", timeout_s=60)
+    done = client.batches.retrieve(batch.id)
+    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in out) == [f"api-{i}" for i in range(5)]
+    after = counts(stack)
+    assert delta(before, after, "batch_requests")["ge"] == 5  # the model picked its provider
+    assert sum(delta(before, after, "requests").values()) == 0
 
 
 @pytest.mark.faults
