@@ -112,6 +112,20 @@ def republish(
     job_signature(app, target).apply_async(**options)
 
 
+def republish_job(app: Celery, job: Any, priority: int) -> None:
+    """`republish` for a stored job (a `workers.store.Job`): its provider, hop, task id and
+    chord slot as the store has them."""
+    target = Target(job.id, job.provider or "", job.model or "", priority, job.hops, job.task_id)
+    republish(
+        app,
+        target,
+        batch_id=job.batch_id,
+        chord_id=job.chord_id,
+        chord_index=job.chord_index,
+        chord_chunk=job.chord_chunk,
+    )
+
+
 def deliver_callback(app: Celery, job_id: str) -> None:
     """Queue the POST of a final job's result to its callback_url."""
     app.signature(DELIVER_CALLBACK_TASK, args=[job_id]).apply_async()

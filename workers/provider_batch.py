@@ -107,24 +107,23 @@ def hand_over(rt: Runtime, job: Job, candidate: Candidate) -> tuple[str, bool] |
 
 
 def send_submit(app: Celery, provider: str, batch_id: str, countdown_s: float) -> None:
-    app.signature(
-        SUBMIT_PROVIDER_BATCH_TASK,
-        kwargs={"batch_id": batch_id},
-        queue=queue_name(provider),
-        priority=0,
-        countdown=countdown_s,
-        shadow=f"{SUBMIT_PROVIDER_BATCH_TASK}[{provider}]",
-    ).apply_async(ignore_result=True)
+    _send(app, SUBMIT_PROVIDER_BATCH_TASK, provider, batch_id, countdown_s)
 
 
 def send_poll(app: Celery, provider: str, batch_id: str, countdown_s: float) -> None:
+    _send(app, POLL_PROVIDER_BATCH_TASK, provider, batch_id, countdown_s)
+
+
+def _send(app: Celery, task: str, provider: str, batch_id: str, countdown_s: float) -> None:
+    """A step of a provider batch, on the provider's queue ahead of its jobs (priority 0),
+    shown in Flower as `task[provider]`."""
     app.signature(
-        POLL_PROVIDER_BATCH_TASK,
+        task,
         kwargs={"batch_id": batch_id},
         queue=queue_name(provider),
         priority=0,
         countdown=countdown_s,
-        shadow=f"{POLL_PROVIDER_BATCH_TASK}[{provider}]",
+        shadow=f"{task}[{provider}]",
     ).apply_async(ignore_result=True)
 
 
@@ -434,17 +433,7 @@ def _publish_again(rt: Runtime, app: Celery, jobs: list[Job]) -> None:
     """Each job's own task message again: a final one completes its chord slot, one sent back
     runs synchronously."""
     for job in jobs:
-        target = dispatch.Target(
-            job.id, job.provider or "", job.model or "", rt.priority(job.tier), job.hops, job.task_id
-        )
-        dispatch.republish(
-            app,
-            target,
-            batch_id=job.batch_id,
-            chord_id=job.chord_id,
-            chord_index=job.chord_index,
-            chord_chunk=job.chord_chunk,
-        )
+        dispatch.republish_job(app, job, rt.priority(job.tier))
 
 
 def resume_overdue(rt: Runtime, app: Celery) -> int:

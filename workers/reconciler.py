@@ -86,19 +86,10 @@ def _recover(rt: Runtime, app: Celery, idle_for_s: float, confirm_s: float, batc
     for job in first.values():
         if not rt.store.take_for_republish(job):  # only if nobody touched it since we looked
             continue
-        provider, model = job.provider, job.model
-        if not provider or provider not in rt.settings.providers:
+        if not job.provider or job.provider not in rt.settings.providers:
             log.warning("lost job %s has no provider; leaving it for `spillway recover`", job.id)
             continue
-        target = dispatch.Target(job.id, provider, model, rt.priority(job.tier), job.hops, job.task_id)
-        dispatch.republish(
-            app,
-            target,
-            batch_id=job.batch_id,
-            chord_id=job.chord_id,
-            chord_index=job.chord_index,
-            chord_chunk=job.chord_chunk,
-        )
+        dispatch.republish_job(app, job, rt.priority(job.tier))
         republished.append(job.id)
     if republished:
         log.warning("republished %d job(s) the broker had lost", len(republished))

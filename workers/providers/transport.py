@@ -6,7 +6,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -52,19 +53,13 @@ def complete(
     """
     adapter = ADAPTERS[provider.api]
     timeout = httpx.Timeout(provider.timeout_s, connect=provider.connect_timeout_s)
-    try:
+    with translated_errors(provider):
         response = client.post(
             adapter.url(provider, model),
             json=adapter.body(provider, model, request),
             headers=adapter.headers(provider, api_key),
             timeout=timeout,
         )
-    except httpx.TimeoutException as exc:
-        raise ProviderTimeout(
-            f"no answer within {provider.timeout_s:g}s ({type(exc).__name__})", provider.name
-        ) from exc
-    except httpx.TransportError as exc:
-        raise ProviderConnectionError(f"connection failed ({type(exc).__name__})", provider.name) from exc
     body = _json_or_none(response)
     signal = read_signal(provider.signals, response.headers, body, clock())
     if not response.is_success:
@@ -81,6 +76,19 @@ def complete(
             signal,
         ) from exc
     return Completion(text, finish, input_tokens, output_tokens, signal)
+
+
+@contextmanager
+def translated_errors(provider: ProviderConfig) -> Iterator[None]:
+    """httpx's timeouts and connection failures as the provider's errors (retryable)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ProviderTimeout(
+            f"no answer within {provider.timeout_s:g}s ({type(exc).__name__})", provider.name
+        ) from exc
+    except httpx.TransportError as exc:
+        raise ProviderConnectionError(f"connection failed ({type(exc).__name__})", provider.name) from exc
 
 
 def _json_or_none(response: httpx.Response) -> Any:

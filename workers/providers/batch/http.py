@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from workers.errors import ProviderConnectionError, ProviderError, ProviderTimeout, ServerError
+from workers.errors import ProviderError, ServerError
 from workers.providers.base import ADAPTERS
 from workers.providers.signals import read_signal
+from workers.providers.transport import translated_errors
 
 if TYPE_CHECKING:
     from workers.config import ProviderConfig
@@ -39,7 +39,7 @@ def send_json(
     client: httpx.Client, provider: ProviderConfig, method: str, url: str, **request: Any
 ) -> dict[str, Any]:
     """Send one call; the answer must be a JSON object (else a retryable ServerError)."""
-    with _translated(provider):
+    with translated_errors(provider):
         response = client.request(method, url, timeout=_timeout(provider), **request)
     if not response.is_success:
         raise refusal(provider, response)
@@ -59,7 +59,7 @@ def json_lines(
     """A JSONL download, line by line (results files can be hundreds of MB); a line that is
     not JSON comes back as None, for the caller to skip."""
     with (
-        _translated(provider),
+        translated_errors(provider),
         client.stream("GET", url, headers=headers, timeout=_timeout(provider)) as response,
     ):
         if not response.is_success:
@@ -75,18 +75,6 @@ def refusal(provider: ProviderConfig, response: httpx.Response) -> ProviderError
     body = loads_or_none(response.content)
     signal = read_signal(provider.signals, response.headers, body, time.time())
     return ADAPTERS[provider.api].classify(response.status_code, body, signal, provider)
-
-
-@contextmanager
-def _translated(provider: ProviderConfig) -> Iterator[None]:
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        raise ProviderTimeout(
-            f"no answer within {provider.timeout_s:g}s ({type(exc).__name__})", provider.name
-        ) from exc
-    except httpx.TransportError as exc:
-        raise ProviderConnectionError(f"connection failed ({type(exc).__name__})", provider.name) from exc
 
 
 def _timeout(provider: ProviderConfig) -> httpx.Timeout:
