@@ -107,7 +107,7 @@ class GeminiBatches(BatchAdapter):
         url = f"{provider.base_url}/batches?pageSize=100"
         listed = send_json(client, provider, "GET", url, headers=self.sync.headers(provider, api_key))
         for operation in listed.get("operations") or []:
-            meta = operation.get("metadata") or {} if isinstance(operation, dict) else {}
+            meta = (operation.get("metadata") or {}) if isinstance(operation, dict) else {}
             if meta.get("displayName") == f"spillway={marker}":
                 return str(operation["name"])
         return None
