@@ -26,7 +26,7 @@ import redis
 
 from producer.ops.dashboard import DashboardFeed, ledger_counters, scarcest_budgets
 from producer.ops.metrics import LedgerTotals
-from producer.ops.stack import LocalStack
+from producer.ops.stack import LocalStack, stop_process
 from tests.conftest import CONFIGS, missing
 from workers.embedded import EmbeddedRedis, free_port
 from workers.store import FAILED, SUCCEEDED, AttemptRecord, Store, utcnow
@@ -216,15 +216,6 @@ def start_serve(stack: LocalStack, *, token: str | None, log: Path) -> tuple[sub
     raise TimeoutError(f"spillway serve did not answer on {url}")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def serve_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("serve") / "serve.log"
@@ -234,7 +225,7 @@ def serve_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def serve(stack: LocalStack, serve_log: Path) -> Iterator[str]:
     proc, url = start_serve(stack, token=TOKEN, log=serve_log)
     yield url
-    stop(proc)
+    stop_process(proc)
 
 
 def test_the_page_and_its_files_need_no_token_and_the_data_does(serve: str) -> None:
@@ -468,6 +459,6 @@ def test_with_insecure_no_auth_the_page_needs_no_token(
         assert watched.page.is_hidden("#auth")
     finally:
         watched.close()
-        stop(proc)
+        stop_process(proc)
     assert state["error"] is None and state["charts"]["budget"]["keys"]
     assert set(state["latest"]["queues"]) >= {"llm.groq", "llm.anthropic"}

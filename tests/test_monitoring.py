@@ -40,6 +40,7 @@ from sqlalchemy import update
 
 from producer.jobs import job_row
 from producer.ops.metrics import LATENCY_BOUNDS_S, LedgerCollector, LedgerTotals
+from producer.ops.stack import stop_process
 from tests.conftest import missing
 from workers.config import Candidate
 from workers.embedded import free_port
@@ -388,19 +389,9 @@ def start(argv: list[str], env: dict[str, str], ready_url: str, log: Path) -> su
     try:
         wait_for(f"{argv[:5]} to answer", ready, timeout_s=60)
     except BaseException:
-        stop(proc)
+        stop_process(proc)
         raise
     return proc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def render_prometheus_config(flower: str, serve: str, token_file: Path, interval: str) -> dict[str, Any]:
@@ -503,7 +494,7 @@ def observed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     finally:
         e2e_stack.set_faults("groq", {})
         for proc in reversed(procs):
-            stop(proc)
+            stop_process(proc)
 
 
 def run_the_batch(e2e_stack: Any, seen: Observed, flower_port: int, serve_port: int) -> Observed:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
 import pytest
 
+from producer.ops.stack import stop_process
 from workers.embedded import free_port
 
 pytestmark = pytest.mark.integration
@@ -17,18 +19,19 @@ TOKEN = "test-token-5e1f"
 
 
 def start(argv: list[str], env: dict[str, str], url: str, timeout_s: float = 60) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{argv[3:5]} exited: {proc.stderr.read()[-2000:]}")
-        try:
-            httpx.get(url, timeout=1)
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    # stderr to a file, not a pipe nobody reads: a full pipe blocks the process, even its exit
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"{argv[3:5]} exited: {log.read()[-2000:].decode(errors='replace')}")
+            try:
+                httpx.get(url, timeout=1)
+                return proc
+            except httpx.HTTPError:
+                time.sleep(0.2)
     proc.kill()
     raise TimeoutError(f"{url} did not answer")
 
@@ -45,8 +48,7 @@ def api(e2e_stack):
     yield httpx.Client(
         base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
     )
-    proc.terminate()
-    proc.wait(10)
+    stop_process(proc)
 
 
 def test_every_route_needs_the_token(api) -> None:
@@ -193,8 +195,7 @@ def test_flower_shows_the_tasks_by_name_with_ids_and_no_prompt(e2e_stack) -> Non
         page = httpx.get(f"http://127.0.0.1:{port}/task/{handle.id}", auth=auth, timeout=5).text
         anonymous = httpx.get(f"http://127.0.0.1:{port}/api/tasks", timeout=5).status_code
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
     # Flower names a job's task after its provider and model (Celery's shadow name)
     assert task is not None and task["state"] == "SUCCESS"
     assert task["name"] == "spillway.run_job[groq:llama-3.3-70b-versatile]"

@@ -226,13 +226,13 @@ class LocalStack:
             client.close()
         self._clients = {}
         for proc in self.services:
-            _stop(proc, graceful_s=5)
+            stop_process(proc, graceful_s=5)
         self.services = []
         for proc in self.workers:
-            _stop(proc, graceful_s=10)
+            stop_process(proc, graceful_s=10)
         self.workers = []
         if self.simulator is not None:
-            _stop(self.simulator, graceful_s=3)
+            stop_process(self.simulator, graceful_s=3)
             self.simulator = None
         if self.redis is not None:
             self.redis.stop()
@@ -280,7 +280,8 @@ def fake_keys(settings: Settings, per_provider: dict[str, int]) -> dict[str, str
     return env
 
 
-def _stop(proc: subprocess.Popen[Any], graceful_s: float) -> None:
+def stop_process(proc: subprocess.Popen[Any], graceful_s: float = 10) -> None:
+    """SIGTERM to its process group (started with start_new_session), then SIGKILL after graceful_s."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
