@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from workers import cache, parking, provider_batch
+from workers import cache, notify, parking, provider_batch
 from workers.alerts import quota_crossed
 from workers.config import Candidate, Chain
 from workers.errors import (
@@ -189,6 +189,7 @@ def run_job(
     job = claim.job
     if claim.state == "poison":
         log.error("job %s failed: %s", job_id, job.error)
+        notify.finished(rt, job_id)
     if claim.state in ("final", "poison"):
         return Done(summary(job), notify=claim.state == "poison" and bool(job.callback_url))
     if claim.state == "busy":  # another delivery of this job is running it right now
@@ -386,6 +387,8 @@ class _Run:
             error=None,
             error_kind=None,
         )
+        if stored:  # a waiting `spillway serve` answers now, before the limiter is settled
+            notify.finished(rt, self.job.id)
         # the ledger first (above), then the limiter: a crash in between costs a refund, not a record
         estimated = self.job.est_input_tokens
         self._settle(
@@ -506,6 +509,7 @@ class _Run:
         )
         if not stored:
             return Done(summary(self.rt.store.job(self.job.id)))
+        notify.finished(self.rt, self.job.id)
         return Done(
             summary_of(self.job.id, SUCCEEDED, answer.provider, answer.model, 0, 0, 0.0, None),
             notify=bool(self.job.callback_url),
@@ -615,6 +619,7 @@ class _Run:
         )
         if not stored:
             return Done(summary(self.rt.store.job(self.job.id)))
+        notify.finished(self.rt, self.job.id)
         self._give_back_to_tenant(0)
         summary_now = summary_of(
             self.job.id, FAILED, self.candidate.provider, self.candidate.model, 0, 0, 0.0, kind

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,6 +18,7 @@ from producer.jobs import submit_many
 from producer.ops.openai.errors import ApiError, api_error
 from producer.ops.openai.handler import ApiHandler
 from producer.ops.openai.routing import route_for
+from workers import notify
 from workers.config import Settings
 from workers.errors import InputError, SpillwayError
 from workers.store import SUCCEEDED, Job
@@ -119,21 +124,55 @@ class Models(ApiHandler):
 
 
 class Waiters:
-    """HTTP requests waiting for their jobs: one loop asks the store for all of them at once."""
+    """HTTP requests waiting for their jobs, answered as soon as the store has them final.
 
-    POLL_S = 0.01
+    A thread of its own listens on Redis for the ids of jobs that became final (workers
+    publish them: `workers.notify`) and reads those that requests here wait for from the store
+    at once, in the same thread. The store stays the source of truth: a sweep asks it for every
+    waiting job, each `FAST_S` until notifications are seen to arrive (and again for a while
+    after one was missed, or while Redis is away), each `SLOW_S` while they do. A notification
+    lost to a Redis restart, a reconnect or a worker that sends none costs time, never an
+    answer. A sweep waits at least twice as long as the last one took, so thousands of waiting
+    requests cannot keep the store (and this process) busy polling."""
+
+    FAST_S = 0.01
+    SLOW_S = 0.5
+    GRACE_S = 1.0  # a job a sweep found final must be heard of within this, or one was missed
+    DISTRUST_S = 30.0  # after a missed notification, fast sweeps for this long
+    IDLE_S = 60.0  # the listener stops after this long with nobody waiting (a wait restarts it)
+    HEARD = 20_000  # ids heard lately: a job may finish before its request starts waiting
     PAGE = 500
 
-    def __init__(self, client: Client, pool: ThreadPoolExecutor) -> None:
-        self.client, self.pool = client, pool
+    def __init__(self, client: Client, pool: ThreadPoolExecutor, *, listen: bool = True) -> None:
+        self.client, self.pool, self.listen = client, pool, listen
         self.pending: dict[str, list[asyncio.Future[Job]]] = {}
-        self.loop_task: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.sweeper: asyncio.Task[None] | None = None
+        self.nap: asyncio.Future[None] | None = None  # the sweeper's sleep; done early by `_sweep_soon`
+        self.tasks: set[asyncio.Task[None]] = set()
+        # shared with the listener thread
+        self.lock = threading.Lock()
+        self.heard: OrderedDict[str, None] = OrderedDict()
+        self.listener: threading.Thread | None = None
+        self.generation = 0  # of listeners: one superseded by another stops and says nothing
+        self.listener_loop: asyncio.AbstractEventLoop | None = None
+        self.idle_since = time.monotonic()
+        # the event loop's own
+        self.listening = False  # subscribed: finished jobs are heard
+        self.proven = False  # a job waited for here was heard of: workers do notify
+        self.distrust_until = 0.0
+        self.swept: dict[str, float] = {}  # answered by a sweep: was it heard of too?
+        self.counts = {"notified": 0, "swept": 0, "missed": 0}
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
-        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
-        self.pending.setdefault(job_id, []).append(future)
-        if self.loop_task is None or self.loop_task.done():
-            self.loop_task = asyncio.create_task(self._poll())
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Job] = loop.create_future()
+        with self.lock:  # against the listener: a job heard just before its request waits
+            self.pending.setdefault(job_id, []).append(future)
+            heard = job_id in self.heard
+        self._start(loop)
+        if heard:
+            self._spawn(self._fetch([job_id]))
         try:
             return await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
@@ -144,24 +183,199 @@ class Waiters:
                 waiting.remove(future)
             if not waiting:
                 self.pending.pop(job_id, None)
+                if not self.pending:
+                    self.idle_since = time.monotonic()
 
-    async def _poll(self) -> None:
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.loop is not loop:  # another loop (tests): its own sweeper and listener
+            self.loop, self.sweeper, self.listening = loop, None, False
+        if self.sweeper is None or self.sweeper.done():
+            self.sweeper = loop.create_task(self._sweep())
+        if not self.listen:
+            return
+        with self.lock:
+            if self.listener is None or self.listener_loop is not loop:
+                self.generation += 1
+                self.listener_loop = loop
+                self.listener = threading.Thread(
+                    target=self._listen,
+                    args=(loop, self.generation),
+                    name="spillway-serve-finished",
+                    daemon=True,
+                )
+                self.listener.start()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self.tasks.discard)
+
+    # -- on the event loop ---------------------------------------------------------------------
+
+    def _resolve(self, jobs: list[Job]) -> list[str]:
+        """Answer the requests waiting for `jobs`; the ids of those it answered."""
+        answered = []
+        for job in jobs:
+            futures = self.pending.pop(job.id, [])
+            for future in futures:
+                if not future.done():
+                    future.set_result(job)
+            if futures:
+                answered.append(job.id)
+        if not self.pending:
+            self.idle_since = time.monotonic()
+        return answered
+
+    def _notified(self, jobs: list[Job]) -> None:
+        self.proven = True
+        self.counts["notified"] += len(self._resolve(jobs))
+
+    def _listening(self, generation: int, now: bool) -> None:
+        if generation == self.generation:  # not a listener since superseded
+            self.listening = now
+            self._sweep_soon()  # what finished while nobody listened is found now
+
+    def _sweep_soon(self) -> None:
+        if self.nap is not None and not self.nap.done():
+            self.nap.set_result(None)
+
+    def _interval(self) -> float:
+        trusted = self.listening and self.proven and time.monotonic() >= self.distrust_until
+        return self.SLOW_S if trusted else self.FAST_S
+
+    async def _read(self, ids: list[str]) -> list[Job]:
         loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.pool, self.client.runtime.store.finished_jobs, ids)
+        except Exception as exc:  # the store is away: the requests wait on
+            log.warning("waiting jobs: the store did not answer (%s)", type(exc).__name__)
+            return []
+
+    async def _fetch(self, ids: list[str]) -> None:
+        self.counts["notified"] += len(self._resolve(await self._read(ids)))
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        took = 0.0
         while self.pending:
+            self.nap = loop.create_future()
+            timer = loop.call_later(max(self._interval(), 2 * took), _done, self.nap)
+            try:
+                await self.nap
+            finally:
+                timer.cancel()
+                self.nap = None
+            started = time.monotonic()
             ids = list(self.pending)
-            for start in range(0, len(ids), self.PAGE):
+            for first in range(0, len(ids), self.PAGE):
+                answered = self._resolve(await self._read(ids[first : first + self.PAGE]))
+                self.counts["swept"] += len(answered)
+                if self.listening and len(self.swept) < 10 * self.HEARD:
+                    self.swept.update(dict.fromkeys(answered, time.monotonic()))
+            took = time.monotonic() - started
+            self._judge()
+
+    def _judge(self) -> None:
+        """Jobs a sweep answered that no notification named within `GRACE_S`: some worker does
+        not notify (or Redis lost them), so sweep fast for a while."""
+        if not self.listening:
+            self.swept.clear()
+            return
+        now = time.monotonic()
+        due = [i for i, at in self.swept.items() if now - at >= self.GRACE_S]
+        if not due:
+            return
+        with self.lock:
+            missed = [i for i in due if i not in self.heard]
+        for i in due:
+            del self.swept[i]
+        if missed:
+            if not self.counts["missed"]:  # once: a worker without `workers.notify` misses them all
+                log.info(
+                    "finished jobs that were not announced (workers.notify): waiting requests are "
+                    "found by polling the store every %g s for %g s after each",
+                    self.FAST_S,
+                    self.DISTRUST_S,
+                )
+            self.counts["missed"] += len(missed)
+            self.distrust_until = now + self.DISTRUST_S
+
+    # -- the listener thread -------------------------------------------------------------------
+
+    def _listen(self, loop: asyncio.AbstractEventLoop, generation: int) -> None:
+        """Hear finished jobs' ids (`workers.notify`) until nobody waited for `IDLE_S`."""
+        rt = self.client.runtime
+        backoff = 0.05
+        try:
+            while not self._stop(loop, generation):
+                pubsub = None
                 try:
-                    done = await loop.run_in_executor(
-                        self.pool, self.client.runtime.store.finished_jobs, ids[start : start + self.PAGE]
-                    )
-                except Exception as exc:  # the store is away: the requests wait on
-                    log.warning("waiting jobs: the store did not answer (%s)", type(exc).__name__)
-                    done = []
-                for job in done:
-                    for future in self.pending.pop(job.id, []):
-                        if not future.done():
-                            future.set_result(job)
-            await asyncio.sleep(self.POLL_S)
+                    pubsub = rt.redis.pubsub()
+                    pubsub.subscribe(notify.channel(rt.keys))
+                    while not self._stop(loop, generation):
+                        self._take(loop, generation, pubsub)
+                        backoff = 0.05
+                except Exception as exc:  # Redis is away: the sweeps answer meanwhile
+                    log.info("not hearing finished jobs (%s); retrying", type(exc).__name__)
+                    _post(loop, self._listening, generation, False)
+                    time.sleep(backoff)
+                    backoff = min(2 * backoff, 2.0)
+                finally:
+                    if pubsub is not None:
+                        with contextlib.suppress(Exception):
+                            pubsub.close()
+        finally:
+            _post(loop, self._listening, generation, False)
+
+    def _stop(self, loop: asyncio.AbstractEventLoop, generation: int) -> bool:
+        with self.lock:
+            if generation != self.generation:
+                return True
+            idle = not self.pending and time.monotonic() - self.idle_since > self.IDLE_S
+            if idle or loop.is_closed():
+                self.listener = None  # the next wait starts another
+                return True
+            return False
+
+    def _take(self, loop: asyncio.AbstractEventLoop, generation: int, pubsub: Any) -> None:
+        """What arrived within a second: (re)subscribed, ids of finished jobs."""
+        message = pubsub.get_message(timeout=1.0)
+        ids: list[str] = []
+        while message is not None:
+            if message["type"] == "subscribe":  # also after redis-py reconnected on its own
+                _post(loop, self._listening, generation, True)
+            elif message["type"] == "message":
+                data = message["data"]
+                ids.append(data.decode() if isinstance(data, bytes) else str(data))
+            if len(ids) >= self.PAGE:
+                break
+            message = pubsub.get_message(timeout=0.0)
+        if not ids:
+            return
+        with self.lock:
+            mine = [i for i in ids if i in self.pending]
+            self.heard.update(dict.fromkeys(ids))
+            while len(self.heard) > self.HEARD:
+                self.heard.popitem(last=False)
+        if not mine:
+            return
+        try:
+            jobs = self.client.runtime.store.finished_jobs(mine)
+        except Exception as exc:  # the sweeps answer them
+            log.warning("waiting jobs: the store did not answer (%s)", type(exc).__name__)
+            return
+        _post(loop, self._notified, jobs)
+
+
+def _done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    """Run `fn(*args)` on `loop` (from another thread); nothing if the loop is closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 class Submitter:

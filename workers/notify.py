@@ -1,0 +1,45 @@
+"""A final job's id, told at once to the `spillway serve` processes that may be waiting on it.
+
+A worker that has written a job's final state calls `finished(rt, job_id)`: one Redis PUBLISH
+of the id alone (never a prompt or an answer) on ``<prefix>:finished``. `spillway serve`
+subscribes (`producer.ops.openai.chat.Waiters`) and reads the job from the store as soon as
+its id is heard, instead of at its next poll. The store stays the source of truth: a
+notification that is lost (Redis restarting, a serve reconnecting, a worker without this
+call) only means the waiting request is answered by serve's slower poll of the store.
+
+`finished` never raises and costs at most one Redis command; after a failure it stays quiet
+for `QUIET_S`, so a Redis that is away does not slow every job down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only the type: a worker has its runtime already
+    from workers.keyspace import Keyspace
+    from workers.runtime import Runtime
+
+log = logging.getLogger("spillway.notify")
+
+#: After a failed publish, no more tries for this long (the waiters' poll answers meanwhile).
+QUIET_S = 5.0
+_quiet_until = 0.0
+
+
+def channel(keys: Keyspace) -> str:
+    """The pub/sub channel that carries the ids of jobs that became final."""
+    return f"{keys.prefix}:finished"
+
+
+def finished(rt: Runtime, job_id: str) -> None:
+    """Tell the serve processes that `job_id` is final (its result is in the store already)."""
+    global _quiet_until
+    if time.monotonic() < _quiet_until:
+        return
+    try:
+        rt.redis.publish(channel(rt.keys), job_id)
+    except Exception as exc:  # a lost notification costs a poll, never the job
+        _quiet_until = time.monotonic() + QUIET_S
+        log.debug("could not notify job %s: %s", job_id, type(exc).__name__)
