@@ -62,6 +62,9 @@ JOB_FIELDS = {
     "deadline_s",
 }
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# connections the kernel queues before serve accepts them: a burst of 1,000 clients overflowed
+# the default 128 (connection resets) while serve was busy
+BACKLOG = 2048
 #: A body sent without a length (chunked) is read this far to answer 413; beyond, Tornado
 #: drops the connection with a bare 400.
 DRAIN_BODY_BYTES = 8 * MAX_BODY_BYTES
@@ -274,7 +277,7 @@ def serve(client: Client, *, host: str, port: int, tenants: Tenants) -> None:
     async def main() -> None:
         server = make_server(client, tenants=tenants)
         try:
-            server.listen(port, address=host)
+            server.listen(port, address=host, backlog=BACKLOG)
         except OSError as exc:  # in use, or an address this machine does not have
             raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
         print(f"spillway serve listening on http://{host}:{port}", flush=True)

@@ -40,8 +40,9 @@ def hold(
     """Hold `tokens` of the tenant's day, or raise BudgetExhausted (nothing held) when the
     budget cannot take them. Without a budget the tokens are only counted."""
     try:
-        taken, used = client.eval(
-            _HOLD, 1, keys.tenant_day(tenant, day(now)), tokens, -1 if budget is None else budget, KEEP_S
+        script = client.register_script(_HOLD)  # EVALSHA: the script's text crosses once
+        taken, used = script(
+            keys=[keys.tenant_day(tenant, day(now))], args=[tokens, -1 if budget is None else budget, KEEP_S]
         )
     except redis.RedisError as exc:
         why = f"Redis does not answer ({type(exc).__name__}); nothing was submitted"
