@@ -1,18 +1,33 @@
 """What `spillway serve`'s `/v1/chat/completions` adds over calling the provider directly.
 
+`python -m bench.front_door [--quick]` prints the detail; `python -m bench --only front` the
+summary rows.
+
 Open loop: requests leave at a fixed rate whatever the answers do (a closed loop would hide
 queueing). Phase 1, quota free: the same chat completion at `rate` requests/s to the simulator
-directly and through the front door (submit, queue, worker, provider, store, answer); the
-difference of the latency percentiles is what Spillway adds. Phase 2, overload: `burst_rate`
-requests/s offered to a provider whose limit is far lower — every request must be answered
-(queued, not failed) while a probe of `GET /v1/models` shows the server still answers.
+directly and through the front door (submit, queue, worker, provider, store, answer), in
+alternating rounds after a warm-up, so that a neighbour's load on this shared machine falls on
+both; the difference of the latency percentiles is what Spillway adds. Meanwhile the bench
+listens on the channel workers announce finished jobs on (`workers.notify`): how many were
+heard says whether serve was woken or had to find them by polling. Phase 2, overload:
+`burst_rate` requests/s offered to a provider whose limit is far lower — every request must be
+answered (queued, not failed) while a probe of `GET /v1/models` shows the server still
+answers. Every loop is bounded in count and time; all traffic goes to 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
-import statistics
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +35,10 @@ from typing import Any
 import httpx
 
 from bench.common import stack_from
+from workers import notify
+from workers.env import Env
+from workers.keyspace import Keyspace
+from workers.redisconn import connect
 
 TOKEN = "sk-bench-front-door"
 CONFIG = """
@@ -52,11 +71,21 @@ seed = 3
 latency_ms = { median = 20, p95 = 30 }
 """
 BODY = {"messages": [{"role": "user", "content": "How long is a minute?"}], "max_tokens": 16}
+WARM_UP_S = 2.0  # at the full rate, both ways: serve's and the worker's threads, connections, caches
+PROBE_EVERY_S = 0.1
+ANSWER_TIMEOUT_S = 300.0  # the overload drains at 20/s: 1,800 requests past the burst take 90 s
 
 
 def run(
-    workdir: Path, *, rate: float = 100, seconds: float = 10, burst_rate: float = 1000, burst_s: float = 3
+    workdir: Path,
+    *,
+    rate: float = 100,
+    seconds: float = 10,
+    burst_rate: float = 1000,
+    burst_s: float = 3,
+    rounds: int = 3,
 ) -> dict[str, Any]:
+    """Phase 1: `rounds` alternating rounds of `seconds / rounds` each way; phase 2: the burst."""
     stack = stack_from(CONFIG, workdir, extra_env={"SPILLWAY_API_TOKEN": TOKEN})
     stack.start()
     try:
@@ -64,17 +93,22 @@ def run(
         stack.wait_for_workers()
         front = stack.start_service(["serve"], "/v1/models")
         key = next(v for k, v in stack.env.items() if k.startswith("FAST_KEY"))
-        direct = asyncio.run(
-            _offer(
-                f"{stack.simulator_url}/fast/v1/chat/completions", key, {**BODY, "model": "f1"}, rate, seconds
-            )
-        )
-        through = asyncio.run(
-            _offer(f"{front}/v1/chat/completions", TOKEN, {**BODY, "model": "f1"}, rate, seconds)
-        )
+        direct_url = f"{stack.simulator_url}/fast/v1/chat/completions"
+        through_url = f"{front}/v1/chat/completions"
+        fast = {**BODY, "model": "f1"}
+        asyncio.run(_offer(direct_url, key, fast, rate, WARM_UP_S))
+        asyncio.run(_offer(through_url, TOKEN, fast, rate, WARM_UP_S))
+        direct: list[dict[str, Any]] = []
+        through: list[dict[str, Any]] = []
+        env = Env.from_environ({**os.environ, **stack.env})  # what the stack's processes read
+        with _Heard(env.redis_url, env.key_prefix) as heard:
+            for _ in range(max(1, rounds)):
+                direct.append(asyncio.run(_offer(direct_url, key, fast, rate, seconds / rounds)))
+                through.append(asyncio.run(_offer(through_url, TOKEN, fast, rate, seconds / rounds)))
+            heard_during = heard.count
         overload = asyncio.run(
             _offer(
-                f"{front}/v1/chat/completions",
+                through_url,
                 TOKEN,
                 {**BODY, "model": "spillway/capped"},
                 burst_rate,
@@ -84,64 +118,221 @@ def run(
         )
     finally:
         stack.close()
+    d, t = _merge(direct), _merge(through)
     return {
         "rate": rate,
-        "direct": direct,
-        "through": through,
-        "added_p50_ms": through["p50_ms"] - direct["p50_ms"],
-        "added_p99_ms": through["p99_ms"] - direct["p99_ms"],
+        "rounds": len(direct),
+        "direct": d,
+        "through": t,
+        "added_p50_ms": t["p50_ms"] - d["p50_ms"],
+        "added_p99_ms": t["p99_ms"] - d["p99_ms"],
+        "added_p50_by_round_ms": [b["p50_ms"] - a["p50_ms"] for a, b in zip(direct, through, strict=True)],
+        "added_p99_by_round_ms": [b["p99_ms"] - a["p99_ms"] for a, b in zip(direct, through, strict=True)],
+        # every job finishing in phase 1 was a through request's, and nothing else's
+        "notified": heard_during,
         "overload": overload,
         "burst_rate": burst_rate,
     }
 
 
+class _Heard:
+    """Counts the finished-job notifications (`workers.notify`) on this stack's Redis."""
+
+    def __init__(self, redis_url: str, prefix: str) -> None:
+        self.redis_url, self.channel = redis_url, notify.channel(Keyspace(prefix))
+        self.count = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._listen, name="bench-heard", daemon=True)
+        self.ready = threading.Event()
+
+    def __enter__(self) -> _Heard:
+        self.thread.start()
+        self.ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.2)  # the last answers' notifications are on their way
+        self.stop.set()
+        self.thread.join(5)
+
+    def _listen(self) -> None:
+        client = connect(self.redis_url)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.channel)
+            self.ready.set()
+            while not self.stop.is_set():
+                message = pubsub.get_message(timeout=0.1)
+                if message is not None and message["type"] == "message":
+                    self.count += 1
+        finally:
+            self.ready.set()
+            pubsub.close()
+            client.close()
+
+
 async def _offer(
     url: str, token: str, body: dict[str, Any], rate: float, seconds: float, probe: str | None = None
 ) -> dict[str, Any]:
-    """Send `rate` requests/s for `seconds` without waiting for answers; their latencies."""
+    """Send `rate` requests/s for `seconds` without waiting for answers; their latencies, and
+    with `probe`, those of a GET sent every `PROBE_EVERY_S` meanwhile."""
     count = int(rate * seconds)
     limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=200)
     headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(timeout=300, limits=limits, headers=headers) as client:
-        start = time.monotonic()
+    prober = _Probe(probe, token) if probe else None  # probing already when the load starts
+    try:
+        async with httpx.AsyncClient(timeout=ANSWER_TIMEOUT_S, limits=limits, headers=headers) as client:
+            start = time.monotonic()
 
-        async def one(i: int) -> tuple[int, float]:
-            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-            sent = time.monotonic()
-            try:
-                status = (await client.post(url, json=body)).status_code
-            except httpx.HTTPError as exc:
-                status = type(exc).__name__
-            return status, (time.monotonic() - sent) * 1000
-
-        probes: list[float] = []
-
-        async def watch() -> None:  # is the server still answering other requests?
-            while time.monotonic() - start < seconds + 60:
+            async def one(i: int) -> tuple[int | str, float]:
+                await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
                 sent = time.monotonic()
-                await client.get(probe)
-                probes.append((time.monotonic() - sent) * 1000)
-                await asyncio.sleep(0.25)
+                try:
+                    status: int | str = (await client.post(url, json=body)).status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                return status, (time.monotonic() - sent) * 1000
 
-        watcher = asyncio.create_task(watch()) if probe else None
-        results = await asyncio.gather(*(one(i) for i in range(count)))
-        if watcher:
-            watcher.cancel()
-        took = time.monotonic() - start
+            results = await asyncio.gather(*(one(i) for i in range(count)))
+            took = time.monotonic() - start
+    finally:
+        probes, probe_failures = prober.stop() if prober else ([], 0)
     ok = sorted(ms for status, ms in results if status == 200)
+    probes.sort()
     return {
         "offered": count,
-        "statuses": dict(collections.Counter(status for status, _ in results)),
         "completed": len(ok),
         "failed": count - len(ok),
+        "statuses": dict(collections.Counter(str(status) for status, _ in results)),
+        "latencies_ms": ok,
         "p50_ms": _pct(ok, 0.50),
         "p95_ms": _pct(ok, 0.95),
         "p99_ms": _pct(ok, 0.99),
+        "max_ms": ok[-1] if ok else float("nan"),
         "drained_s": took,
-        "probe_p50_ms": statistics.median(probes) if probes else None,
-        "probe_max_ms": max(probes) if probes else None,
+        "probes": len(probes),
+        "probe_failures": probe_failures,
+        "probe_p50_ms": _pct(probes, 0.50) if probes else None,
+        "probe_p99_ms": _pct(probes, 0.99) if probes else None,
+        "probe_max_ms": probes[-1] if probes else None,
+    }
+
+
+class _Probe:
+    """`GET url` every `PROBE_EVERY_S` on one kept-alive connection, from a process of its own
+    (this one is busy sending the load): the latencies of a caller the load is not its own."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.front_door", "--probe", url, token],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,  # where `bench` is a package
+        )
+        # it starts probing before the load does (its first GET, connecting, is not counted)
+        ready = self.proc.stdout.readline() if self.proc.stdout else ""
+        if ready.strip() != "ready":
+            raise RuntimeError(f"the probe of {url} did not start: {ready!r}")
+
+    def stop(self) -> tuple[list[float], int]:
+        """Its latencies (ms, sorted) and failures."""
+        try:
+            out, _ = self.proc.communicate("stop\n", timeout=60)
+            found = json.loads(out.strip().splitlines()[-1])
+            return sorted(found["ms"]), int(found["failed"])
+        except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError):
+            self.proc.kill()
+            self.proc.wait(10)
+            return [], 0
+
+
+def _probe(url: str, token: str) -> None:
+    """The probe process: until a line on stdin (or `ANSWER_TIMEOUT_S`), then one JSON line."""
+    latencies: list[float] = []
+    failed = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(headers=headers, timeout=30) as client:
+        with contextlib.suppress(httpx.HTTPError):
+            client.get(url)
+        print("ready", flush=True)
+        for _ in range(int(ANSWER_TIMEOUT_S / PROBE_EVERY_S)):
+            if select.select([sys.stdin], [], [], PROBE_EVERY_S)[0]:
+                break
+            sent = time.monotonic()
+            try:
+                client.get(url).raise_for_status()
+                latencies.append((time.monotonic() - sent) * 1000)
+            except httpx.HTTPError:
+                failed += 1
+    print(json.dumps({"ms": latencies, "failed": failed}), flush=True)
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = sorted(ms for part in parts for ms in part["latencies_ms"])
+    statuses: collections.Counter[str] = collections.Counter()
+    for part in parts:
+        statuses.update(part["statuses"])
+    return {
+        "offered": sum(p["offered"] for p in parts),
+        "completed": len(ok),
+        "failed": sum(p["failed"] for p in parts),
+        "statuses": dict(statuses),
+        "p50_ms": _pct(ok, 0.50),
+        "p95_ms": _pct(ok, 0.95),
+        "p99_ms": _pct(ok, 0.99),
+        "max_ms": ok[-1] if ok else float("nan"),
     }
 
 
 def _pct(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def report(r: dict[str, Any]) -> str:
+    """The run as a few plain lines."""
+    d, t, o = r["direct"], r["through"], r["overload"]
+    by_round = zip(r["added_p50_by_round_ms"], r["added_p99_by_round_ms"], strict=True)
+    rounds = ", ".join(f"{a:+.1f}/{b:+.1f}" for a, b in by_round)
+    probe = (
+        f"{o['probe_p50_ms']:.0f} / {o['probe_p99_ms']:.0f} / {o['probe_max_ms']:.0f} ms"
+        if o["probes"]
+        else "no answer"
+    )
+    return "\n".join(
+        [
+            f"quota free, {r['rate']:.0f} requests/s offered ({d['offered']} each way, "
+            f"{r['rounds']} alternating rounds):",
+            f"  provider direct              p50 {d['p50_ms']:6.1f} ms   p99 {d['p99_ms']:6.1f} ms",
+            f"  through /v1/chat/completions p50 {t['p50_ms']:6.1f} ms   p99 {t['p99_ms']:6.1f} ms"
+            f"   ({t['completed']} answered, {t['failed']} failed)",
+            f"  added by Spillway            p50 {r['added_p50_ms']:+6.1f} ms   "
+            f"p99 {r['added_p99_ms']:+6.1f} ms   (by round, p50/p99: {rounds})",
+            f"  finished jobs announced to serve (workers.notify): {r['notified']} of {t['completed']}",
+            f"overload, {r['burst_rate']:.0f} requests/s for {o['offered'] / r['burst_rate']:.0f} s "
+            "to a provider allowing a burst of 1,200 then 20/s:",
+            f"  completed {o['completed']:,} · failed {o['failed']:,} of {o['offered']:,} "
+            f"(statuses {o['statuses']}) in {o['drained_s']:.0f} s",
+            f"  answer p50 {o['p50_ms'] / 1000:.1f} s · p99 {o['p99_ms'] / 1000:.1f} s · "
+            f"max {o['max_ms'] / 1000:.1f} s",
+            f"  GET /v1/models meanwhile p50 / p99 / max: {probe} "
+            f"({o['probes']} probes, {o['probe_failures']} failed)",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.front_door")
+    parser.add_argument("--quick", action="store_true", help="5 s at 100/s, a 2 s burst")
+    parser.add_argument("--probe", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        _probe(*args.probe)
+        return
+    sizes = {"seconds": 5, "burst_s": 2} if args.quick else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        print(report(run(Path(tmp), **sizes)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
