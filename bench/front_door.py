@@ -106,7 +106,7 @@ def run(
                 direct.append(asyncio.run(_offer(direct_url, key, fast, rate, seconds / rounds)))
                 through.append(asyncio.run(_offer(through_url, TOKEN, fast, rate, seconds / rounds)))
             heard_during = heard.count
-        overload = asyncio.run(
+        overload = burst_s and asyncio.run(
             _offer(
                 through_url,
                 TOKEN,
@@ -294,6 +294,18 @@ def report(r: dict[str, Any]) -> str:
     d, t, o = r["direct"], r["through"], r["overload"]
     by_round = zip(r["added_p50_by_round_ms"], r["added_p99_by_round_ms"], strict=True)
     rounds = ", ".join(f"{a:+.1f}/{b:+.1f}" for a, b in by_round)
+    quota_free = [
+        f"quota free, {r['rate']:.0f} requests/s offered ({d['offered']} each way, "
+        f"{r['rounds']} alternating rounds):",
+        f"  provider direct              p50 {d['p50_ms']:6.1f} ms   p99 {d['p99_ms']:6.1f} ms",
+        f"  through /v1/chat/completions p50 {t['p50_ms']:6.1f} ms   p99 {t['p99_ms']:6.1f} ms"
+        f"   ({t['completed']} answered, {t['failed']} failed)",
+        f"  added by Spillway            p50 {r['added_p50_ms']:+6.1f} ms   "
+        f"p99 {r['added_p99_ms']:+6.1f} ms   (by round, p50/p99: {rounds})",
+        f"  finished jobs announced to serve (workers.notify): {r['notified']} of {t['completed']}",
+    ]
+    if not o:
+        return "\n".join(quota_free)
     probe = (
         f"{o['probe_p50_ms']:.0f} / {o['probe_p99_ms']:.0f} / {o['probe_max_ms']:.0f} ms"
         if o["probes"]
@@ -301,14 +313,7 @@ def report(r: dict[str, Any]) -> str:
     )
     return "\n".join(
         [
-            f"quota free, {r['rate']:.0f} requests/s offered ({d['offered']} each way, "
-            f"{r['rounds']} alternating rounds):",
-            f"  provider direct              p50 {d['p50_ms']:6.1f} ms   p99 {d['p99_ms']:6.1f} ms",
-            f"  through /v1/chat/completions p50 {t['p50_ms']:6.1f} ms   p99 {t['p99_ms']:6.1f} ms"
-            f"   ({t['completed']} answered, {t['failed']} failed)",
-            f"  added by Spillway            p50 {r['added_p50_ms']:+6.1f} ms   "
-            f"p99 {r['added_p99_ms']:+6.1f} ms   (by round, p50/p99: {rounds})",
-            f"  finished jobs announced to serve (workers.notify): {r['notified']} of {t['completed']}",
+            *quota_free,
             f"overload, {r['burst_rate']:.0f} requests/s for {o['offered'] / r['burst_rate']:.0f} s "
             "to a provider allowing a burst of 1,200 then 20/s:",
             f"  completed {o['completed']:,} · failed {o['failed']:,} of {o['offered']:,} "
@@ -324,12 +329,20 @@ def report(r: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.front_door")
     parser.add_argument("--quick", action="store_true", help="5 s at 100/s, a 2 s burst")
+    parser.add_argument("--rate", type=float, default=100, help="requests/s while quota is free")
+    parser.add_argument("--seconds", type=float, help="seconds each way while quota is free")
+    parser.add_argument("--no-overload", action="store_true", help="skip the overload phase")
     parser.add_argument("--probe", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         _probe(*args.probe)
         return
-    sizes = {"seconds": 5, "burst_s": 2} if args.quick else {}
+    sizes: dict[str, float] = {"seconds": 5, "burst_s": 2} if args.quick else {}
+    sizes["rate"] = args.rate
+    if args.seconds:
+        sizes["seconds"] = args.seconds
+    if args.no_overload:
+        sizes["burst_s"] = 0
     with tempfile.TemporaryDirectory() as tmp:
         print(report(run(Path(tmp), **sizes)), flush=True)
 
