@@ -375,17 +375,22 @@ class Router:
     def place_many(
         self, task: str, tier: str, costs: Sequence[Costs], *, preferred: str | None = None
     ) -> list[Candidate]:
-        """Place a chunk of jobs with one read of the limiter: each placement sees the last."""
+        """Place a chunk of jobs on the placement view (`_view`): each placement sees the last,
+        and those this process made since the view was read."""
         chain = self.settings.chain(task, tier)
         candidates = self.candidates(task, tier)
         share = self.settings.tiers[tier].budget_share
-        snapshots = self.limiter.snapshots(candidates)
+        view = self._view(tuple(candidates))
         queued: dict[Candidate, Costs] = {}
         placed = []
-        for cost in costs:
-            options = [expected_wait(snapshots[c], cost, share, queued.get(c)) for c in candidates]
-            chosen = self.choose(options, chain.strategy, preferred).candidate
-            queued[chosen] = queued.get(chosen, Costs(0, 0, 0, 0)) + cost
-            placed.append(chosen)
+        with self._views_lock:
+            for cost in costs:
+                options = [
+                    expected_wait(view.snapshots[c], cost, share, view.queued.get(c)) for c in candidates
+                ]
+                chosen = self.choose(options, chain.strategy, preferred).candidate
+                queued[chosen] = queued.get(chosen, Costs(0, 0, 0, 0)) + cost
+                view.queued[chosen] = view.queued.get(chosen, Costs(0, 0, 0, 0)) + cost
+                placed.append(chosen)
         self.limiter.add_pending(queued)
         return placed
