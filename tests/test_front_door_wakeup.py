@@ -192,6 +192,12 @@ def finish_in_store(rt: Runtime, job_id: str) -> None:
     )
 
 
+@pytest.fixture(autouse=True)
+def notify_not_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with workers.notify willing to publish (another test's may have quieted it)."""
+    monkeypatch.setattr(notify, "_quiet_until", 0.0)
+
+
 def run_silently(monkeypatch: pytest.MonkeyPatch, rt: Runtime, job_id: str) -> None:
     """A worker that does not announce what it finished (an older one, or its publish lost)."""
     with monkeypatch.context() as quiet:
@@ -221,17 +227,44 @@ def test_a_notification_carries_the_job_id_and_nothing_else(front) -> None:
     assert message["channel"] == b"spillway:finished"
 
 
-def test_notify_never_raises_and_keeps_quiet_while_redis_is_away(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(notify, "_quiet_until", 0.0)
+class CountingRedis:
+    """A Redis client's `publish`, counted: `to` is the real client, or None for one that is away."""
+
+    def __init__(self, to: redis.Redis) -> None:
+        self.to, self.published = to, 0
+
+    def publish(self, channel: str, message: str) -> int:
+        self.published += 1
+        return self.to.publish(channel, message)
+
+
+def test_notify_never_raises_and_keeps_quiet_while_redis_is_away() -> None:
     away = redis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5)
-    rt = types.SimpleNamespace(redis=away, keys=Keyspace("t"))
+    counted = CountingRedis(away)
+    rt = types.SimpleNamespace(redis=counted, keys=Keyspace("t"))
     notify.finished(rt, "a" * 32)  # refused: logged at debug, nothing raised
     assert notify._quiet_until > time.monotonic()
-    started = time.monotonic()
     for _ in range(100):
         notify.finished(rt, "b" * 32)
-    assert time.monotonic() - started < 0.05  # no command tried while quiet
+    assert counted.published == 1  # no command tried while quiet
     away.close()
+
+
+def test_a_worker_that_nobody_hears_publishes_twice_a_second_not_per_job(front) -> None:
+    counted = CountingRedis(front.rt.redis)
+    rt = types.SimpleNamespace(redis=counted, keys=front.rt.keys)
+    for _ in range(100):
+        notify.finished(rt, "c" * 32)
+    assert counted.published == 1
+    assert notify._quiet_until <= time.monotonic() + notify.UNHEARD_S
+    pubsub = front.rt.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(notify.channel(front.rt.keys))
+    wait_until(lambda: subscribers(front.rt) >= 1, 5, "subscribed")
+    wait_until(lambda: time.monotonic() >= notify._quiet_until, 5, "quiet over")
+    for _ in range(3):
+        notify.finished(rt, "d" * 32)
+    pubsub.close()
+    assert counted.published == 4  # heard: one per job again
 
 
 # -- the waiters -------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ notification that is lost (Redis restarting, a serve reconnecting, a worker with
 call) only means the waiting request is answered by serve's slower poll of the store.
 
 `finished` never raises and costs at most one Redis command; after a failure it stays quiet
-for `QUIET_S`, so a Redis that is away does not slow every job down.
+for `QUIET_S`, so a Redis that is away does not slow every job down. When nobody heard the
+last one (no `spillway serve` waits: batches, fire-and-forget) it stays quiet for `UNHEARD_S`:
+a worker then sends a couple of commands a second, not one per job. A serve that starts
+listening meanwhile finds its first jobs by polling, as after any lost notification.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ log = logging.getLogger("spillway.notify")
 
 #: After a failed publish, no more tries for this long (the waiters' poll answers meanwhile).
 QUIET_S = 5.0
+#: After a notification nobody was subscribed to hear, none for this long.
+UNHEARD_S = 0.5
 _quiet_until = 0.0
 
 
@@ -36,10 +41,14 @@ def channel(keys: Keyspace) -> str:
 def finished(rt: Runtime, job_id: str) -> None:
     """Tell the serve processes that `job_id` is final (its result is in the store already)."""
     global _quiet_until
-    if time.monotonic() < _quiet_until:
+    now = time.monotonic()
+    if now < _quiet_until:
         return
     try:
-        rt.redis.publish(channel(rt.keys), job_id)
+        heard = rt.redis.publish(channel(rt.keys), job_id)
     except Exception as exc:  # a lost notification costs a poll, never the job
-        _quiet_until = time.monotonic() + QUIET_S
+        _quiet_until = now + QUIET_S
         log.debug("could not notify job %s: %s", job_id, type(exc).__name__)
+        return
+    if not heard:
+        _quiet_until = now + UNHEARD_S

@@ -292,8 +292,9 @@ class Waiters:
         if missed:
             if not self.counts["missed"]:  # once: a worker without `workers.notify` misses them all
                 log.info(
-                    "finished jobs that were not announced (workers.notify): waiting requests are "
-                    "found by polling the store every %g s for %g s after each",
+                    "a finished job was not announced (workers.notify: an older worker, Redis, or "
+                    "a worker that nobody listened to a moment ago): waiting requests are found by "
+                    "polling the store every %g s for %g s after each miss",
                     self.FAST_S,
                     self.DISTRUST_S,
                 )
