@@ -263,8 +263,7 @@ class JobStore(Database):
         now = utcnow()
         params = {f"b_{c}": result.get(c, RESULT_DEFAULTS.get(c)) for c in RESULT_COLUMNS}
         params.update(b_id=job_id, b_now=now, b_calls=int(attempt is not None and attempt.called))
-        with self.session() as s:
-            conn = s.connection()
+        with self.connection() as conn:
             self._record(conn, job_id, run, attempt, now)
             return conn.execute(_FINISH, params).rowcount == 1
 
@@ -291,8 +290,7 @@ class JobStore(Database):
             "b_hops": int(hop),
             "b_calls": int(attempt is not None and attempt.called),
         }
-        with self.session() as s:
-            conn = s.connection()
+        with self.connection() as conn:
             self._record(conn, job_id, run, attempt, now)
             return conn.execute(_REQUEUE, params).rowcount == 1
 
