@@ -5,13 +5,11 @@ fixture runs every test here on both)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,13 +18,13 @@ import pytest
 import redis
 from click.testing import CliRunner
 from sqlalchemy import func, select
-from tornado.netutil import bind_sockets
 
 from producer.batch import BatchInputError
 from producer.cli import main
 from producer.client import Client, using
-from producer.ops.serve import MAX_BODY_BYTES, caller_id, make_server
+from producer.ops.serve import MAX_BODY_BYTES, caller_id
 from tests.conftest import CONFIGS
+from tests.servekit import serve_in_thread
 from workers.config import parse_settings
 from workers.env import Env
 from workers.errors import InputError
@@ -234,34 +232,11 @@ def test_skip_invalid_runs_the_first_good_line_of_an_id(client, items, runs, fai
 @contextmanager
 def serving(client: Client, token: str) -> Iterator[httpx.Client]:
     """`spillway serve`'s server, in this process, on a free port; an HTTP client with `token`."""
-    started, box = threading.Event(), {}
-
-    def run() -> None:
-        async def main() -> None:
-            server = make_server(client, token)
-            sockets = bind_sockets(0, "127.0.0.1")
-            server.add_sockets(sockets)
-            box.update(
-                port=sockets[0].getsockname()[1], loop=asyncio.get_running_loop(), done=asyncio.Event()
-            )
-            started.set()
-            await box["done"].wait()
-            server.stop()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    http = httpx.Client(
-        base_url=f"http://127.0.0.1:{box['port']}", headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
-    try:
+    with (
+        serve_in_thread(client, token) as (url, _),
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
+    ):
         yield http
-    finally:
-        http.close()
-        box["loop"].call_soon_threadsafe(box["done"].set)
-        thread.join(10)
 
 
 def body(**fields: object) -> bytes:

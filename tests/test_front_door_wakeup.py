@@ -19,11 +19,10 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from tornado.netutil import bind_sockets
 
 from producer.client import Client
 from producer.ops.openai.chat import ChatCompletions, Waiters
-from producer.ops.serve import make_server
+from tests.servekit import serve_in_thread
 from workers import execution, notify
 from workers.config import Candidate, parse_settings
 from workers.embedded import EmbeddedRedis, free_port, start_redis
@@ -90,33 +89,14 @@ def front(private_redis: EmbeddedRedis, tmp_path: Path) -> Iterator[Any]:
 @contextmanager
 def serving(client: Client) -> Iterator[tuple[str, Waiters]]:
     """`spillway serve`'s server in a thread of this process: its URL and its chat waiters."""
-    started, box = threading.Event(), {}
-
-    def run() -> None:
-        async def main() -> None:
-            server = make_server(client, TOKEN)
-            sockets = bind_sockets(0, "127.0.0.1")
-            server.add_sockets(sockets)
-            box.update(port=sockets[0].getsockname()[1], done=asyncio.Event(), server=server)
-            box["loop"] = asyncio.get_running_loop()
-            started.set()
-            await box["done"].wait()
-            server.stop()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    app = box["server"].request_callback
-    waiters = next(
-        rule.target_kwargs["waiters"] for rule in app.wildcard_router.rules if rule.target is ChatCompletions
-    )
-    try:
-        yield f"http://127.0.0.1:{box['port']}", waiters
-    finally:
-        box["loop"].call_soon_threadsafe(box["done"].set)
-        thread.join(10)
+    with serve_in_thread(client, TOKEN) as (url, server):
+        app = server.request_callback
+        waiters = next(
+            rule.target_kwargs["waiters"]
+            for rule in app.wildcard_router.rules
+            if rule.target is ChatCompletions
+        )
+        yield url, waiters
 
 
 class Ask:

@@ -1,0 +1,49 @@
+"""`spillway serve`'s server in a thread of the test's own process (no subprocess to start)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from producer.client import Client
+from producer.ops.serve import make_server
+
+
+@contextmanager
+def serve_in_thread(client: Client, token: str | None) -> Iterator[tuple[str, HTTPServer]]:
+    """The server on a free loopback port, in a thread with its own event loop: its URL and
+    the server (its `request_callback` is the app). Stopped on the way out."""
+    started, box = threading.Event(), {}
+
+    def run() -> None:
+        async def main() -> None:
+            server = make_server(client, token)
+            sockets = bind_sockets(0, "127.0.0.1")
+            server.add_sockets(sockets)
+            box.update(
+                port=sockets[0].getsockname()[1],
+                loop=asyncio.get_running_loop(),
+                done=asyncio.Event(),
+                server=server,
+            )
+            started.set()
+            await box["done"].wait()
+            server.stop()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10), "the server did not start within 10 s"
+    loop: Any = box["loop"]
+    try:
+        yield f"http://127.0.0.1:{box['port']}", box["server"]
+    finally:
+        loop.call_soon_threadsafe(box["done"].set)
+        thread.join(10)
