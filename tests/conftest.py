@@ -159,6 +159,35 @@ reject_keys = ["bad-*"]
 A, B = Candidate("a", "am"), Candidate("b", "bm")
 
 
+#: The e2e config with the simulator's batch APIs quick (0.5 s turnaround) and keys named
+#: `bad-*` refused by every provider: what the batch adapter and simulator tests run on.
+BATCH_SIM_TURNAROUND_S = 0.5
+BATCH_SIM_CONFIG = (
+    (CONFIGS / "e2e.toml").read_text()
+    + f"""
+[simulator.batch]
+turnaround_s = {BATCH_SIM_TURNAROUND_S}
+[simulator.providers.openai]
+reject_keys = ["bad-*"]
+[simulator.providers.groq]
+reject_keys = ["bad-*"]
+[simulator.providers.anthropic]
+reject_keys = ["bad-*"]
+[simulator.providers.gemini]
+reject_keys = ["bad-*"]
+"""
+)
+
+
+@pytest.fixture
+def batch_sim() -> Iterator[SimServer]:
+    """The simulator on BATCH_SIM_CONFIG, in a thread, on a free port."""
+    server = start_in_thread(sim_settings(parse_settings(BATCH_SIM_CONFIG, "batch-sim.toml"), port=0))
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture
 def make_rt(redis_client: redis.Redis, tmp_path: Path) -> Iterator:
     servers: list[SimServer] = []

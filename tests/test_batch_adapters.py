@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import CONFIGS
+from tests.conftest import BATCH_SIM_CONFIG, CONFIGS
 from workers.config import ProviderConfig, parse_settings
 from workers.errors import (
     AuthError,
@@ -42,24 +42,11 @@ from workers.providers.batch.base import ENVELOPE_BYTES
 from workers.providers.batch.gemini import GeminiBatches
 from workers.providers.batch.openai import OpenAIBatches
 from workers.providers.transport import complete
-from workers.simulator import SimServer, sim_settings, start_in_thread
+from workers.simulator import SimServer
 
 WAIT_S = 10.0  # the most a test waits for a batch to end (turnarounds are 0.5-2 s)
-TURNAROUND_S = 0.5
 KEY = "sk-batch-test"
 BASE = (CONFIGS / "e2e.toml").read_text()
-SIM_EXTRA = f"""
-[simulator.batch]
-turnaround_s = {TURNAROUND_S}
-[simulator.providers.openai]
-reject_keys = ["bad-*"]
-[simulator.providers.groq]
-reject_keys = ["bad-*"]
-[simulator.providers.anthropic]
-reject_keys = ["bad-*"]
-[simulator.providers.gemini]
-reject_keys = ["bad-*"]
-"""
 MODELS = {
     "openai": "gpt-4o-mini",
     "groq": "llama-3.3-70b-versatile",
@@ -70,11 +57,8 @@ THREE = ("openai", "anthropic", "gemini")
 
 
 @pytest.fixture
-def sim() -> Iterator[SimServer]:
-    server = start_in_thread(sim_settings(parse_settings(BASE + SIM_EXTRA, "batch.toml"), port=0))
-    yield server
-    server.shutdown()
-    server.server_close()
+def sim(batch_sim: SimServer) -> SimServer:
+    return batch_sim
 
 
 @pytest.fixture
@@ -84,7 +68,7 @@ def http() -> Iterator[httpx.Client]:
 
 
 def providers(sim: SimServer) -> dict[str, ProviderConfig]:
-    return parse_settings(BASE + SIM_EXTRA, "batch.toml", simulator_url=sim.url).providers
+    return parse_settings(BATCH_SIM_CONFIG, "batch.toml", simulator_url=sim.url).providers
 
 
 def set_batch(sim: SimServer, provider: str, **changes: Any) -> None:

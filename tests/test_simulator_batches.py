@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -23,21 +23,8 @@ anthropic = pytest.importorskip("anthropic")
 
 SDK_TIMEOUT_S = 30.0  # each SDK call's limit; the simulator answers in milliseconds
 WAIT_S = 10.0  # the most any test waits for a batch to reach a state (turnarounds are < 1 s)
-TURNAROUND_S = 0.5
 
 BASE = (CONFIGS / "e2e.toml").read_text()
-SIM_EXTRA = f"""
-[simulator.batch]
-turnaround_s = {TURNAROUND_S}
-[simulator.providers.openai]
-reject_keys = ["bad-*"]
-[simulator.providers.groq]
-reject_keys = ["bad-*"]
-[simulator.providers.anthropic]
-reject_keys = ["bad-*"]
-[simulator.providers.gemini]
-reject_keys = ["bad-*"]
-"""
 OPENAI_MODELS = {"openai": "gpt-4o-mini", "groq": "llama-3.3-70b-versatile"}
 OPENAI_PREFIX = {"openai": "/openai/v1", "groq": "/groq/openai/v1"}
 CLAUDE = "claude-haiku-4-5"
@@ -46,11 +33,8 @@ HTTP = httpx.Client(timeout=SDK_TIMEOUT_S)
 
 
 @pytest.fixture
-def sim() -> Iterator[SimServer]:
-    server = start_in_thread(sim_settings(parse_settings(BASE + SIM_EXTRA, "batches.toml"), port=0))
-    yield server
-    server.shutdown()
-    server.server_close()
+def sim(batch_sim: SimServer) -> SimServer:
+    return batch_sim
 
 
 def set_batch(sim: SimServer, provider: str, **changes: Any) -> None:
