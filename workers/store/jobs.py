@@ -90,13 +90,13 @@ RESULT_DEFAULTS = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "cach
 ATTEMPT_COLUMNS = tuple(c.name for c in ATTEMPTS.columns if c.name != "id")
 
 
-# The hot path's statements, built once (Core, bound parameters): a worker runs them per job.
 def _status_in(*statuses: str) -> ColumnElement[bool]:
     """The job's status is one of these constants, written into the SQL: a bound IN list is
     expanded again on every execution (a tenth of a hot-path statement's CPU)."""
     return JOBS.c.status.in_([literal_column(f"'{status}'") for status in statuses])
 
 
+# The hot path's statements, built once (Core, bound parameters): a worker runs them per job.
 _CLAIM = (
     update(JOBS)
     .where(
