@@ -61,9 +61,11 @@ class Tenants:
             )
         if api_token:
             tier = "free" if "free" in settings.tiers else next(iter(settings.tiers))
-            tenants.append(
-                Tenant(DEFAULT_TENANT, tier, tuple(settings.tiers), "chat", api_token, operator=True)
-            )
+            # its `model="spillway"` requests and batches: chat, or the first route there is
+            routed = "chat" in settings.routes or "*" in settings.routes
+            task = "chat" if routed else next(iter(settings.routes), "chat")
+            operator = Tenant(DEFAULT_TENANT, tier, tuple(settings.tiers), task, api_token, operator=True)
+            tenants.append(operator)
         tokens = [t.token for t in tenants]
         if len(set(tokens)) != len(tokens):
             raise ConfigError("two tenants of spillway serve have the same token")
