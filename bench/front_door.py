@@ -35,7 +35,6 @@ from typing import Any
 import httpx
 
 from bench.common import stack_from
-from workers import notify
 from workers.env import Env
 from workers.keyspace import Keyspace
 from workers.redisconn import connect
@@ -141,7 +140,7 @@ class _Heard:
     """Counts the finished-job notifications (`workers.notify`) on this stack's Redis."""
 
     def __init__(self, redis_url: str, prefix: str) -> None:
-        self.redis_url, self.channel = redis_url, notify.channel(Keyspace(prefix))
+        self.redis_url, self.channel = redis_url, Keyspace(prefix).finished_channel()
         self.count = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._listen, name="bench-heard", daemon=True)

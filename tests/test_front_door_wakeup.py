@@ -150,8 +150,9 @@ def wait_until(condition: Any, timeout_s: float, what: str) -> None:
 
 
 def subscribers(rt: Runtime) -> int:
+    channel = rt.keys.finished_channel()
     try:
-        return dict(rt.redis.pubsub_numsub(notify.channel(rt.keys))).get(notify.channel(rt.keys).encode(), 0)
+        return dict(rt.redis.pubsub_numsub(channel)).get(channel.encode(), 0)
     except redis.RedisError:
         return 0
 
@@ -195,7 +196,7 @@ def tune(monkeypatch: pytest.MonkeyPatch, **values: float) -> None:
 
 def test_a_notification_carries_the_job_id_and_nothing_else(front) -> None:
     pubsub = front.rt.redis.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(notify.channel(front.rt.keys))
+    pubsub.subscribe(front.rt.keys.finished_channel())
     wait_until(lambda: subscribers(front.rt) >= 1, 5, "subscribed")
     notify.finished(front.rt, "0123456789abcdef0123456789abcdef")
     message = None
@@ -240,7 +241,7 @@ def test_a_worker_that_nobody_hears_publishes_twice_a_second_not_per_job(front, 
     assert counted.published == 1
     assert notify._quiet_until > time.monotonic() + NEVER_S / 2
     pubsub = front.rt.redis.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(notify.channel(front.rt.keys))
+    pubsub.subscribe(front.rt.keys.finished_channel())
     wait_until(lambda: subscribers(front.rt) >= 1, 5, "subscribed")
     monkeypatch.setattr(notify, "_quiet_until", 0.0)  # the quiet period is over
     for _ in range(3):

@@ -44,6 +44,10 @@ class Keyspace:
         """Sorted set of jobs waiting for a quota reset, scored by when they are due."""
         return f"{self.prefix}:parked"
 
+    def finished_channel(self) -> str:
+        """Pub/sub channel (not a key): ids of jobs that became final (`workers.notify`)."""
+        return f"{self.prefix}:finished"
+
     def alive(self) -> str:
         """Hash: worker node name -> its last beat (time, the messages it holds)."""
         return f"{self.prefix}:alive"

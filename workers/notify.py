@@ -1,7 +1,7 @@
 """A final job's id, told at once to the `spillway serve` processes that may be waiting on it.
 
 A worker that has written a job's final state calls `finished(rt, job_id)`: one Redis PUBLISH
-of the id alone (never a prompt or an answer) on ``<prefix>:finished``. `spillway serve`
+of the id alone (never a prompt or an answer) on ``Keyspace.finished_channel``. `spillway serve`
 subscribes (`producer.ops.openai.chat.Waiters`) and reads the job from the store as soon as
 its id is heard, instead of at its next poll. The store stays the source of truth: a
 notification that is lost (Redis restarting, a serve reconnecting, a worker without this
@@ -21,7 +21,6 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only the type: a worker has its runtime already
-    from workers.keyspace import Keyspace
     from workers.runtime import Runtime
 
 log = logging.getLogger("spillway.notify")
@@ -33,11 +32,6 @@ UNHEARD_S = 0.5
 _quiet_until = 0.0
 
 
-def channel(keys: Keyspace) -> str:
-    """The pub/sub channel that carries the ids of jobs that became final."""
-    return f"{keys.prefix}:finished"
-
-
 def finished(rt: Runtime, job_id: str) -> None:
     """Tell the serve processes that `job_id` is final (its result is in the store already)."""
     global _quiet_until
@@ -45,7 +39,7 @@ def finished(rt: Runtime, job_id: str) -> None:
     if now < _quiet_until:
         return
     try:
-        heard = rt.redis.publish(channel(rt.keys), job_id)
+        heard = rt.redis.publish(rt.keys.finished_channel(), job_id)
     except Exception as exc:  # a lost notification costs a poll, never the job
         _quiet_until = now + QUIET_S
         log.debug("could not notify job %s: %s", job_id, type(exc).__name__)

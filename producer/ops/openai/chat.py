@@ -18,7 +18,6 @@ from producer.jobs import submit_many
 from producer.ops.openai.errors import ApiError, api_error
 from producer.ops.openai.handler import ApiHandler
 from producer.ops.openai.routing import route_for
-from workers import notify
 from workers.config import Settings
 from workers.errors import InputError, SpillwayError
 from workers.store import SUCCEEDED, Job
@@ -155,7 +154,6 @@ class Waiters:
         self.heard: OrderedDict[str, None] = OrderedDict()
         self.listener: threading.Thread | None = None
         self.generation = 0  # of listeners: one superseded by another stops and says nothing
-        self.listener_loop: asyncio.AbstractEventLoop | None = None
         self.idle_since = time.monotonic()
         # the event loop's own
         self.listening = False  # subscribed: finished jobs are heard
@@ -187,16 +185,16 @@ class Waiters:
                     self.idle_since = time.monotonic()
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.loop is not loop:  # another loop (tests): its own sweeper and listener
+        moved = self.loop is not loop
+        if moved:  # another loop (tests): its own sweeper and listener
             self.loop, self.sweeper, self.listening = loop, None, False
         if self.sweeper is None or self.sweeper.done():
             self.sweeper = loop.create_task(self._sweep())
         if not self.listen:
             return
         with self.lock:
-            if self.listener is None or self.listener_loop is not loop:
+            if self.listener is None or moved:
                 self.generation += 1
-                self.listener_loop = loop
                 self.listener = threading.Thread(
                     target=self._listen,
                     args=(loop, self.generation),
@@ -312,7 +310,7 @@ class Waiters:
                 pubsub = None
                 try:
                     pubsub = rt.redis.pubsub()
-                    pubsub.subscribe(notify.channel(rt.keys))
+                    pubsub.subscribe(rt.keys.finished_channel())
                     while not self._stop(loop, generation):
                         self._take(loop, generation, pubsub)
                         backoff = 0.05
