@@ -15,12 +15,13 @@ def stack_from(text: str, workdir: Path, **kwargs) -> LocalStack:
     return LocalStack(config, workdir=str(workdir), **kwargs)
 
 
-def wait_all_final(store: Store, total: int, timeout_s: float) -> float:
-    """Seconds until `total` jobs are final (monotonic clock); raises on timeout."""
+def wait_all_final(store: Store, total: int, timeout_s: float, *, batch_id: str | None = None) -> float:
+    """Seconds until `total` jobs (of `batch_id`, else any) are final (monotonic clock);
+    raises TimeoutError on timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        counts = store.count_by_status()
+        counts = store.count_by_status(batch_id)
         if counts.get("succeeded", 0) + counts.get("failed", 0) >= total:
             return time.monotonic()
         time.sleep(0.05)
-    raise TimeoutError(f"jobs not final after {timeout_s:g}s: {store.count_by_status()}")
+    raise TimeoutError(f"jobs not final after {timeout_s:g}s: {store.count_by_status(batch_id)}")

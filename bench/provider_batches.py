@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-from bench.common import stack_from
+from bench.common import stack_from, wait_all_final
 from producer.batch import CHUNK
 from workers.store import FINAL, SUCCEEDED, Attempt, Job, aware
 
@@ -107,19 +107,6 @@ def items(jobs: int) -> list[dict[str, Any]]:
     ]
 
 
-def _wait_final(store: Any, batch_id: str, total: int, timeout_s: float) -> float | None:
-    """Monotonic time when `total` jobs of the batch are final; None after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s / 0.25) + 1):
-        counts = store.count_by_status(batch_id)
-        if sum(counts.get(s, 0) for s in FINAL) >= total:
-            return time.monotonic()
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.25)
-    return None
-
-
 def _wait_callback(store: Any, batch_id: str, chunks: int, timeout_s: float) -> int:
     """How often the batch's chord callbacks ran (one per chunk of `producer.batch.CHUNK`
     jobs), once all `chunks` have, or after `timeout_s`."""
@@ -170,7 +157,10 @@ def one_run(
             started = time.monotonic()
             handle = client.submit_batch(wanted, task=TASK, tier=TIER, mode=mode, deadline_s=deadline_s)
             submitted = time.monotonic()
-            finished = _wait_final(store, handle.id, jobs, timeout_s)
+            try:
+                finished: float | None = wait_all_final(store, jobs, timeout_s, batch_id=handle.id)
+            except TimeoutError:
+                finished = None
             callback_runs = _wait_callback(
                 store, handle.id, _chunks(jobs), timeout_s=30.0 if finished else 0.0
             )
