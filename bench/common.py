@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from producer.ops.stack import LocalStack
 from workers.store import Store
@@ -25,3 +30,16 @@ def wait_all_final(store: Store, total: int, timeout_s: float, *, batch_id: str 
             return time.monotonic()
         time.sleep(0.05)
     raise TimeoutError(f"jobs not final after {timeout_s:g}s: {store.count_by_status(batch_id)}")
+
+
+def cpu_s(procs: list[subprocess.Popen[Any]]) -> float:
+    """User + system CPU of every process in these trees (the supervisor and its Celery child)."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    times = p.cpu_times()
+                    total += times.user + times.system
+    return total

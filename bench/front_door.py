@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import stack_from
+from bench.common import cpu_s, stack_from
 from workers.env import Env
 from workers.keyspace import Keyspace
 from workers.redisconn import connect
@@ -84,9 +84,14 @@ def run(
     burst_s: float = 3,
     rounds: int = 3,
     workers: int = 2,
+    inline_calls: int | None = None,
 ) -> dict[str, Any]:
-    """Phase 1: `rounds` alternating rounds of `seconds / rounds` each way; phase 2: the burst."""
-    stack = stack_from(CONFIG, workdir, extra_env={"SPILLWAY_API_TOKEN": TOKEN})
+    """Phase 1: `rounds` alternating rounds of `seconds / rounds` each way; phase 2: the burst.
+    `inline_calls`: serve's `$SPILLWAY_SERVE_INLINE_CALLS` (None: its default)."""
+    extra_env = {"SPILLWAY_API_TOKEN": TOKEN}
+    if inline_calls is not None:
+        extra_env["SPILLWAY_SERVE_INLINE_CALLS"] = str(inline_calls)
+    stack = stack_from(CONFIG, workdir, extra_env=extra_env)
     stack.start()
     try:
         for _ in range(workers):  # one process tops out near 100 jobs/s (one GIL): a deployment runs more
@@ -102,10 +107,14 @@ def run(
         direct: list[dict[str, Any]] = []
         through: list[dict[str, Any]] = []
         env = Env.from_environ({**os.environ, **stack.env})  # what the stack's processes read
+        serve_cpu_s = workers_cpu_s = 0.0  # while the through rounds ran: what Spillway spent
         with _Heard(env.redis_url, env.key_prefix) as heard:
             for _ in range(max(1, rounds)):
                 direct.append(asyncio.run(_offer(direct_url, key, fast, rate, seconds / rounds)))
+                serve_before, workers_before = cpu_s(stack.services), cpu_s(stack.workers)
                 through.append(asyncio.run(_offer(through_url, TOKEN, fast, rate, seconds / rounds)))
+                serve_cpu_s += cpu_s(stack.services) - serve_before
+                workers_cpu_s += cpu_s(stack.workers) - workers_before
             heard_during = heard.count
         overload = burst_s and asyncio.run(
             _offer(
@@ -131,6 +140,8 @@ def run(
         "added_p99_by_round_ms": [b["p99_ms"] - a["p99_ms"] for a, b in zip(direct, through, strict=True)],
         # every job finishing in phase 1 was a through request's, and nothing else's
         "notified": heard_during,
+        "serve_cpu_ms": serve_cpu_s * 1000 / max(1, t["completed"]),
+        "workers_cpu_ms": workers_cpu_s * 1000 / max(1, t["completed"]),
         "overload": overload,
         "burst_rate": burst_rate,
     }
@@ -303,7 +314,9 @@ def report(r: dict[str, Any]) -> str:
         f"   ({t['completed']} answered, {t['failed']} failed)",
         f"  added by Spillway            p50 {r['added_p50_ms']:+6.1f} ms   "
         f"p99 {r['added_p99_ms']:+6.1f} ms   (by round, p50/p99: {rounds})",
-        f"  finished jobs announced to serve (workers.notify): {r['notified']} of {t['completed']}",
+        f"  answered: {t['completed'] - r['notified']} by serve's own calls (workers.inline), "
+        f"{r['notified']} announced by workers (workers.notify)",
+        f"  CPU per request: serve {r['serve_cpu_ms']:.1f} ms, workers {r['workers_cpu_ms']:.1f} ms",
     ]
     if not o:
         return "\n".join(quota_free)
@@ -334,6 +347,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="seconds each way while quota is free")
     parser.add_argument("--no-overload", action="store_true", help="skip the overload phase")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (64 threads each)")
+    parser.add_argument(
+        "--inline-calls", type=int, help="serve's calls of its own ($SPILLWAY_SERVE_INLINE_CALLS; 0: none)"
+    )
     parser.add_argument("--probe", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -342,6 +358,8 @@ def main() -> None:
     sizes: dict[str, float] = {"seconds": 5, "burst_s": 2} if args.quick else {}
     sizes["rate"] = args.rate
     sizes["workers"] = args.workers
+    if args.inline_calls is not None:
+        sizes["inline_calls"] = args.inline_calls
     if args.seconds:
         sizes["seconds"] = args.seconds
     if args.no_overload:

@@ -22,11 +22,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
 from bench import overhead
-from bench.common import stack_from, wait_all_final
+from bench.common import cpu_s, stack_from, wait_all_final
 from bench.events import EventCounter
 from producer.ops.stack import LocalStack
 from workers.celery import make_app
@@ -88,7 +87,7 @@ def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: b
             procs = [stack.start_worker(concurrency=threads, loglevel="WARNING") for _ in range(n)]
             stack.wait_for_workers(n)
         counts = _redis_calls(stack)
-        cpu = _cpu_s(procs)
+        cpu = cpu_s(procs)
         per = [jobs // n + (1 if i < jobs % n else 0) for i in range(n)]
         with EventCounter(client.app) as events:
             producers = [_start_producer(stack, k, i, plain) for i, k in enumerate(per)]
@@ -106,7 +105,7 @@ def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: b
                 finished = wait_all_final(client.runtime.store, jobs, timeout_s=600)
                 for p in producers:
                     p.wait(60)
-            cpu = _cpu_s(procs) - cpu
+            cpu = cpu_s(procs) - cpu
             counts = _redis_calls(stack) - counts
             time.sleep(1.0)  # the last events are on their way
         return {
@@ -154,19 +153,6 @@ def _start_producer(stack: LocalStack, jobs: int, i: int, plain: bool) -> subpro
         text=True,
         start_new_session=True,
     )
-
-
-def _cpu_s(procs: list[subprocess.Popen[Any]]) -> float:
-    """User + system CPU of every process in these trees (the supervisor and its Celery child)."""
-    total = 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            root = psutil.Process(proc.pid)
-            for p in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    times = p.cpu_times()
-                    total += times.user + times.system
-    return total
 
 
 def _redis_calls(stack: LocalStack) -> int:

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from producer.client import Client
 
 log = logging.getLogger("spillway.producer")
+
+#: Offered each stored job before it is published: True if the caller runs it itself.
+Take = Callable[[dispatch.Target], bool]
 
 # What the store's columns hold (workers/store/models.py), checked here so that every backend
 # refuses the same input with the same error; PostgreSQL would raise a DataError instead.
@@ -183,10 +187,13 @@ def _admit(
     return Admitted(task, tier, request, costs, {**extra, "tenant": tenant}, idempotency_key, tenant)
 
 
-def submit_many(client: Client, submits: list[dict[str, Any]]) -> list[JobHandle | Exception]:
+def submit_many(
+    client: Client, submits: list[dict[str, Any]], *, take: Take | None = None
+) -> list[JobHandle | Exception]:
     """Many `submit`s at once (`spillway serve` under load): each is checked on its own and gets
     its job or its error; the rest are placed with one limiter read per route, stored in one
-    transaction and published in one pipelined round trip."""
+    transaction and published in one pipelined round trip — but for the stored jobs `take`
+    accepts, which the caller runs itself (`workers.inline`)."""
     results: list[JobHandle | Exception | None] = [None] * len(submits)
     admitted: list[tuple[int, Admitted]] = []
     for i, fields in enumerate(submits):
@@ -211,17 +218,18 @@ def submit_many(client: Client, submits: list[dict[str, Any]]) -> list[JobHandle
             for i, _ in members:
                 results[i] = exc
             continue
-        stored = _store_and_publish(client, [a for _, a in members], placed)
+        stored = _store_and_publish(client, [a for _, a in members], placed, take)
         for (i, _), result in zip(members, stored, strict=True):
             results[i] = result
     return [r if r is not None else InputError("not submitted") for r in results]
 
 
 def _store_and_publish(
-    client: Client, admitted: list[Admitted], targets: list[Candidate]
+    client: Client, admitted: list[Admitted], targets: list[Candidate], take: Take | None = None
 ) -> list[JobHandle | Exception]:
-    """Hold each tenant's tokens, store the jobs in one transaction, publish them pipelined;
-    what fails gives its hold back. A concurrent submit with the same idempotency key wins."""
+    """Hold each tenant's tokens, store the jobs in one transaction, publish them pipelined
+    (those `take` does not run itself); what fails gives its hold back. A concurrent submit
+    with the same idempotency key wins."""
     rt = client.runtime
     out: list[JobHandle | Exception] = []
     rows, held, ready = [], [], []
@@ -245,7 +253,7 @@ def _store_and_publish(
             hold.give_back()
         if len(rows) > 1:  # one of them lost an idempotency race: each on its own
             for place, a, _, target in ready:
-                out[place] = _store_and_publish(client, [a], [target])[0]
+                out[place] = _store_and_publish(client, [a], [target], take)[0]
             return out
         a = ready[0][1]
         existing = rt.store.by_idempotency_key(a.row["idempotency_key"] or "")
@@ -259,15 +267,18 @@ def _store_and_publish(
         for hold in held:
             hold.give_back()
         raise
+    sent = []
+    for (place, a, job_id, t), hold in zip(ready, held, strict=True):
+        target = dispatch.Target(job_id, t.provider, t.model, rt.priority(a.tier))
+        if take is None or not take(target):
+            sent.append((place, hold, target))
+    if not sent:
+        return out
     try:
-        publish(
-            client,
-            [dispatch.Target(job_id, t.provider, t.model, rt.priority(a.tier)) for _, a, job_id, t in ready],
-        )
+        publish(client, [target for _, _, target in sent])
     except ServiceUnavailable as exc:
-        for hold in held:
+        for place, hold, _ in sent:
             hold.give_back()
-        for place, *_ in ready:
             out[place] = exc
     return out
 

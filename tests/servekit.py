@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -13,6 +15,38 @@ from tornado.netutil import bind_sockets
 
 from producer.client import Client
 from producer.ops.serve import make_server
+from workers.config import parse_settings
+from workers.env import Env
+from workers.runtime import Runtime
+from workers.simulator import sim_settings, start_in_thread
+from workers.store import Store
+
+
+@contextmanager
+def front_stack(
+    config: str, redis_url: str, store: Path, **variables: str
+) -> Iterator[types.SimpleNamespace]:
+    """What serve runs on: a runtime on `redis_url` (also broker and results) and a fresh
+    SQLite store, with the simulator in a thread serving `config`'s providers. Yields
+    ``client``, ``rt`` and ``sim``; `variables` are the environment's (keys, settings)."""
+    sim = start_in_thread(sim_settings(parse_settings(config, "front.toml"), port=0))
+    urls = {
+        "SPILLWAY_REDIS_URL": redis_url,
+        "CELERY_BROKER_URL": redis_url,
+        "CELERY_RESULT_BACKEND": redis_url,
+    }
+    env = Env.from_environ({**urls, **variables})
+    settings = parse_settings(config, "front.toml", simulator_url=sim.url)
+    rt = Runtime(settings, env=env, store=Store(f"sqlite:///{store}"), quiet=True)
+    client = Client(env, runtime=rt)
+    try:
+        yield types.SimpleNamespace(client=client, rt=rt, sim=sim)
+    finally:
+        if "app" in client.__dict__:
+            client.app.close()
+        rt.close()
+        sim.shutdown()
+        sim.server_close()
 
 
 @contextmanager

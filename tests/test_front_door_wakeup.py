@@ -1,7 +1,7 @@
 """`/v1/chat/completions` answers when a worker says the job is final (`workers.notify`), and
 finds it anyway when that word is lost: real sockets — `spillway serve`'s server in this
-process, a Redis of its own, a SQLite store, the simulator in a thread — no Celery worker: the
-tests play it (`execution.run_job`, which calls `notify.finished`; a worker that does not is
+process (with no calls of its own: `workers.inline` is off), a Redis of its own, a SQLite
+store, the simulator in a thread — no Celery worker: the tests play it (`execution.run_job`, which calls `notify.finished`; a worker that does not is
 played by silencing it). Every wait is bounded in time."""
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ import redis
 
 from producer.client import Client
 from producer.ops.openai.chat import ChatCompletions, Waiters
-from tests.servekit import serve_in_thread
+from tests.servekit import front_stack, serve_in_thread
 from workers import execution, notify
-from workers.config import Candidate, parse_settings
+from workers.config import Candidate
 from workers.embedded import EmbeddedRedis, free_port, start_redis
-from workers.env import Env
 from workers.keyspace import Keyspace
 from workers.runtime import Runtime
-from workers.simulator import sim_settings, start_in_thread
-from workers.store import QUEUED, SUCCEEDED, Store
+from workers.store import QUEUED, SUCCEEDED
 
 TOKEN = "sk-front-door-wakeup"
 CONFIG = """
@@ -70,20 +68,10 @@ def private_redis() -> Iterator[EmbeddedRedis]:
 @pytest.fixture
 def front(private_redis: EmbeddedRedis, tmp_path: Path) -> Iterator[Any]:
     """A runtime on a fresh store and Redis; `serve()` starts the server on it."""
-    sim = start_in_thread(sim_settings(parse_settings(CONFIG, "wakeup.toml"), port=0))
-    url = private_redis.url(0)
-    env = Env.from_environ(
-        {"SPILLWAY_REDIS_URL": url, "CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url, "A_KEY": "sk-a"}
-    )
-    settings = parse_settings(CONFIG, "wakeup.toml", simulator_url=sim.url)
-    rt = Runtime(settings, env=env, store=Store(f"sqlite:///{tmp_path / 'store.db'}"), quiet=True)
-    client = Client(env, runtime=rt)
-    yield types.SimpleNamespace(client=client, rt=rt, redis=private_redis)
-    if "app" in client.__dict__:
-        client.app.close()
-    rt.close()
-    sim.shutdown()
-    sim.server_close()
+    variables = {"A_KEY": "sk-a", "SPILLWAY_SERVE_INLINE_CALLS": "0"}  # workers (the tests) run every job
+    with front_stack(CONFIG, private_redis.url(0), tmp_path / "store.db", **variables) as stack:
+        stack.redis = private_redis
+        yield stack
 
 
 @contextmanager
@@ -182,7 +170,7 @@ def notify_not_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
 def run_silently(monkeypatch: pytest.MonkeyPatch, rt: Runtime, job_id: str) -> None:
     """A worker that does not announce what it finished (an older one, or its publish lost)."""
     with monkeypatch.context() as quiet:
-        quiet.setattr(notify, "finished", lambda rt, job_id: None)
+        quiet.setattr(notify, "finished", lambda rt, job_id, final=None: None)
         assert isinstance(execution.run_job(rt, job_id, A), execution.Done)
 
 
@@ -278,7 +266,7 @@ def test_a_job_nobody_announced_is_found_by_the_sweep(front, monkeypatch) -> Non
         run_silently(monkeypatch, front.rt, job_id)
         response = ask.answer(10)
     assert response is not None and response.status_code == 200
-    assert waiters.counts == {"notified": 0, "swept": 1, "missed": 0}
+    assert waiters.counts == {"here": 0, "notified": 0, "swept": 1, "missed": 0}
 
 
 def test_after_a_missed_notification_the_sweeps_go_fast_again(front, monkeypatch) -> None:

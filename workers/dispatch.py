@@ -29,6 +29,7 @@ class Target:
     priority: int
     hop: int = 0
     task_id: str | None = None  # the job id unless the job runs again under a new one
+    reservation: str | None = None  # budget already taken for it (`execution.Requeue`)
 
 
 def message_priority(tier_priority: int, *, amqp: bool) -> int:
@@ -58,7 +59,7 @@ def shown_name(provider: str, model: str) -> str:
 def job_signature(app: Celery, target: Target, **options: Any) -> Signature:
     return app.signature(
         RUN_JOB_TASK,
-        kwargs=job_kwargs(target.job_id, target.provider, target.model, target.hop),
+        kwargs=job_kwargs(target.job_id, target.provider, target.model, target.hop, target.reservation),
         task_id=target.task_id or target.job_id,
         queue=queue_name(target.provider),
         priority=target.priority,

@@ -122,6 +122,13 @@ class Env:
         "s",
         "a job nothing touched this long, with no broker message, counts as lost",
     )
+    serve_inline_calls: int = _var(
+        "SPILLWAY_SERVE_INLINE_CALLS",
+        64,
+        "calls",
+        "`spillway serve`: chat completions it calls the provider for itself when there is room at once "
+        "(0: workers make every call)",
+    )
     flower_basic_auth: str | None = _var(
         "FLOWER_BASIC_AUTH", None, "user:password", "basic auth of `spillway flower`"
     )

@@ -44,7 +44,7 @@ from workers.messages import ChatRequest
 from workers.providers.transport import complete
 from workers.router import AfterError, Fail, JobFacts, Move, NoRoom, Park, Reason, next_hop
 from workers.runtime import Runtime
-from workers.store import FAILED, STARTED, SUCCEEDED, AttemptRecord, Job, aware, utcnow
+from workers.store import FAILED, STARTED, SUCCEEDED, AttemptRecord, Job, as_finished, aware, utcnow
 from workers.strategies import Option
 
 log = logging.getLogger("spillway.execution")
@@ -371,24 +371,22 @@ class _Run:
             output_tokens=completion.output_tokens,
             cost_usd=cost,
         )
-        stored = rt.store.finish(
-            self.job.id,
-            self.job.runs,
-            record,
-            status=SUCCEEDED,
-            provider=candidate.provider,
-            model=candidate.model,
-            key_id=lease.key.key_id,
-            text=completion.text,
-            finish_reason=completion.finish_reason,
-            input_tokens=completion.input_tokens,
-            output_tokens=completion.output_tokens,
-            cost_usd=cost,
-            error=None,
-            error_kind=None,
-        )
+        result = {
+            "status": SUCCEEDED,
+            "provider": candidate.provider,
+            "model": candidate.model,
+            "key_id": lease.key.key_id,
+            "text": completion.text,
+            "finish_reason": completion.finish_reason,
+            "input_tokens": completion.input_tokens,
+            "output_tokens": completion.output_tokens,
+            "cost_usd": cost,
+            "error": None,
+            "error_kind": None,
+        }
+        stored = rt.store.finish(self.job.id, self.job.runs, record, **result)
         if stored:  # a waiting `spillway serve` answers now, before the limiter is settled
-            notify.finished(rt, self.job.id)
+            notify.finished(rt, self.job.id, lambda: as_finished(self.job, record, **result))
         # the ledger first (above), then the limiter: a crash in between costs a refund, not a record
         estimated = self.job.est_input_tokens
         self._settle(

@@ -1,7 +1,7 @@
 """The SQL store (SQLAlchemy 2.0): jobs, attempts and batches."""
 
 from workers.store.engine import aware, utcnow
-from workers.store.jobs import AttemptRecord, Claim, DuplicateJob
+from workers.store.jobs import AttemptRecord, Claim, DuplicateJob, as_finished
 from workers.store.models import (
     BATCHED,
     FAILED,
@@ -43,6 +43,7 @@ __all__ = [
     "Job",
     "ProviderBatch",
     "Store",
+    "as_finished",
     "aware",
     "utcnow",
 ]

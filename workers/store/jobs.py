@@ -144,6 +144,21 @@ _REQUEUE = (
 )
 
 
+def as_finished(job: Any, attempt: AttemptRecord | None, **result: Any) -> Job:
+    """`job` as claimed, with what `JobStore.finish(…, attempt, **result)` writes over it: the
+    final job without reading it back (a detached object, for an answer in this process)."""
+    values = {c.name: getattr(job, c.name) for c in JOBS.columns}
+    values.update({c: result.get(c, RESULT_DEFAULTS.get(c)) for c in RESULT_COLUMNS})
+    now = utcnow()
+    values.update(
+        calls=(job.calls or 0) + int(attempt is not None and attempt.called),
+        updated_at=now,
+        finished_at=now,
+        lease_until=None,
+    )
+    return Job(**values)
+
+
 def _attempt_params(job_id: str, number: int, attempt: AttemptRecord, now: datetime) -> dict[str, Any]:
     values = {"job_id": job_id, "number": number, "finished_at": now, **attempt.__dict__}
     return {f"b_{c}": values[c] for c in ATTEMPT_COLUMNS}

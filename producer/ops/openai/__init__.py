@@ -30,18 +30,21 @@ from producer.client import Client
 from producer.ops.openai.batches import Batches, CancelBatch, OneBatch
 from producer.ops.openai.chat import ChatCompletions, Models, Submitter, Waiters
 from producer.ops.openai.files import File, Files
+from producer.ops.openai.inline import InlineRunner
 from producer.ops.tenants import Tenants
 
 
 def openai_routes(
     client: Client, tenants: Tenants, pool: ThreadPoolExecutor
 ) -> list[tuple[str, Any, dict[str, Any]]]:
+    waiters = Waiters(client, pool)
+    runner = InlineRunner(client, client.env.serve_inline_calls, waiters.heard_here)
     args = {
         "client": client,
         "tenants": tenants,
         "pool": pool,
-        "waiters": Waiters(client, pool),
-        "submitter": Submitter(client, pool),
+        "waiters": waiters,
+        "submitter": Submitter(client, pool, runner),
     }
     return [
         (r"/v1/chat/completions", ChatCompletions, args),

@@ -17,6 +17,7 @@ from producer.client import Client
 from producer.jobs import submit_many
 from producer.ops.openai.errors import ApiError, api_error
 from producer.ops.openai.handler import ApiHandler
+from producer.ops.openai.inline import InlineRunner
 from producer.ops.openai.routing import route_for
 from workers.config import Settings
 from workers.errors import InputError, SpillwayError
@@ -140,6 +141,7 @@ class Waiters:
     DISTRUST_S = 30.0  # after a missed notification, fast sweeps for this long
     IDLE_S = 60.0  # the listener stops after this long with nobody waiting (a wait restarts it)
     HEARD = 20_000  # ids heard lately: a job may finish before its request starts waiting
+    FINALS = 1_000  # jobs finished in this process lately (`heard_here`), until answered
     PAGE = 500
 
     def __init__(self, client: Client, pool: ThreadPoolExecutor, *, listen: bool = True) -> None:
@@ -152,6 +154,7 @@ class Waiters:
         # shared with the listener thread
         self.lock = threading.Lock()
         self.heard: OrderedDict[str, None] = OrderedDict()
+        self.finals: OrderedDict[str, Job] = OrderedDict()
         self.listener: threading.Thread | None = None
         self.generation = 0  # of listeners: one superseded by another stops and says nothing
         self.idle_since = time.monotonic()
@@ -160,14 +163,18 @@ class Waiters:
         self.proven = False  # a job waited for here was heard of: workers do notify
         self.distrust_until = 0.0
         self.swept: dict[str, float] = {}  # answered by a sweep: was it heard of too?
-        self.counts = {"notified": 0, "swept": 0, "missed": 0}
+        self.counts = {"here": 0, "notified": 0, "swept": 0, "missed": 0}
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Job] = loop.create_future()
         with self.lock:  # against the listener: a job heard just before its request waits
-            self.pending.setdefault(job_id, []).append(future)
+            final = self.finals.pop(job_id, None)
+            if final is None:
+                self.pending.setdefault(job_id, []).append(future)
             heard = job_id in self.heard
+        if final is not None:  # finished here before its request waited
+            return final
         self._start(loop)
         if heard:
             self._spawn(self._fetch([job_id]))
@@ -183,6 +190,27 @@ class Waiters:
                 self.pending.pop(job_id, None)
                 if not self.pending:
                     self.idle_since = time.monotonic()
+
+    def heard_here(self, job: Job) -> bool:
+        """A job this process finished (`workers.inline`, `workers.notify.listen_here`), as
+        written: its request is answered without reading it back (True: it needs no
+        notification)."""
+        with self.lock:
+            self.finals[job.id] = job
+            self.heard[job.id] = None
+            _trim(self.finals, self.FINALS)
+            _trim(self.heard, self.HEARD)
+            loop = self.loop
+        if loop is not None:
+            _post(loop, self._answered_here, job)
+        return True
+
+    def _answered_here(self, job: Job) -> None:
+        self.proven = True  # word of finished jobs arrives: the sweeps may be slow
+        if self.pending.get(job.id):
+            with self.lock:
+                self.finals.pop(job.id, None)
+            self.counts["here"] += len(self._resolve([job]))
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         moved = self.loop is not loop
@@ -354,8 +382,7 @@ class Waiters:
         with self.lock:
             mine = [i for i in ids if i in self.pending]
             self.heard.update(dict.fromkeys(ids))
-            while len(self.heard) > self.HEARD:
-                self.heard.popitem(last=False)
+            _trim(self.heard, self.HEARD)
         if not mine:
             return
         try:
@@ -364,6 +391,11 @@ class Waiters:
             log.warning("waiting jobs: the store did not answer (%s)", type(exc).__name__)
             return
         _post(loop, self._notified, jobs)
+
+
+def _trim(recent: OrderedDict[str, Any], size: int) -> None:
+    while len(recent) > size:
+        recent.popitem(last=False)
 
 
 def _done(future: asyncio.Future[None]) -> None:
@@ -380,13 +412,14 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
 class Submitter:
     """Chat completions' submits, gathered: the requests that arrive while earlier ones are
     being stored go together (`submit_many`: one limiter read, one transaction, one pipelined
-    publish). A lone request goes at once, so quiet times add no wait."""
+    publish). A lone request goes at once, so quiet times add no wait. With a `runner`, jobs it
+    has a free slot for are run in this process instead of published."""
 
     MAX_TOGETHER = 500
     DRAINS = 4  # submits in flight at once, each with what had gathered when it started
 
-    def __init__(self, client: Client, pool: ThreadPoolExecutor) -> None:
-        self.client, self.pool = client, pool
+    def __init__(self, client: Client, pool: ThreadPoolExecutor, runner: InlineRunner | None = None) -> None:
+        self.client, self.pool, self.runner = client, pool, runner
         self.pending: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
         self.draining = 0
         self.tasks: set[asyncio.Task[None]] = set()
@@ -401,6 +434,9 @@ class Submitter:
             task.add_done_callback(self.tasks.discard)
         return await future
 
+    def _submit(self, submits: list[dict[str, Any]]) -> list[Any]:
+        return submit_many(self.client, submits, take=self.runner.take if self.runner else None)
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -408,7 +444,7 @@ class Submitter:
                 taken, self.pending = self.pending[: self.MAX_TOGETHER], self.pending[self.MAX_TOGETHER :]
                 try:
                     results = await loop.run_in_executor(
-                        self.pool, submit_many, self.client, [fields for fields, _ in taken]
+                        self.pool, self._submit, [fields for fields, _ in taken]
                     )
                 except Exception as exc:  # the store or Redis failed the whole lot
                     results = [exc] * len(taken)

@@ -1,0 +1,181 @@
+"""`spillway serve` calls the provider itself for a chat completion when there is room at once
+(`workers.inline`), and queues the rest: real sockets — serve's server in this process, a
+Redis of its own, a SQLite store, the simulator in a thread — and no Celery worker, so an
+answer can only have come from serve's own call. Every wait is bounded in time."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from producer.jobs import submit_many
+from tests.faultkit import wait_for
+from tests.servekit import front_stack, serve_in_thread
+from workers import execution, parking
+from workers.broker import message_task_ids
+from workers.config import Candidate
+from workers.embedded import start_redis
+from workers.reconciler import recover_once
+from workers.store import IN_DOUBT, PARKED, QUEUED, STARTED, SUCCEEDED, AttemptRecord, Job, utcnow
+
+TOKEN = "sk-front-door-inline"
+CONFIG = """
+[spillway]
+default_max_tokens = 16
+
+[providers.a]
+api = "openai"
+base_url = "https://a.example/v1"
+key_env = "A_KEY"
+timeout_s = 5
+limits = { rpm = 100000, tpm = 100000000 }
+[providers.a.models.am]
+
+[providers.once]
+api = "anthropic"
+base_url = "https://once.example"
+key_env = "ONCE_KEY"
+timeout_s = 5
+limits = { rpm = 1 }  # one request, then none for a minute
+[providers.once.models.om]
+
+[routes.chat]
+free = ["a:am"]
+[routes.scarce]
+free = ["once:om"]
+
+[simulator]
+latency_ms = { median = 1, p95 = 2 }
+"""
+KEYS = {"A_KEY": "sk-a", "ONCE_KEY": "sk-once"}
+QUEUES = ["llm.a", "llm.once"]
+
+
+@contextmanager
+def stack(tmp_path: Path, **variables: str) -> Iterator[Any]:
+    redis_server = start_redis()
+    try:
+        with front_stack(CONFIG, redis_server.url(0), tmp_path / "store.db", **KEYS, **variables) as front:
+            yield front
+    finally:
+        redis_server.stop()
+
+
+@pytest.fixture
+def front(tmp_path: Path) -> Iterator[Any]:
+    with stack(tmp_path) as front:  # serve's defaults
+        yield front
+
+
+def sdk(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=30)
+
+
+def ask_in_background(url: str, model: str) -> threading.Thread:
+    """A chat completion in a thread; with no worker here, one that is queued ends when its
+    client gives up or serve stops (errors the test does not look at)."""
+
+    def ask() -> None:
+        with contextlib.suppress(openai.APIError):
+            sdk(url).chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, timeout=5
+            )
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    return thread
+
+
+def jobs(front: Any) -> list[Job]:
+    with front.rt.store.session(write=False) as s:
+        return list(s.query(Job))
+
+
+def handed_on(front: Any) -> set[str]:
+    """Jobs the workers will run: published to a queue, or parked until their quota is back."""
+    published = message_task_ids(front.client.app, QUEUES) or set()
+    return published | parking.parked_job_ids(front.rt.redis, front.rt.keys)
+
+
+def provider_requests(front: Any, provider: str) -> int:
+    return front.sim.sim.stats[provider]["ok"]
+
+
+def test_serve_answers_a_chat_completion_with_its_own_call_when_there_is_room(front) -> None:
+    with serve_in_thread(front.client, TOKEN) as (url, _):
+        answer = sdk(url).chat.completions.create(
+            model="spillway/chat", messages=[{"role": "user", "content": "hello"}], max_tokens=8
+        )
+    assert answer.choices[0].message.content
+    assert answer.usage is not None and answer.usage.total_tokens > 0
+    (job,) = jobs(front)
+    assert (job.status, job.provider, job.calls) == (SUCCEEDED, "a", 1)
+    assert provider_requests(front, "a") == 1  # what the provider saw: one call, no worker here
+    assert [a.outcome for a in front.rt.store.attempts(job.id)] == [SUCCEEDED]
+    assert message_task_ids(front.client.app, QUEUES) == set()  # nothing went through the broker
+
+
+def test_a_job_that_must_wait_is_queued_for_the_workers_not_refused(front) -> None:
+    with serve_in_thread(front.client, TOKEN) as (url, _):
+        ask_in_background(url, "spillway/scarce").join(10)  # takes the minute's only request
+        ask_in_background(url, "spillway/scarce")
+        wait_for(lambda: len(jobs(front)) == 2, 10, "the second job stored")
+        waiting = next(j for j in jobs(front) if j.status != SUCCEEDED)
+        wait_for(lambda: waiting.id in handed_on(front), 10, "the job that must wait handed to the workers")
+    assert front.rt.store.job(waiting.id).status in (QUEUED, PARKED)
+    # the second never reached the provider: one request, answered, none refused with a 429
+    assert dict(front.sim.sim.stats["once"]) == {"requests": 1, "ok": 1}
+
+
+def test_requests_beyond_the_free_slots_are_published(tmp_path, monkeypatch) -> None:
+    slots = 2
+    gate = threading.Event()
+    started: list[str] = []
+    real = execution.run_job
+
+    def held(rt: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        started.append(job_id)
+        gate.wait(20)  # each slot stays busy until the test has looked
+        return real(rt, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(execution, "run_job", held)
+    with (
+        stack(tmp_path, SPILLWAY_SERVE_INLINE_CALLS=str(slots)) as front,
+        serve_in_thread(front.client, TOKEN) as (url, _),
+    ):
+        for _ in range(5):
+            ask_in_background(url, "spillway/chat")
+        wait_for(lambda: len(jobs(front)) == 5, 10, "five jobs stored")
+        wait_for(lambda: len(handed_on(front)) == 3, 10, "three published")
+        assert len(started) == slots
+        assert handed_on(front).isdisjoint(started)  # a job runs here or goes to a worker, never both
+        gate.set()
+        wait_for(lambda: provider_requests(front, "a") == slots, 10, "the slots' calls made")
+
+
+def test_a_job_whose_inline_run_died_is_published_by_the_reconciler_and_charged_once(front) -> None:
+    """The process that ran it is gone mid-call: the claim is there, no message carries it."""
+    (handle,) = submit_many(
+        front.client, [{"prompt": "hi", "task": "chat", "tier": "free"}], take=lambda t: True
+    )
+    started = AttemptRecord("a", "am", STARTED, utcnow(), "chat", "free", input_tokens=9, output_tokens=16)
+    run = front.rt.store.claim(handle.id, lease_s=0.2, max_crashes=3, started=lambda job: started)
+    assert run.state == "run"
+    assert message_task_ids(front.client.app, QUEUES) == set()
+    time.sleep(0.3)  # the lease runs out
+    recovered = recover_once(front.rt, front.client.app, idle_for_s=0, confirm_s=0.1)
+    assert recovered.republished == [handle.id]
+    assert handle.id in (message_task_ids(front.client.app, QUEUES) or set())
+    outcome = execution.run_job(front.rt, handle.id, Candidate("a", "am"))  # the worker's delivery
+    assert isinstance(outcome, execution.Done) and outcome.summary["status"] == SUCCEEDED
+    outcomes = [a.outcome for a in front.rt.store.attempts(handle.id)]
+    assert outcomes == [IN_DOUBT, SUCCEEDED]  # the lost call at its estimate, the real one once
+    assert provider_requests(front, "a") == 1

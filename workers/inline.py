@@ -1,0 +1,80 @@
+"""A job run by the process that submitted it, when its provider has room at once.
+
+`spillway serve` answers a chat completion fastest by making the call itself: no broker hop,
+no worker thread to wake, no second process to hear from. It is the same run as a worker's
+(`execution.run_job`: the store's claim and lease, the limiter, the ledger, the finished-job
+announcement), so every limit and every promise holds; only the message is missing. What
+cannot finish here goes on as any job does: a job that must wait, move to another provider
+or join a provider batch is published to its queue (or parked) by this process, as the worker
+task would have done. A process that dies mid-call leaves a claimed job whose lease runs out;
+with no message carrying it, the reconciler publishes it again (`workers.reconciler`) and its
+next run charges the lost call at its estimate, once.
+
+Flower shows only what goes through the broker: jobs finished here appear in the store, in
+`spillway status`, `spillway usage` and the metrics, not as Flower tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from workers import dispatch, execution, parking, provider_batch
+from workers.config import Candidate
+from workers.runtime import Runtime
+
+log = logging.getLogger("spillway.inline")
+
+
+def run_here(app: Celery, rt: Runtime, target: dispatch.Target) -> execution.Outcome | None:
+    """Run the stored, unpublished job `target` now; hand it to the broker if it cannot finish
+    here. None: the run failed unexpectedly (the store or Redis went away) and the job was
+    published for a worker, or left for the reconciler when that failed too."""
+    try:
+        outcome = execution.run_job(rt, target.job_id, Candidate(target.provider, target.model), target.hop)
+    except Exception as exc:  # a worker's task would be retried by Celery: here, a worker takes it
+        log.warning("job %s: running it here failed (%s); publishing it", target.job_id, type(exc).__name__)
+        _publish(app, target)
+        return None
+    try:
+        _hand_on(app, rt, target, outcome)
+    except Exception as exc:  # the job is stored: the reconciler publishes it
+        log.error("job %s: could not hand it on (%s); the reconciler will publish it", target.job_id, exc)
+    return outcome
+
+
+def _hand_on(app: Celery, rt: Runtime, target: dispatch.Target, outcome: execution.Outcome) -> None:
+    """What the worker task does with an outcome, for a job that has no message yet."""
+    if isinstance(outcome, execution.Done):
+        if outcome.notify:
+            dispatch.deliver_callback(app, target.job_id)
+        return
+    if isinstance(outcome, execution.InBatch):
+        if outcome.created:  # the provider batch's poller publishes the job when it is done
+            settings = rt.settings.providers[outcome.provider].batch
+            collect_s = settings.collect_s if settings else 0.0
+            provider_batch.send_submit(app, outcome.provider, outcome.batch_id, collect_s)
+        return
+    moved = dispatch.Target(
+        target.job_id,
+        outcome.candidate.provider,
+        outcome.candidate.model,
+        outcome.priority,
+        outcome.hop,
+        target.task_id,
+        outcome.reservation,
+    )
+    if outcome.park_until_s is not None:
+        signature = dict(dispatch.job_signature(app, moved, ignore_result=True))
+        parking.park(rt.redis, rt.keys, signature, outcome.park_until_s, target.job_id)
+    else:
+        countdown = outcome.countdown_s or None
+        dispatch.job_signature(app, moved).apply_async(countdown=countdown, ignore_result=True)
+
+
+def _publish(app: Celery, target: dispatch.Target) -> None:
+    try:
+        dispatch.job_signature(app, target).apply_async(ignore_result=True)
+    except Exception as exc:  # the job is stored: the reconciler publishes it
+        log.error("job %s: the broker refused it (%s); the reconciler will publish it", target.job_id, exc)
