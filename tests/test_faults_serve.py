@@ -1,0 +1,140 @@
+"""`spillway serve` SIGKILLed while it makes chat completions' calls itself (`workers.inline`):
+no message carries those jobs, so the reconciler must find them once their leases run out.
+None is lost, each is charged once (the cut call in doubt at its estimate, the next for real)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from producer.ops.stack import LocalStack
+from tests.conftest import CONFIGS
+from tests.faultkit import (
+    LEDGER,
+    Audit,
+    Row,
+    all_final,
+    audit,
+    ledger_calls,
+    provider_calls,
+    size,
+    wait_for,
+    wait_until,
+)
+from tests.test_faults_workers import DEFAULTS_CONFIG, make_stack
+from workers.broker import message_task_ids
+from workers.store import RUNNING, Job
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+TOKEN = "sk-faults-serve"
+#: The fault config's slow provider (2.5 s calls, 3 s timeout: a lease of 6.5 s) for chat.
+CONFIG = (CONFIGS / "faults.toml").read_text() + '\n[routes.chat]\nfree = ["slow:s1"]\n'
+
+
+def ask(url: str) -> None:
+    """A chat completion that serve's death cuts off (what the client sees is not the test's)."""
+
+    def post() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "spillway/chat", "messages": [{"role": "user", "content": "hold on"}]},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=30,
+            )
+
+    threading.Thread(target=post, daemon=True).start()
+
+
+def test_serve_killed_mid_call_loses_no_chat_completion(tmp_path, redis_server) -> None:
+    requests = size(8, 32)
+    stack = make_stack(tmp_path, redis_server.url(9), CONFIG)
+    outcome = kill_serve_mid_call(stack, requests, "llm.slow")
+    LEDGER.add(outcome.row(f"serve SIGKILLed mid-call: its jobs done {outcome.back_after_s:.0f} s later"))
+    outcome.check()
+
+
+def test_a_dead_serves_jobs_run_again_within_three_minutes_with_defaults(tmp_path, redis_server) -> None:
+    """Shipped defaults: a lease of the provider's 60 s timeout plus 17 s, then the reconciler,
+    which runs every 60 s and counts a job lost after 30 s untouched (README, "Deploying")."""
+    config = DEFAULTS_CONFIG + '\n[routes.chat]\nfree = ["steady:s1"]\n'
+    stack = make_stack(tmp_path, redis_server.url(9), config, recovery={})
+    outcome = kill_serve_mid_call(stack, 4, "llm.steady")
+    LEDGER.add(outcome.row(f"serve SIGKILLed, defaults: its jobs done {outcome.back_after_s:.0f} s later"))
+    outcome.check()
+    assert outcome.back_after_s <= 180, (
+        f"a dead serve's jobs were done only after {outcome.back_after_s:.0f} s"
+    )
+
+
+@dataclass
+class Outcome:
+    requests: int
+    audit: Audit
+    seen: int
+    on_ledger: int
+    in_doubt: int
+    back_after_s: float
+
+    def row(self, scenario: str) -> Row:
+        return Row(
+            scenario,
+            faults=1,
+            submitted=self.requests,
+            lost=self.audit.lost,
+            charged_twice=self.audit.charged_twice,
+            provider_calls=self.seen,
+            ledger_calls=self.on_ledger,
+            in_doubt=self.in_doubt,
+        )
+
+    def check(self) -> None:
+        assert self.audit.lost == 0 and self.audit.charged_twice == 0 and self.audit.ledger_mismatch == 0
+        # the cut calls reached the provider and are on the ledger in doubt; the reruns are real
+        assert self.on_ledger - self.in_doubt <= self.seen <= self.on_ledger, self
+        assert self.in_doubt == self.requests
+
+
+def kill_serve_mid_call(stack: LocalStack, requests: int, queue: str) -> Outcome:
+    """`requests` chat completions that serve runs itself, serve SIGKILLed during their calls,
+    and a worker (with its reconciler) left to finish them."""
+    try:
+        stack.start()
+        stack.start_worker(concurrency=8, loglevel="WARNING")
+        stack.wait_for_workers()
+        url = stack.start_service(["serve"], "/v1/models", extra_env={"SPILLWAY_API_TOKEN": TOKEN})
+        serve = stack.services[-1]
+        with stack.applied() as client:
+            store = client.runtime.store
+
+            def running() -> list[str]:
+                with store.session(write=False) as s:
+                    return [j.id for j in s.query(Job).filter(Job.status == RUNNING)]
+
+            for _ in range(requests):
+                ask(url)
+            wait_for(lambda: len(running()) == requests, 30, f"serve running all {requests} jobs itself")
+            ids = running()
+            assert message_task_ids(client.app, [queue]) == set()  # no worker has them
+            serve.kill()  # SIGKILL: every call in flight
+            serve.wait(10)
+            killed_at = time.monotonic()
+            assert wait_until(all_final(store, ids), timeout_s=240), store.count_by_status()
+            back_after_s = time.monotonic() - killed_at
+            on_ledger, in_doubt = ledger_calls(store, ids)
+            return Outcome(
+                requests,
+                audit(store, ids),
+                provider_calls(stack.simulator_stats()),
+                on_ledger,
+                in_doubt,
+                back_after_s,
+            )
+    finally:
+        stack.close()
