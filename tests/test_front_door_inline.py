@@ -114,10 +114,16 @@ def test_serve_answers_a_chat_completion_with_its_own_call_when_there_is_room(fr
         answer = sdk(url).chat.completions.create(
             model="spillway/chat", messages=[{"role": "user", "content": "hello"}], max_tokens=8
         )
-    assert answer.choices[0].message.content
-    assert answer.usage is not None and answer.usage.total_tokens > 0
     (job,) = jobs(front)
     assert (job.status, job.provider, job.calls) == (SUCCEEDED, "a", 1)
+    # answered from the job as serve wrote it, not read back: the same as the store holds
+    assert answer.choices[0].message.content == job.text and job.text
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (
+        job.input_tokens,
+        job.output_tokens,
+    )
+    assert answer.id == f"chatcmpl-{job.id}" and answer.model == job.model
     assert provider_requests(front, "a") == 1  # what the provider saw: one call, no worker here
     assert [a.outcome for a in front.rt.store.attempts(job.id)] == [SUCCEEDED]
     assert message_task_ids(front.client.app, QUEUES) == set()  # nothing went through the broker

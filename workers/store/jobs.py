@@ -144,19 +144,22 @@ _REQUEUE = (
 )
 
 
+#: What `as_finished` copies from the claimed job besides the result: who and what it is.
+IDENTITY_COLUMNS = ("id", "task_type", "tier", "tenant", "batch_id", "custom_id", "created_at")
+
+
 def as_finished(job: Any, attempt: AttemptRecord | None, **result: Any) -> Job:
     """`job` as claimed, with what `JobStore.finish(…, attempt, **result)` writes over it: the
-    final job without reading it back (a detached object, for an answer in this process)."""
-    values = {c.name: getattr(job, c.name) for c in JOBS.columns}
-    values.update({c: result.get(c, RESULT_DEFAULTS.get(c)) for c in RESULT_COLUMNS})
+    final job without reading it back, for an answer in this process (a detached object with
+    its identity and its result; other columns are left unset, which is cheaper to build)."""
     now = utcnow()
-    values.update(
+    return Job(
+        **{c: getattr(job, c) for c in IDENTITY_COLUMNS},
+        **{c: result.get(c, RESULT_DEFAULTS.get(c)) for c in RESULT_COLUMNS},
         calls=(job.calls or 0) + int(attempt is not None and attempt.called),
         updated_at=now,
         finished_at=now,
-        lease_until=None,
     )
-    return Job(**values)
 
 
 def _attempt_params(job_id: str, number: int, attempt: AttemptRecord, now: datetime) -> dict[str, Any]:
