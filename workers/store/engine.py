@@ -91,6 +91,9 @@ class Database:
         if self.url.startswith("sqlite"):
             self._write_lock = WriteLock(_sqlite_path(self.url))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._autocommit: Engine | None = None  # the same pool, each statement its own transaction
+        if self.engine.dialect.name == "postgresql":
+            self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         try:
             self._create_tables(schema)
         except OperationalError as exc:
@@ -130,6 +133,23 @@ class Database:
         """A write transaction without an ORM session, for Core statements on the hot path
         (about half a session's overhead)."""
         with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @property
+    def single_statements(self) -> bool:
+        """Whether `statements` commits each statement by itself (PostgreSQL)."""
+        return self._autocommit is not None
+
+    @contextmanager
+    def statements(self) -> Iterator[Connection]:
+        """For hot-path writes that each stand alone. On PostgreSQL each commits by itself: one
+        round trip, not three (BEGIN, the statement, COMMIT). On SQLite, where a transaction
+        costs no round trip, they share one under the write lock, as `connection` does."""
+        if self._autocommit is None:
+            with self.connection() as conn:
+                yield conn
+            return
+        with self._autocommit.connect() as conn:
             yield conn
 
     def close(self) -> None:

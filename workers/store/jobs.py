@@ -7,13 +7,25 @@ keyed by (job id, attempt number). The statements a worker runs per job are buil
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, bindparam, case, delete, func, literal_column, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Update,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -162,9 +174,37 @@ def as_finished(job: Any, attempt: AttemptRecord | None, **result: Any) -> Job:
     )
 
 
-def _attempt_params(job_id: str, number: int, attempt: AttemptRecord, now: datetime) -> dict[str, Any]:
+def _attempt_upsert(dialect: Any, bind: str) -> Insert:
+    """Record an attempt; over (job, number) only while that one is STARTED (the call's
+    outcome replaces its estimate), never over a finished one."""
+    statement = dialect.insert(ATTEMPTS).values({c: bindparam(f"{bind}{c}") for c in ATTEMPT_COLUMNS})
+    return statement.on_conflict_do_update(
+        index_elements=["job_id", "number"],
+        set_={c: statement.excluded[c] for c in ATTEMPT_COLUMNS if c not in ("job_id", "number")},
+        where=ATTEMPTS.c.outcome == STARTED,
+    )
+
+
+@functools.cache
+def _with_record(main: Update, recorded: bool) -> Update:
+    """PostgreSQL: `main` (finish, requeue) with the run's record as a data-modifying WITH —
+    the attempt (binds `a_<column>`) or, for a run that made no call, its STARTED entry gone."""
+    if recorded:
+        record: Any = _attempt_upsert(postgresql, "a_")
+    else:
+        record = delete(ATTEMPTS).where(
+            ATTEMPTS.c.job_id == bindparam("a_job_id"),
+            ATTEMPTS.c.number == bindparam("a_number"),
+            ATTEMPTS.c.outcome == STARTED,
+        )
+    return main.add_cte(record.cte("recorded"))
+
+
+def _attempt_params(
+    job_id: str, number: int, attempt: AttemptRecord, now: datetime, bind: str = "b_"
+) -> dict[str, Any]:
     values = {"job_id": job_id, "number": number, "finished_at": now, **attempt.__dict__}
-    return {f"b_{c}": values[c] for c in ATTEMPT_COLUMNS}
+    return {f"{bind}{c}": values[c] for c in ATTEMPT_COLUMNS}
 
 
 class JobStore(Database):
@@ -178,9 +218,9 @@ class JobStore(Database):
             full = {"status": QUEUED, "created_at": now, "updated_at": now, **row}
             groups.setdefault(frozenset(full), []).append(full)
         try:
-            with self.session() as s:
+            with self.connection() as conn:
                 for group in groups.values():
-                    s.execute(JOBS.insert(), group)
+                    conn.execute(JOBS.insert(), group)
         except IntegrityError as exc:
             if _is_duplicate(exc):
                 raise DuplicateJob(f"a job with the same unique key exists: {exc.orig}") from exc
@@ -213,32 +253,34 @@ class JobStore(Database):
     ) -> Claim:
         """Take the job for one run. A job whose lease ran out was held by a worker that died.
 
-        One conditional UPDATE decides, so two deliveries of one job never both run it. In the
-        same transaction the run goes on the ledger as `started(job)` (outcome STARTED, at its
-        estimate), before any request can leave: a run that dies leaves it there, and the next
-        claim marks it in doubt. `finish` and `requeue` replace it with what happened.
+        One conditional UPDATE decides, so two deliveries of one job never both run it. Then,
+        before any request can leave, the run goes on the ledger as `started(job)` (outcome
+        STARTED, at its estimate): a run that dies leaves it there, and the next claim marks it
+        in doubt. `finish` and `requeue` replace it with what happened.
         """
         now = utcnow()
         params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
-        with self.session() as s:
+        with self.statements() as conn:
             # The hot path — taken, first run, no crash — is one Core round trip whose row reads
-            # like a Job (a fifth of the CPU of an ORM UPDATE … RETURNING). Every other case
-            # reads the job through the ORM, to change it further or to say why not.
-            job: Any = s.connection().execute(_CLAIM, params).first()
-            taken = job is not None
-            if job is None or job.runs > 1 or job.crashes >= max_crashes:
-                job = s.get(Job, job_id, populate_existing=True)
+            # like a Job (a fifth of the CPU of an ORM UPDATE … RETURNING), then its ledger
+            # entry, with no ORM session at all. (On PostgreSQL each commits by itself: a worker
+            # that dies between them made no call, and its next claim counts one more crash.)
+            row: Any = conn.execute(_CLAIM, params).first()
+            if row is not None and row.runs <= 1 and row.crashes < max_crashes:
+                if started is not None:
+                    conn.execute(self._insert_attempt, _attempt_params(job_id, row.runs, started(row), now))
+                return Claim("run", row)
+        if row is None:
+            return self._not_taken(job_id, now)
+        # Taken again after a run that died (its lease ran out): through the ORM, in a
+        # transaction of its own. A worker dying between the two leaves the job claimed by
+        # nobody alive; its next claim counts that as one more crash.
+        with self.session() as s:
+            job = s.get(Job, job_id, populate_existing=True)
             if job is None:
                 return Claim("missing")
-            if taken and job.runs > 1:
+            if job.runs > 1:
                 job.calls += self._in_doubt(s, job_id, job.runs)
-            if not taken:
-                if job.status in FINAL:
-                    return Claim("final", job)
-                if job.status == BATCHED:
-                    return Claim("batched", job)
-                lease = aware(job.lease_until) or now
-                return Claim("busy", job, max(0.0, (lease - now).total_seconds()))
             if job.crashes >= max_crashes:
                 job.status, job.error_kind, job.finished_at = FAILED, "poison", now
                 job.error = (
@@ -252,6 +294,42 @@ class JobStore(Database):
                     self._insert_attempt, _attempt_params(job_id, job.runs, started(job), now)
                 )
             return Claim("run", job)
+
+    def _not_taken(self, job_id: str, now: datetime) -> Claim:
+        """Why a claim took nothing: the job is final, in a provider batch, another run's, or gone."""
+        job = self.job(job_id)
+        if job is None:
+            return Claim("missing")
+        if job.status in FINAL:
+            return Claim("final", job)
+        if job.status == BATCHED:
+            return Claim("batched", job)
+        lease = aware(job.lease_until) or now
+        return Claim("busy", job, max(0.0, (lease - now).total_seconds()))
+
+    def _write(
+        self,
+        main: Update,
+        params: dict[str, Any],
+        job_id: str,
+        run: int,
+        attempt: AttemptRecord | None,
+        now: datetime,
+    ) -> int:
+        """`main` on the job's row and the run's record (`_record`), at once: the rows it changed.
+        On PostgreSQL one statement — the record a data-modifying WITH of the update — that
+        commits by itself: one round trip where a transaction of two statements takes four."""
+        if not self.single_statements:
+            with self.connection() as conn:
+                self._record(conn, job_id, run, attempt, now)
+                return conn.execute(main, params).rowcount
+        statement = _with_record(main, attempt is not None)
+        if attempt is not None:
+            params = {**params, **_attempt_params(job_id, run, attempt, now, bind="a_")}
+        else:
+            params = {**params, "a_job_id": job_id, "a_number": run}
+        with self.statements() as conn:
+            return conn.execute(statement, params).rowcount
 
     def _record(self, conn: Any, job_id: str, run: int, attempt: AttemptRecord | None, now: datetime) -> None:
         """What the run did, over its STARTED entry; a run that made no call leaves none."""
@@ -285,9 +363,7 @@ class JobStore(Database):
         now = utcnow()
         params = {f"b_{c}": result.get(c, RESULT_DEFAULTS.get(c)) for c in RESULT_COLUMNS}
         params.update(b_id=job_id, b_now=now, b_calls=int(attempt is not None and attempt.called))
-        with self.connection() as conn:
-            self._record(conn, job_id, run, attempt, now)
-            return conn.execute(_FINISH, params).rowcount == 1
+        return self._write(_FINISH, params, job_id, run, attempt, now) == 1
 
     def requeue(
         self,
@@ -312,9 +388,7 @@ class JobStore(Database):
             "b_hops": int(hop),
             "b_calls": int(attempt is not None and attempt.called),
         }
-        with self.connection() as conn:
-            self._record(conn, job_id, run, attempt, now)
-            return conn.execute(_REQUEUE, params).rowcount == 1
+        return self._write(_REQUEUE, params, job_id, run, attempt, now) == 1
 
     def attempts(self, job_id: str) -> list[Attempt]:
         with self.session(write=False) as s:
@@ -361,15 +435,8 @@ class JobStore(Database):
 
     @cached_property
     def _insert_attempt(self) -> Insert:
-        """Record an attempt; over (job, number) only while that one is STARTED (the call's
-        outcome replaces its estimate), never over a finished one. Built once, per dialect."""
-        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
-        statement = insert(ATTEMPTS).values({c: bindparam(f"b_{c}") for c in ATTEMPT_COLUMNS})
-        return statement.on_conflict_do_update(
-            index_elements=["job_id", "number"],
-            set_={c: statement.excluded[c] for c in ATTEMPT_COLUMNS if c not in ("job_id", "number")},
-            where=ATTEMPTS.c.outcome == STARTED,
-        )
+        """`_attempt_upsert` in this store's dialect, built once."""
+        return _attempt_upsert(postgresql if self.engine.dialect.name == "postgresql" else sqlite, "b_")
 
 
 def _is_duplicate(exc: IntegrityError) -> bool:
