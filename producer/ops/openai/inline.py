@@ -25,7 +25,7 @@ class InlineRunner:
     here, as written (`workers.notify.listen_here`; True: nobody else needs telling)."""
 
     def __init__(self, client: Client, slots: int, finished: Callable[[Job], bool] | None = None) -> None:
-        self.client, self.slots, self.finished = client, slots, finished
+        self.client, self.finished = client, finished
         self.free = threading.BoundedSemaphore(max(1, slots))
         self.pool = ThreadPoolExecutor(max(1, slots), "spillway-serve-inline") if slots else None
 
