@@ -301,6 +301,41 @@ def test_a_postgres_connection_killed_while_idle_is_replaced_not_failed(pg_schem
         store.close()
 
 
+def test_the_postgres_hot_path_loses_a_killed_connection_to_one_error(pg_schema, monkeypatch) -> None:
+    """The claim and finish run on psycopg directly (`Database.statements`): a connection the
+    server dropped mid-use is one SQLAlchemy error, then gone from the pool; idle, it is pinged."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from tests.conftest import PG_URL
+    from workers.store import engine
+
+    store = Store(PG_URL, schema=pg_schema)
+    admin = create_engine(PG_URL)
+
+    def kill_the_hot_connection() -> None:
+        with store.statements() as execute:  # the pool's one connection, idle after this
+            pid = execute(text("SELECT pg_backend_pid()"), {}).fetchone()[0]
+        with admin.begin() as conn:  # as a server restart would
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    try:
+        first, second = new_job(store), new_job(store)
+        monkeypatch.setattr(engine, "PING_IDLE_S", 3600.0)  # used at once: not pinged
+        kill_the_hot_connection()
+        with pytest.raises(OperationalError):
+            store.claim(first, lease_s=60, max_crashes=3)
+        assert store.claim(first, lease_s=60, max_crashes=3).state == "run"  # a fresh connection
+        monkeypatch.setattr(engine, "PING_IDLE_S", 0.0)  # every checkout counts as idle
+        kill_the_hot_connection()
+        assert store.claim(second, lease_s=60, max_crashes=3).state == "run"  # pinged, replaced
+        assert store.finish(second, 1, None, status=SUCCEEDED, text="ok")
+        assert store.job(second).status == SUCCEEDED
+    finally:
+        admin.dispose()
+        store.close()
+
+
 def test_sqlite_writers_in_several_processes_queue_on_a_file_lock(tmp_path) -> None:
     import subprocess
     import sys

@@ -260,15 +260,15 @@ class JobStore(Database):
         """
         now = utcnow()
         params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
-        with self.statements() as conn:
-            # The hot path — taken, first run, no crash — is one Core round trip whose row reads
+        with self.statements() as execute:
+            # The hot path — taken, first run, no crash — is one round trip whose row reads
             # like a Job (a fifth of the CPU of an ORM UPDATE … RETURNING), then its ledger
             # entry, with no ORM session at all. (On PostgreSQL each commits by itself: a worker
             # that dies between them made no call, and its next claim counts one more crash.)
-            row: Any = conn.execute(_CLAIM, params).first()
+            row: Any = execute(_CLAIM, params).fetchone()
             if row is not None and row.runs <= 1 and row.crashes < max_crashes:
                 if started is not None:
-                    conn.execute(self._insert_attempt, _attempt_params(job_id, row.runs, started(row), now))
+                    execute(self._insert_attempt, _attempt_params(job_id, row.runs, started(row), now))
                 return Claim("run", row)
         if row is None:
             return self._not_taken(job_id, now)
@@ -328,8 +328,8 @@ class JobStore(Database):
             params = {**params, **_attempt_params(job_id, run, attempt, now, bind="a_")}
         else:
             params = {**params, "a_job_id": job_id, "a_number": run}
-        with self.statements() as conn:
-            return conn.execute(statement, params).rowcount
+        with self.statements() as execute:
+            return execute(statement, params).rowcount
 
     def _record(self, conn: Any, job_id: str, run: int, attempt: AttemptRecord | None, now: datetime) -> None:
         """What the run did, over its STARTED entry; a run that made no call leaves none."""
