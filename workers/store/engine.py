@@ -17,11 +17,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql.expression import Executable
 
 from workers.errors import ConfigError, ServiceUnavailable
+from workers.store.driver import Driver, Execute
 from workers.store.models import Base, Meta
 
 #: The PostgreSQL advisory lock that serializes creating the tables ("spillway" in ASCII).
@@ -95,9 +95,11 @@ class Database:
         # PostgreSQL: a pool of its own whose connections commit each statement by themselves
         # (switching a pooled connection's mode on every checkout cost a tenth of a write)
         self._autocommit: Engine | None = None
-        self._compiled: dict[Executable, tuple[str, dict[str, Any]]] = {}
         if self.engine.dialect.name == "postgresql":
             self._autocommit = _engine(self.url, schema, isolation_level="AUTOCOMMIT")
+            self._driver = Driver(self._autocommit, autocommit=True)
+        else:
+            self._driver = Driver(self.engine, autocommit=False, lock=self._write_lock)
         try:
             self._create_tables(schema)
         except OperationalError as exc:
@@ -145,55 +147,15 @@ class Database:
         return self._autocommit is not None
 
     @contextmanager
-    def statements(self) -> Iterator[Callable[[Executable, dict[str, Any]], Any]]:
+    def statements(self) -> Iterator[Execute]:
         """For hot-path writes that each stand alone: yields `execute(statement, params)`,
-        whose result has `fetchone()` (rows read like a Job's attributes) and `rowcount`.
-
-        On SQLite, where a transaction costs no round trip, they share one under the write
-        lock, as `connection` does. On PostgreSQL each commits by itself — one round trip, not
-        three (BEGIN, the statement, COMMIT) — and psycopg runs it: the statement is Core,
-        compiled once for this store (`_driver_sql`), but what SQLAlchemy adds to each
-        execution — its result objects and the typing of every returned column — was two
-        thirds of a write's CPU (a claim's UPDATE … RETURNING: 0.46 ms through Core, 0.18 ms
-        by the driver). Errors are SQLAlchemy's; a lost connection leaves the pool."""
-        if self._autocommit is None:
-            with self.connection() as conn:
-                yield conn.execute
-            return
-        from psycopg.rows import namedtuple_row  # the `postgres` extra: only a PostgreSQL store needs it
-
-        fairy = self._autocommit.raw_connection()
-        dialect = self._autocommit.dialect
-        try:
-            with fairy.driver_connection.cursor(row_factory=namedtuple_row) as cursor:
-
-                def execute(statement: Executable, params: dict[str, Any]) -> Any:
-                    sql, defaults = self._driver_sql(statement)
-                    cursor.execute(sql, {**defaults, **params})
-                    return cursor
-
-                yield execute
-        except dialect.loaded_dbapi.Error as exc:
-            lost = dialect.is_disconnect(exc, fairy, None)
-            if lost:
-                fairy.invalidate(exc)
-            raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error, lost) from exc
-        finally:
-            fairy.close()
-
-    def _driver_sql(self, statement: Executable) -> tuple[str, dict[str, Any]]:
-        """`statement` as SQL for the driver (schema names in place) and its constant binds."""
-        found = self._compiled.get(statement)
-        if found is None:
-            assert self._autocommit is not None
-            schema_map = self._autocommit.get_execution_options().get("schema_translate_map")
-            compiled = statement.compile(
-                dialect=self._autocommit.dialect,
-                schema_translate_map=schema_map,
-                render_schema_translate=bool(schema_map),
-            )
-            found = self._compiled[statement] = (str(compiled), dict(compiled.params))
-        return found
+        whose result has `fetchone()` (rows read like a Job's attributes) and `rowcount`. The
+        database's driver runs them (`workers.store.driver`: a third of Core's CPU). On
+        SQLite, where a transaction costs no round trip, they share one under the write lock.
+        On PostgreSQL each commits by itself: one round trip, not three (BEGIN, the statement,
+        COMMIT)."""
+        with self._driver.statements() as execute:
+            yield execute
 
     def close(self) -> None:
         self.engine.dispose()

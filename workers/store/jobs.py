@@ -185,18 +185,19 @@ def _attempt_upsert(dialect: Any, bind: str) -> Insert:
     )
 
 
+#: A run that made no call leaves no ledger entry: its STARTED one goes.
+_CLEAR_STARTED = delete(ATTEMPTS).where(
+    ATTEMPTS.c.job_id == bindparam("a_job_id"),
+    ATTEMPTS.c.number == bindparam("a_number"),
+    ATTEMPTS.c.outcome == STARTED,
+)
+
+
 @functools.cache
 def _with_record(main: Update, recorded: bool) -> Update:
     """PostgreSQL: `main` (finish, requeue) with the run's record as a data-modifying WITH —
     the attempt (binds `a_<column>`) or, for a run that made no call, its STARTED entry gone."""
-    if recorded:
-        record: Any = _attempt_upsert(postgresql, "a_")
-    else:
-        record = delete(ATTEMPTS).where(
-            ATTEMPTS.c.job_id == bindparam("a_job_id"),
-            ATTEMPTS.c.number == bindparam("a_number"),
-            ATTEMPTS.c.outcome == STARTED,
-        )
+    record: Any = _attempt_upsert(postgresql, "a_") if recorded else _CLEAR_STARTED
     return main.add_cte(record.cte("recorded"))
 
 
@@ -316,31 +317,21 @@ class JobStore(Database):
         attempt: AttemptRecord | None,
         now: datetime,
     ) -> int:
-        """`main` on the job's row and the run's record (`_record`), at once: the rows it changed.
-        On PostgreSQL one statement — the record a data-modifying WITH of the update — that
-        commits by itself: one round trip where a transaction of two statements takes four."""
-        if not self.single_statements:
-            with self.connection() as conn:
-                self._record(conn, job_id, run, attempt, now)
-                return conn.execute(main, params).rowcount
-        statement = _with_record(main, attempt is not None)
+        """`main` on the job's row and the run's record — over its STARTED entry; a run that
+        made no call leaves none — at once: the rows `main` changed. On SQLite two statements
+        in one transaction; on PostgreSQL one, the record a data-modifying WITH of the update,
+        that commits by itself: one round trip where a transaction of two takes four."""
         if attempt is not None:
-            params = {**params, **_attempt_params(job_id, run, attempt, now, bind="a_")}
+            record, values = self._insert_attempt, _attempt_params(job_id, run, attempt, now)
         else:
-            params = {**params, "a_job_id": job_id, "a_number": run}
+            record, values = _CLEAR_STARTED, {"a_job_id": job_id, "a_number": run}
         with self.statements() as execute:
-            return execute(statement, params).rowcount
-
-    def _record(self, conn: Any, job_id: str, run: int, attempt: AttemptRecord | None, now: datetime) -> None:
-        """What the run did, over its STARTED entry; a run that made no call leaves none."""
-        if attempt is not None:
-            conn.execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
-        else:
-            conn.execute(
-                delete(ATTEMPTS).where(
-                    ATTEMPTS.c.job_id == job_id, ATTEMPTS.c.number == run, ATTEMPTS.c.outcome == STARTED
-                )
-            )
+            if not self.single_statements:
+                execute(record, values)
+                return execute(main, params).rowcount
+            if attempt is not None:
+                values = _attempt_params(job_id, run, attempt, now, bind="a_")
+            return execute(_with_record(main, attempt is not None), {**params, **values}).rowcount
 
     @staticmethod
     def _in_doubt(s: Any, job_id: str, run: int) -> int:
