@@ -5,6 +5,7 @@ None is lost, each is charged once (the cut call in doubt at its estimate, the n
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from tests.faultkit import (
 )
 from tests.test_faults_workers import DEFAULTS_CONFIG, make_stack
 from workers.broker import message_task_ids
-from workers.store import RUNNING, Job
+from workers.store import RUNNING, Job, Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -37,19 +38,50 @@ TOKEN = "sk-faults-serve"
 CONFIG = (CONFIGS / "faults.toml").read_text() + '\n[routes.chat]\nfree = ["slow:s1"]\n'
 
 
-def ask(url: str) -> None:
-    """A chat completion that serve's death cuts off (what the client sees is not the test's)."""
+def ask(url: str) -> list[int]:
+    """A chat completion in a thread; the list gets its status (none if the connection broke)."""
+    status: list[int] = []
 
     def post() -> None:
         with contextlib.suppress(httpx.HTTPError):
-            httpx.post(
+            response = httpx.post(
                 f"{url}/v1/chat/completions",
                 json={"model": "spillway/chat", "messages": [{"role": "user", "content": "hold on"}]},
                 headers={"Authorization": f"Bearer {TOKEN}"},
                 timeout=30,
             )
+            status.append(response.status_code)
 
     threading.Thread(target=post, daemon=True).start()
+    return status
+
+
+def running(store: Store) -> list[str]:
+    with store.session(write=False) as s:
+        return [j.id for j in s.query(Job).filter(Job.status == RUNNING)]
+
+
+def test_serve_stopped_by_sigterm_answers_its_calls_in_flight_first(tmp_path, redis_server) -> None:
+    stack = make_stack(tmp_path, redis_server.url(9), CONFIG)
+    try:
+        stack.start()  # and no worker: only serve makes calls
+        url = stack.start_service(["serve"], "/v1/models", extra_env={"SPILLWAY_API_TOKEN": TOKEN})
+        serve = stack.services[-1]
+        with stack.applied() as client:
+            store = client.runtime.store
+            answers = [ask(url) for _ in range(4)]
+            wait_for(lambda: len(running(store)) == 4, 30, "serve running all 4 jobs itself")
+            ids = running(store)
+            serve.send_signal(signal.SIGTERM)  # 2.5 s calls in flight
+            assert serve.wait(20) == 0
+            wait_for(lambda: all(answers), 10, "every request answered")
+            result = audit(store, ids)
+            on_ledger, in_doubt = ledger_calls(store, ids)
+            seen = provider_calls(stack.simulator_stats())
+    finally:
+        stack.close()
+    assert [a[0] for a in answers] == [200] * 4
+    assert result.lost == 0 and result.final == 4 and (seen, on_ledger, in_doubt) == (4, 4, 0)
 
 
 def test_serve_killed_mid_call_loses_no_chat_completion(tmp_path, redis_server) -> None:
@@ -113,14 +145,10 @@ def kill_serve_mid_call(stack: LocalStack, requests: int, queue: str) -> Outcome
         with stack.applied() as client:
             store = client.runtime.store
 
-            def running() -> list[str]:
-                with store.session(write=False) as s:
-                    return [j.id for j in s.query(Job).filter(Job.status == RUNNING)]
-
             for _ in range(requests):
                 ask(url)
-            wait_for(lambda: len(running()) == requests, 30, f"serve running all {requests} jobs itself")
-            ids = running()
+            wait_for(lambda: len(running(store)) == requests, 30, f"serve running all {requests} jobs itself")
+            ids = running(store)
             assert message_task_ids(client.app, [queue]) == set()  # no worker has them
             serve.kill()  # SIGKILL: every call in flight
             serve.wait(10)

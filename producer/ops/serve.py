@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +30,7 @@ from tornado.web import Application, HTTPError, RequestHandler, stream_request_b
 from producer.client import Client
 from producer.ops.dashboard import DashboardFeed, dashboard_routes, dashboard_sample
 from producer.ops.metrics import metrics_text
-from producer.ops.openai import openai_routes
+from producer.ops.openai import inline, openai_routes
 from producer.ops.tenants import Tenant, Tenants, token_scope
 from producer.status import status_report
 from producer.usage import parse_since, usage_report
@@ -281,6 +282,18 @@ def serve(client: Client, *, host: str, port: int, tenants: Tenants) -> None:
         except OSError as exc:  # in use, or an address this machine does not have
             raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
         print(f"spillway serve listening on http://{host}:{port}", flush=True)
-        await asyncio.Event().wait()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        # Stop as a Celery worker does on SIGTERM: take nothing new, let the calls this process
+        # makes itself finish and answer them (each ends within its provider's timeout; a
+        # SIGKILL meanwhile leaves their jobs to the reconciler).
+        server.stop()
+        inline.stop_taking()
+        while inline.calls_in_flight():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # their answers leave
 
     asyncio.run(main())

@@ -126,6 +126,19 @@ _CLAIM = (
     )
     .returning(*JOBS.c)
 )
+#: A job's first run (queued or parked, never run): no crash to count, no call in doubt.
+_CLAIM_FIRST = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_id"), _status_in(QUEUED, PARKED), JOBS.c.runs == 0)
+    .values(
+        status=literal_column(f"'{RUNNING}'"),
+        runs=1,
+        lease_until=bindparam("b_lease"),
+        started_at=func.coalesce(JOBS.c.started_at, bindparam("b_now")),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(*JOBS.c)
+)
 _FINISH = (
     update(JOBS)
     .where(JOBS.c.id == bindparam("b_id"), _status_in(*OPEN))
@@ -262,26 +275,42 @@ class JobStore(Database):
         now = utcnow()
         params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
         with self.statements() as execute:
-            # The hot path — taken, first run, no crash — is one round trip whose row reads
-            # like a Job (a fifth of the CPU of an ORM UPDATE … RETURNING), then its ledger
-            # entry, with no ORM session at all. (On PostgreSQL each commits by itself: a worker
-            # that dies between them made no call, and its next claim counts one more crash.)
-            row: Any = execute(_CLAIM, params).fetchone()
-            if row is not None and row.runs <= 1 and row.crashes < max_crashes:
+            # The hot path — a job's first run — is one round trip whose row reads like a Job,
+            # then its ledger entry, with no ORM session. (On PostgreSQL each commits by itself:
+            # a worker that dies between them made no call, and the next claim counts a crash.)
+            row: Any = execute(_CLAIM_FIRST, params).fetchone()
+            if row is not None:
                 if started is not None:
                     execute(self._insert_attempt, _attempt_params(job_id, row.runs, started(row), now))
                 return Claim("run", row)
-        if row is None:
-            return self._not_taken(job_id, now)
-        # Taken again after a run that died (its lease ran out): through the ORM, in a
-        # transaction of its own. A worker dying between the two leaves the job claimed by
-        # nobody alive; its next claim counts that as one more crash.
+        return self._claim_again(job_id, params, max_crashes, started)
+
+    def _claim_again(
+        self,
+        job_id: str,
+        params: dict[str, Any],
+        max_crashes: int,
+        started: Callable[[Job], AttemptRecord] | None,
+    ) -> Claim:
+        """Every claim but a first run's — or why there is none — in one ORM transaction: a run
+        after a wait or a move, one after a dead worker's (counted as a crash, its calls in
+        doubt), a job failed as poison, or one that is final, batched, busy or gone."""
+        now = params["b_now"]
         with self.session() as s:
+            job: Any = s.connection().execute(_CLAIM, params).first()
+            taken = job is not None
             job = s.get(Job, job_id, populate_existing=True)
             if job is None:
                 return Claim("missing")
-            if job.runs > 1:
+            if taken and job.runs > 1:
                 job.calls += self._in_doubt(s, job_id, job.runs)
+            if not taken:
+                if job.status in FINAL:
+                    return Claim("final", job)
+                if job.status == BATCHED:
+                    return Claim("batched", job)
+                lease = aware(job.lease_until) or now
+                return Claim("busy", job, max(0.0, (lease - now).total_seconds()))
             if job.crashes >= max_crashes:
                 job.status, job.error_kind, job.finished_at = FAILED, "poison", now
                 job.error = (
@@ -295,18 +324,6 @@ class JobStore(Database):
                     self._insert_attempt, _attempt_params(job_id, job.runs, started(job), now)
                 )
             return Claim("run", job)
-
-    def _not_taken(self, job_id: str, now: datetime) -> Claim:
-        """Why a claim took nothing: the job is final, in a provider batch, another run's, or gone."""
-        job = self.job(job_id)
-        if job is None:
-            return Claim("missing")
-        if job.status in FINAL:
-            return Claim("final", job)
-        if job.status == BATCHED:
-            return Claim("batched", job)
-        lease = aware(job.lease_until) or now
-        return Claim("busy", job, max(0.0, (lease - now).total_seconds()))
 
     def _write(
         self,

@@ -3,13 +3,16 @@
 A slot is a thread that makes one provider call; `$SPILLWAY_SERVE_INLINE_CALLS` of them, 0
 for none. A job is run here only when a slot is free at once; every other job is published to
 its queue as before, so a burst beyond the slots is queued, never refused. (Serve places jobs
-with its own key ring, so it holds the key of every provider it places a job on.)
+with its own key ring, so it holds the key of every provider it places a job on.) Stopping
+(SIGTERM), serve takes no more (`stop_taking`) and answers its calls in flight first
+(`calls_in_flight`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,26 +23,53 @@ from workers.store import Job
 log = logging.getLogger("spillway.openai")
 
 
+_runners: weakref.WeakSet[InlineRunner] = weakref.WeakSet()
+
+
+def stop_taking() -> None:
+    """Every runner of this process runs no more jobs (serve is stopping); calls in flight go on."""
+    for runner in list(_runners):
+        runner.stop()
+
+
+def calls_in_flight() -> int:
+    return sum(runner.busy for runner in list(_runners))
+
+
 class InlineRunner:
     """`take` runs a job in a free slot; `finished(job)` is told of each job that ends final
     here, as written (`workers.notify.listen_here`; True: nobody else needs telling)."""
 
     def __init__(self, client: Client, slots: int, finished: Callable[[Job], bool] | None = None) -> None:
-        self.client, self.finished = client, finished
-        self.free = threading.BoundedSemaphore(max(1, slots))
-        self.pool = ThreadPoolExecutor(max(1, slots), "spillway-serve-inline") if slots else None
+        self.client, self.slots, self.finished = client, slots, finished
+        self.lock = threading.Lock()
+        self.busy = 0  # calls in flight
+        self.pool = ThreadPoolExecutor(slots, "spillway-serve-inline") if slots else None
+        _runners.add(self)
 
     def take(self, target: dispatch.Target) -> bool:
         """Run `target` (stored, not published) in a free slot; False: publish it instead."""
-        pool = self.pool
-        if pool is None or not self.free.acquire(blocking=False):
-            return False
+        with self.lock:
+            pool = self.pool
+            if pool is None or self.busy >= self.slots:
+                return False
+            self.busy += 1
         try:
             pool.submit(self._run, target)
-        except RuntimeError:  # closed meanwhile
-            self.free.release()
+        except RuntimeError:  # stopped meanwhile
+            self._done()
             return False
         return True
+
+    def stop(self) -> None:
+        with self.lock:
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def _done(self) -> None:
+        with self.lock:
+            self.busy -= 1
 
     def _run(self, target: dispatch.Target) -> None:
         notify.listen_here(self.finished)
@@ -49,4 +79,4 @@ class InlineRunner:
             log.exception("job %s: running it here failed", target.job_id)
         finally:
             notify.listen_here(None)
-            self.free.release()
+            self._done()
