@@ -80,6 +80,18 @@ def test_serve_stopped_by_sigterm_answers_its_calls_in_flight_first(tmp_path, re
             seen = provider_calls(stack.simulator_stats())
     finally:
         stack.close()
+    LEDGER.add(
+        Row(
+            "serve stopped by SIGTERM mid-call: its calls answered first",
+            faults=1,
+            submitted=4,
+            lost=result.lost,
+            charged_twice=result.charged_twice,
+            provider_calls=seen,
+            ledger_calls=on_ledger,
+            in_doubt=in_doubt,
+        )
+    )
     assert [a[0] for a in answers] == [200] * 4
     assert result.lost == 0 and result.final == 4 and (seen, on_ledger, in_doubt) == (4, 4, 0)
 
