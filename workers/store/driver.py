@@ -76,9 +76,10 @@ class Result:
 
 
 class Driver:
-    """Runs compiled statements on `engine`'s pooled connections. `autocommit`: each statement
-    commits by itself (the engine's connections are in autocommit mode); otherwise those of one
-    `statements()` block share a transaction, committed at its end, under `lock`."""
+    """Runs compiled statements on `engine`'s pooled connections. `autocommit` (psycopg): each
+    statement commits by itself (the connection is switched for the block — a client-side flag,
+    no round trip — and back); otherwise those of one `statements()` block share a transaction,
+    committed at its end, under `lock`."""
 
     def __init__(
         self, engine: Engine, *, autocommit: bool, lock: AbstractContextManager[Any] | None = None
@@ -93,6 +94,8 @@ class Driver:
         with self.lock:
             fairy = self.engine.raw_connection()
             connection = fairy.driver_connection
+            if self.autocommit:
+                connection.autocommit = True
             cursor = connection.cursor()
             try:
 
@@ -119,4 +122,6 @@ class Driver:
                 raise
             finally:
                 cursor.close()
+                if self.autocommit and fairy.is_valid:
+                    connection.autocommit = False  # the pool's other users expect transactions
                 fairy.close()

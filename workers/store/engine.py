@@ -92,14 +92,8 @@ class Database:
         if self.url.startswith("sqlite"):
             self._write_lock = WriteLock(_sqlite_path(self.url))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # PostgreSQL: a pool of its own whose connections commit each statement by themselves
-        # (switching a pooled connection's mode on every checkout cost a tenth of a write)
-        self._autocommit: Engine | None = None
-        if self.engine.dialect.name == "postgresql":
-            self._autocommit = _engine(self.url, schema, isolation_level="AUTOCOMMIT")
-            self._driver = Driver(self._autocommit, autocommit=True)
-        else:
-            self._driver = Driver(self.engine, autocommit=False, lock=self._write_lock)
+        postgres = self.engine.dialect.name == "postgresql"
+        self._driver = Driver(self.engine, autocommit=postgres, lock=None if postgres else self._write_lock)
         try:
             self._create_tables(schema)
         except OperationalError as exc:
@@ -144,7 +138,7 @@ class Database:
     @property
     def single_statements(self) -> bool:
         """Whether `statements` commits each statement by itself (PostgreSQL)."""
-        return self._autocommit is not None
+        return self._driver.autocommit
 
     @contextmanager
     def statements(self) -> Iterator[Execute]:
@@ -159,8 +153,6 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
-        if self._autocommit is not None:
-            self._autocommit.dispose()
 
 
 def _has_jobs_table(conn: Connection) -> bool:
@@ -219,9 +211,9 @@ def _safe_url(url: str) -> str:
         return url.split(":", 1)[0] + "://…"
 
 
-def _engine(url: str, schema: str | None, **extra: Any) -> Engine:
+def _engine(url: str, schema: str | None) -> Engine:
     # A worker runs up to a few hundred threads: never make them queue for a connection.
-    options: dict[str, Any] = {"pool_size": 32, "max_overflow": 256, **extra}
+    options: dict[str, Any] = {"pool_size": 32, "max_overflow": 256}
     if schema:
         options["execution_options"] = {"schema_translate_map": {None: schema}}
     if url.startswith("sqlite"):
@@ -253,6 +245,7 @@ def _engine(url: str, schema: str | None, **extra: Any) -> Engine:
         try:
             with dbapi_connection.cursor() as cursor:
                 cursor.execute("SELECT 1")
+            dbapi_connection.rollback()  # the ping's implicit transaction: leave none open
         except Exception as exc:  # the driver's own disconnect error: the pool takes a new one
             raise DisconnectionError() from exc
 

@@ -338,17 +338,19 @@ class JobStore(Database):
         made no call leaves none — at once: the rows `main` changed. On SQLite two statements
         in one transaction; on PostgreSQL one, the record a data-modifying WITH of the update,
         that commits by itself: one round trip where a transaction of two takes four."""
-        if attempt is not None:
-            record, values = self._insert_attempt, _attempt_params(job_id, run, attempt, now)
+        one = self.single_statements
+        if attempt is not None:  # the record's binds: `a_…` inside one statement, `b_…` on its own
+            record, values = (
+                self._insert_attempt,
+                _attempt_params(job_id, run, attempt, now, "a_" if one else "b_"),
+            )
         else:
             record, values = _CLEAR_STARTED, {"a_job_id": job_id, "a_number": run}
         with self.statements() as execute:
-            if not self.single_statements:
-                execute(record, values)
-                return execute(main, params).rowcount
-            if attempt is not None:
-                values = _attempt_params(job_id, run, attempt, now, bind="a_")
-            return execute(_with_record(main, attempt is not None), {**params, **values}).rowcount
+            if one:
+                return execute(_with_record(main, attempt is not None), {**params, **values}).rowcount
+            execute(record, values)
+            return execute(main, params).rowcount
 
     @staticmethod
     def _in_doubt(s: Any, job_id: str, run: int) -> int:
