@@ -93,11 +93,11 @@ class Driver:
         dialect = self.engine.dialect
         with self.lock:
             fairy = self.engine.raw_connection()
-            connection = fairy.driver_connection
-            if self.autocommit:
-                connection.autocommit = True
-            cursor = connection.cursor()
+            connection, cursor = fairy.driver_connection, None
             try:
+                if self.autocommit:
+                    connection.autocommit = True
+                cursor = connection.cursor()
 
                 def execute(statement: Executable, params: dict[str, Any]) -> Result:
                     compiled = self.compiled.get(statement)
@@ -121,7 +121,8 @@ class Driver:
                     connection.rollback()
                 raise
             finally:
-                cursor.close()
+                if cursor is not None:
+                    cursor.close()
                 if self.autocommit and fairy.is_valid:
                     connection.autocommit = False  # the pool's other users expect transactions
                 fairy.close()
