@@ -27,21 +27,20 @@ from workers.runtime import Runtime
 log = logging.getLogger("spillway.inline")
 
 
-def run_here(app: Celery, rt: Runtime, target: dispatch.Target) -> execution.Outcome | None:
+def run_here(app: Celery, rt: Runtime, target: dispatch.Target) -> None:
     """Run the stored, unpublished job `target` now; hand it to the broker if it cannot finish
-    here. None: the run failed unexpectedly (the store or Redis went away) and the job was
-    published for a worker, or left for the reconciler when that failed too."""
+    here. A run that fails unexpectedly (the store or Redis went away) is published for a
+    worker, or left for the reconciler when that fails too."""
     try:
         outcome = execution.run_job(rt, target.job_id, Candidate(target.provider, target.model), target.hop)
     except Exception as exc:  # a worker's task would be retried by Celery: here, a worker takes it
         log.warning("job %s: running it here failed (%s); publishing it", target.job_id, type(exc).__name__)
         _publish(app, target)
-        return None
+        return
     try:
         _hand_on(app, rt, target, outcome)
     except Exception as exc:  # the job is stored: the reconciler publishes it
         log.error("job %s: could not hand it on (%s); the reconciler will publish it", target.job_id, exc)
-    return outcome
 
 
 def _hand_on(app: Celery, rt: Runtime, target: dispatch.Target, outcome: execution.Outcome) -> None:
@@ -52,9 +51,7 @@ def _hand_on(app: Celery, rt: Runtime, target: dispatch.Target, outcome: executi
         return
     if isinstance(outcome, execution.InBatch):
         if outcome.created:  # the provider batch's poller publishes the job when it is done
-            settings = rt.settings.providers[outcome.provider].batch
-            collect_s = settings.collect_s if settings else 0.0
-            provider_batch.send_submit(app, outcome.provider, outcome.batch_id, collect_s)
+            provider_batch.send_submit_when_collected(app, rt, outcome.provider, outcome.batch_id)
         return
     moved = dispatch.Target(
         target.job_id,
@@ -75,6 +72,6 @@ def _hand_on(app: Celery, rt: Runtime, target: dispatch.Target, outcome: executi
 
 def _publish(app: Celery, target: dispatch.Target) -> None:
     try:
-        dispatch.job_signature(app, target).apply_async(ignore_result=True)
+        dispatch.publish_jobs(app, [target])
     except Exception as exc:  # the job is stored: the reconciler publishes it
         log.error("job %s: the broker refused it (%s); the reconciler will publish it", target.job_id, exc)

@@ -110,6 +110,13 @@ def send_submit(app: Celery, provider: str, batch_id: str, countdown_s: float) -
     _send(app, SUBMIT_PROVIDER_BATCH_TASK, provider, batch_id, countdown_s)
 
 
+def send_submit_when_collected(app: Celery, rt: Runtime, provider: str, batch_id: str) -> None:
+    """The submit of a provider batch that began collecting just now, due once its jobs are
+    gathered (`collect_s`)."""
+    settings = rt.settings.providers[provider].batch
+    send_submit(app, provider, batch_id, settings.collect_s if settings else 0.0)
+
+
 def send_poll(app: Celery, provider: str, batch_id: str, countdown_s: float) -> None:
     _send(app, POLL_PROVIDER_BATCH_TASK, provider, batch_id, countdown_s)
 

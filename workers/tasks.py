@@ -45,9 +45,7 @@ def run_job(
         return outcome.summary
     if isinstance(outcome, execution.InBatch):
         if outcome.created:
-            settings = rt.settings.providers[outcome.provider].batch
-            collect_s = settings.collect_s if settings else 0.0
-            provider_batch.send_submit(self.app, outcome.provider, outcome.batch_id, collect_s)
+            provider_batch.send_submit_when_collected(self.app, rt, outcome.provider, outcome.batch_id)
         # no message is kept: the provider batch's poller publishes this task again when done
         raise Retry(f"waits in provider batch {outcome.batch_id} ({outcome.provider})")
     target = outcome.candidate
