@@ -253,6 +253,24 @@ def test_a_taken_unique_key_raises_duplicate_job_and_stores_nothing(store: Store
     assert not isinstance(broken.value, DuplicateJob)
 
 
+def test_many_new_jobs_are_stored_together_or_not_at_all(store: Store) -> None:
+    """One row of many breaking a key stores none of them — on PostgreSQL too, where a single
+    job's insert commits by itself."""
+    taken = new_job(store, idempotency_key="k-taken")
+    rows = [{**_row(store.job(taken)), "id": uuid.uuid4().hex, "idempotency_key": f"k-{i}"} for i in range(3)]
+    rows[1]["idempotency_key"] = "k-taken"
+    with pytest.raises(DuplicateJob):
+        store.add_jobs(rows)
+    assert sum(store.count_by_status().values()) == 1
+    rows[1]["idempotency_key"] = "k-free"
+    store.add_jobs(rows)
+    stored = store.jobs([r["id"] for r in rows])
+    assert len(stored) == 3 and {j.status for j in stored.values()} == {"queued"}
+    assert stored[rows[0]["id"]].runs == 0 and stored[rows[0]["id"]].cost_usd == 0.0  # the defaults
+    with pytest.raises(ValueError, match="job row 2 has columns the store does not know: colour"):
+        store.add_jobs([{**rows[0], "id": "x1"}, {**rows[0], "id": "x2", "colour": "red"}])
+
+
 def _row(job: Job) -> dict[str, object]:
     return {c: getattr(job, c) for c in ("id", "task_type", "tier", "request", "est_input_tokens")}
 

@@ -20,8 +20,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import Executable
 
-#: `execute(statement, params)`: a result with `fetchone()` and `rowcount`.
-Execute = Callable[[Executable, dict[str, Any]], "Result"]
+#: `execute(statement, params)`: a result with `fetchone()` and `rowcount`; a list of params
+#: runs the statement once for each (the driver's executemany).
+Execute = Callable[[Executable, "dict[str, Any] | list[dict[str, Any]]"], "Result"]
 
 
 class Compiled:
@@ -89,40 +90,46 @@ class Driver:
         self.compiled: dict[Executable, Compiled] = {}
 
     @contextmanager
-    def statements(self) -> Iterator[Execute]:
+    def statements(self, *, together: bool = False) -> Iterator[Execute]:
+        """`together`: the block's statements are one transaction even where each would
+        commit by itself (several rows that stand or fall together)."""
         dialect = self.engine.dialect
+        autocommit = self.autocommit and not together
         with self.lock:
             fairy = self.engine.raw_connection()
             connection, cursor = fairy.driver_connection, None
             try:
-                if self.autocommit:
+                if autocommit:
                     connection.autocommit = True
                 cursor = connection.cursor()
 
-                def execute(statement: Executable, params: dict[str, Any]) -> Result:
+                def execute(statement: Executable, params: dict[str, Any] | list[dict[str, Any]]) -> Result:
                     compiled = self.compiled.get(statement)
                     if compiled is None:
                         compiled = self.compiled[statement] = Compiled(statement, self.engine)
-                    cursor.execute(compiled.sql, compiled.parameters(params))
+                    if isinstance(params, list):
+                        cursor.executemany(compiled.sql, [compiled.parameters(p) for p in params])
+                    else:
+                        cursor.execute(compiled.sql, compiled.parameters(params))
                     return Result(cursor, compiled)
 
                 yield execute
-                if not self.autocommit:
+                if not autocommit:
                     connection.commit()
             except dialect.loaded_dbapi.Error as exc:
                 lost = dialect.is_disconnect(exc, fairy, cursor)
                 if lost:
                     fairy.invalidate(exc)
-                elif not self.autocommit:
+                elif not autocommit:
                     connection.rollback()
                 raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error, lost) from exc
             except BaseException:
-                if not self.autocommit:
+                if not autocommit:
                     connection.rollback()
                 raise
             finally:
                 if cursor is not None:
                     cursor.close()
-                if self.autocommit and fairy.is_valid:
+                if autocommit and fairy.is_valid:
                     connection.autocommit = False  # the pool's other users expect transactions
                 fairy.close()

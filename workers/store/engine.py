@@ -128,27 +128,20 @@ class Database:
         with self._write_lock, self._sessions.begin() as session:
             yield session
 
-    @contextmanager
-    def connection(self) -> Iterator[Connection]:
-        """A write transaction without an ORM session, for Core statements on the hot path
-        (about half a session's overhead)."""
-        with self._write_lock, self.engine.begin() as conn:
-            yield conn
-
     @property
     def single_statements(self) -> bool:
         """Whether `statements` commits each statement by itself (PostgreSQL)."""
         return self._driver.autocommit
 
     @contextmanager
-    def statements(self) -> Iterator[Execute]:
+    def statements(self, *, together: bool = False) -> Iterator[Execute]:
         """For hot-path writes that each stand alone: yields `execute(statement, params)`,
         whose result has `fetchone()` (rows read like a Job's attributes) and `rowcount`. The
         database's driver runs them (`workers.store.driver`: a third of Core's CPU). On
         SQLite, where a transaction costs no round trip, they share one under the write lock.
         On PostgreSQL each commits by itself: one round trip, not three (BEGIN, the statement,
-        COMMIT)."""
-        with self._driver.statements() as execute:
+        COMMIT); `together` makes the block one transaction there too."""
+        with self._driver.statements(together=together) as execute:
             yield execute
 
     def close(self) -> None:

@@ -100,6 +100,13 @@ RESULT_COLUMNS = (
 )
 RESULT_DEFAULTS = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "cached": False}
 ATTEMPT_COLUMNS = tuple(c.name for c in ATTEMPTS.columns if c.name != "id")
+#: A new job's row as `_INSERT_JOB` takes it: every column, at its default unless given.
+JOB_DEFAULTS: dict[str, Any] = {
+    c.name: c.default.arg if c.default is not None else None for c in JOBS.columns
+}
+assert all(c.default is None or c.default.is_scalar for c in JOBS.columns), "a default the driver cannot fill"
+#: Every column bound, so one statement (compiled once) inserts any row.
+_INSERT_JOB = JOBS.insert().values({c.name: bindparam(f"j_{c.name}") for c in JOBS.columns})
 
 
 def _status_in(*statuses: str) -> ColumnElement[bool]:
@@ -227,14 +234,17 @@ class JobStore(Database):
     def add_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert new jobs (status queued) in one transaction; `DuplicateJob` if a key is taken."""
         now = utcnow()
-        groups: dict[frozenset[str], list[dict[str, Any]]] = {}
-        for row in rows:  # one executemany per shape of row (bad batch lines carry other columns)
-            full = {"status": QUEUED, "created_at": now, "updated_at": now, **row}
-            groups.setdefault(frozenset(full), []).append(full)
+        new = {**JOB_DEFAULTS, "status": QUEUED, "created_at": now, "updated_at": now}
+        full = [{**new, **row} for row in rows]
+        for number, row in enumerate(full, 1):
+            if len(row) != len(JOB_DEFAULTS):
+                unknown = ", ".join(sorted(set(row) - set(JOB_DEFAULTS)))
+                raise ValueError(f"job row {number} has columns the store does not know: {unknown}")
         try:
-            with self.connection() as conn:
-                for group in groups.values():
-                    conn.execute(JOBS.insert(), group)
+            # The driver, not Core: one statement (autocommit on PostgreSQL) for the usual
+            # single job, one transaction for many.
+            with self.statements(together=len(full) > 1) as execute:
+                execute(_INSERT_JOB, [{f"j_{k}": v for k, v in row.items()} for row in full])
         except IntegrityError as exc:
             if _is_duplicate(exc):
                 raise DuplicateJob(f"a job with the same unique key exists: {exc.orig}") from exc
