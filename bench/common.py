@@ -43,3 +43,23 @@ def cpu_s(procs: list[subprocess.Popen[Any]]) -> float:
                     times = p.cpu_times()
                     total += times.user + times.system
     return total
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core of this machine has spent on anything but idling, since boot."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def named_cpu_s(name: str) -> dict[int, float]:
+    """User + system CPU of each running process called `name` (the database server's), by pid."""
+    found = {}
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        if p.info["name"] == name and p.info["cpu_times"] is not None:
+            found[p.pid] = p.info["cpu_times"].user + p.info["cpu_times"].system
+    return found
+
+
+def spent_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """What processes spent between two `named_cpu_s` readings (those started since: all of it)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())

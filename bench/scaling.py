@@ -3,8 +3,11 @@ making the same HTTP call on the same broker, on SQLite and on PostgreSQL.
 
 Per N and store: jobs/s from the first submit to the last result stored (plain Celery: to
 the last result its producers read back), the ratio to plain Celery, worker CPU ms per job
-(every process of the worker tree), Redis commands per job (`INFO commandstats`, every
-process together) and republishes per job (Celery retries, as Flower counts them). The
+(every process of the worker tree), the machine's CPU ms per job (every process: producers,
+workers, Redis, the simulator and the database server — when the cores are the limit, the
+ratio follows it) and the PostgreSQL server's share of it, Redis commands per job (`INFO
+commandstats`, every process together) and republishes per job (Celery retries, as Flower
+counts them). The
 simulator answers in 50 ms and its limits are far above the load: what is measured is the
 queue, not the providers. `python -m bench.scaling --workers 1,2,4`; on a machine with many
 cores give it more.
@@ -25,7 +28,7 @@ from typing import Any
 import redis
 
 from bench import overhead
-from bench.common import cpu_s, stack_from, wait_all_final
+from bench.common import cpu_s, machine_busy_s, named_cpu_s, spent_since, stack_from, wait_all_final
 from bench.events import EventCounter
 from producer.ops.stack import LocalStack
 from workers.celery import make_app
@@ -61,6 +64,9 @@ def run(
                     "ratio": spillway["jobs_per_s"] / plain["jobs_per_s"],
                     "cpu_ms_per_job": spillway["cpu_ms_per_job"],
                     "plain_cpu_ms_per_job": plain["cpu_ms_per_job"],
+                    "machine_cpu_ms_per_job": spillway["machine_cpu_ms_per_job"],
+                    "plain_machine_cpu_ms_per_job": plain["machine_cpu_ms_per_job"],
+                    "database_cpu_ms_per_job": spillway["database_cpu_ms_per_job"],
                     "redis_commands_per_job": spillway["redis_commands_per_job"],
                     "plain_redis_commands_per_job": plain["redis_commands_per_job"],
                     "republishes_per_job": spillway["republishes_per_job"],
@@ -93,7 +99,7 @@ def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: b
             producers = [_start_producer(stack, k, i, plain) for i, k in enumerate(per)]
             for p in producers:
                 p.stdout.readline()  # "ready"
-            started = time.monotonic()
+            started, busy, database = time.monotonic(), machine_busy_s(), named_cpu_s("postgres")
             for p in producers:
                 p.stdin.write("go\n")
                 p.stdin.flush()
@@ -103,14 +109,18 @@ def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: b
                 finished = time.monotonic()
             else:
                 finished = wait_all_final(client.runtime.store, jobs, timeout_s=600)
-                for p in producers:
-                    p.wait(60)
+            busy = machine_busy_s() - busy
+            database_s = spent_since(database, named_cpu_s("postgres")) if store == "postgresql" else 0.0
+            for p in producers:
+                p.wait(60)
             cpu = cpu_s(procs) - cpu
             counts = _redis_calls(stack) - counts
             time.sleep(1.0)  # the last events are on their way
         return {
             "jobs_per_s": jobs / (finished - started),
             "cpu_ms_per_job": cpu * 1000 / jobs,
+            "machine_cpu_ms_per_job": busy * 1000 / jobs,
+            "database_cpu_ms_per_job": database_s * 1000 / jobs,
             "redis_commands_per_job": counts / jobs,
             "republishes_per_job": events.counts["task-retried"] / jobs,
         }
@@ -212,6 +222,9 @@ def main() -> None:
         "ratio",
         "CPU ms/job",
         "plain CPU ms/job",
+        "machine CPU ms/job",
+        "plain machine",
+        "PostgreSQL server",
         "Redis cmds/job",
         "plain cmds/job",
         "republishes/job",
@@ -227,11 +240,14 @@ def main() -> None:
             f"{r['ratio']:.2f}",
             f"{r['cpu_ms_per_job']:.1f}",
             f"{r['plain_cpu_ms_per_job']:.1f}",
+            f"{r['machine_cpu_ms_per_job']:.1f}",
+            f"{r['plain_machine_cpu_ms_per_job']:.1f}",
+            f"{r['database_cpu_ms_per_job']:.1f}" if r["store"] == "postgresql" else "-",
             f"{r['redis_commands_per_job']:.1f}",
             f"{r['plain_redis_commands_per_job']:.1f}",
             f"{r['republishes_per_job']:.2f}",
         )
-    Console(width=160).print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":
