@@ -49,14 +49,17 @@ def run(
     beta_rpm: int = 300,
     latency_ms: int = 50,
     threads: int = 64,
+    worker_processes: int = 1,
 ) -> dict[str, float]:
+    """`threads` in all, shared by `worker_processes` worker processes."""
     text = CONFIG.format(
         alpha_rpm=alpha_rpm, beta_rpm=beta_rpm, latency_ms=latency_ms, p95_ms=int(latency_ms * 1.6)
     )
     stack = stack_from(text, workdir)
     stack.start()
     try:
-        stack.start_worker(concurrency=threads, loglevel="WARNING")
+        for _ in range(worker_processes):
+            stack.start_worker(concurrency=max(4, threads // worker_processes), loglevel="WARNING")
         stack.wait_for_workers()
         with stack.applied() as client, EventCounter(client.app) as events:
             started = time.monotonic()
@@ -73,6 +76,7 @@ def run(
     makespan = finished - started
     return {
         "jobs": jobs,
+        "worker_processes": worker_processes,
         "makespan_s": makespan,
         "theoretical_min_s": ideal,
         "ratio": makespan / ideal,
@@ -83,3 +87,41 @@ def run(
         "retries_per_job": events.counts["task-retried"] / jobs,
         "received_per_job": events.counts["task-received"] / jobs,
     }
+
+
+def main() -> None:
+    """`python -m bench.makespan --workers 1,8`: the same batch with each number of worker
+    processes, side by side."""
+    import argparse
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(prog="python -m bench.makespan")
+    parser.add_argument("--workers", default="1,8", help="worker process counts (default 1,8)")
+    parser.add_argument("--jobs", type=int, default=1350)
+    parser.add_argument("--rpm", default="600,300", help="the two providers' requests/min")
+    args = parser.parse_args()
+    alpha_rpm, beta_rpm = (int(r) for r in args.rpm.split(","))
+    table = Table(title=f"{args.jobs} jobs over two providers ({alpha_rpm} + {beta_rpm} requests/min)")
+    columns = ("workers", "makespan", "minimum", "ratio", "429s", "larger provider", "republishes/job")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for n in (int(w) for w in args.workers.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run(Path(tmp), jobs=args.jobs, alpha_rpm=alpha_rpm, beta_rpm=beta_rpm, worker_processes=n)
+        table.add_row(
+            str(n),
+            f"{r['makespan_s']:.1f} s",
+            f"{r['theoretical_min_s']:.1f} s",
+            f"{r['ratio']:.3f}",
+            str(r["rate_limited_429s"]),
+            f"{r['alpha_share']:.2f}",
+            f"{r['retries_per_job']:.2f}",
+        )
+    Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    main()

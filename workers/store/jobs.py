@@ -100,11 +100,11 @@ RESULT_COLUMNS = (
 )
 RESULT_DEFAULTS = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "cached": False}
 ATTEMPT_COLUMNS = tuple(c.name for c in ATTEMPTS.columns if c.name != "id")
-#: A new job's row as `_INSERT_JOB` takes it: every column, at its default unless given.
-JOB_DEFAULTS: dict[str, Any] = {
-    c.name: c.default.arg if c.default is not None else None for c in JOBS.columns
-}
-assert all(c.default is None or c.default.is_scalar for c in JOBS.columns), "a default the driver cannot fill"
+#: A new job's row as `_INSERT_JOB` takes it: every column, at its default unless given. (The
+#: driver fills no defaults: a column's must be a constant.)
+_JOB_DEFAULTS: dict[str, Any] = {c.name: None if c.default is None else c.default.arg for c in JOBS.columns}
+if any(c.default is not None and not c.default.is_scalar for c in JOBS.columns):
+    raise TypeError("a job column's default is not a constant: add_jobs cannot fill it")
 #: Every column bound, so one statement (compiled once) inserts any row.
 _INSERT_JOB = JOBS.insert().values({c.name: bindparam(f"j_{c.name}") for c in JOBS.columns})
 
@@ -234,11 +234,11 @@ class JobStore(Database):
     def add_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert new jobs (status queued) in one transaction; `DuplicateJob` if a key is taken."""
         now = utcnow()
-        new = {**JOB_DEFAULTS, "status": QUEUED, "created_at": now, "updated_at": now}
+        new = {**_JOB_DEFAULTS, "status": QUEUED, "created_at": now, "updated_at": now}
         full = [{**new, **row} for row in rows]
         for number, row in enumerate(full, 1):
-            if len(row) != len(JOB_DEFAULTS):
-                unknown = ", ".join(sorted(set(row) - set(JOB_DEFAULTS)))
+            if len(row) != len(_JOB_DEFAULTS):
+                unknown = ", ".join(sorted(set(row) - set(_JOB_DEFAULTS)))
                 raise ValueError(f"job row {number} has columns the store does not know: {unknown}")
         try:
             # The driver, not Core: one statement (autocommit on PostgreSQL) for the usual
