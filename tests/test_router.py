@@ -277,7 +277,20 @@ def snap(*accounts: AccountState, specs=(RPM,), pending=None) -> Snapshot:
 
 def test_room_now() -> None:
     option = expected_wait(snap(account(avail=[10])), JOB, 1.0)
-    assert option == Option(A, Wait(0.0, "")) and option.has_room
+    # 9 requests left after this one, at one a second: 9 s of refill in hand
+    assert option == Option(A, Wait(0.0, ""), slack_s=9.0) and option.has_room
+
+
+def test_slack_is_the_tightest_per_minute_bucket_after_queued_work() -> None:
+    tpm = BucketSpec.configured(Scope.ACCOUNT, "tpm", 6000)  # 100 tokens a second
+    both = snap(account(specs=(RPM, tpm), avail=[10, 500]), specs=(RPM, tpm), pending={"am|requests": 2.0})
+    # requests: 10 - 2 queued - 1 = 7 s; tokens: (500 - 100) / 100 = 4 s
+    assert expected_wait(both, JOB, 1.0).slack_s == pytest.approx(4.0)
+    # a daily window does not refill as it goes: it leaves no slack of its own
+    daily = snap(account(specs=(RPD,), avail=[50]), specs=(RPD,))
+    assert expected_wait(daily, JOB, 1.0).slack_s == 0.0
+    # no room, no slack
+    assert expected_wait(snap(account(avail=[0.5])), JOB, 1.0).slack_s == 0.0
 
 
 def test_a_rolling_bucket_waits_for_its_refill() -> None:

@@ -57,6 +57,12 @@ def test_fastest_takes_the_shortest_wait_ties_to_the_earlier() -> None:
     assert fastest([opt(A, 2.0), opt(B, 2.0)], 0).candidate == A
 
 
+def test_fastest_gives_a_job_with_room_to_the_candidate_with_the_most_left() -> None:
+    roomy = [Option(A, Wait(0.0), slack_s=20.0), Option(B, Wait(0.0), slack_s=45.0)]
+    assert fastest(roomy, 0).candidate == B  # a fuller bucket would waste more of its refill
+    assert fastest([Option(A, Wait(0.0), slack_s=0.5), opt(B, 0.01)], 0).candidate == A
+
+
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_a_candidate_that_can_never_take_the_job_is_picked_last(strategy: str) -> None:
     assert STRATEGIES[strategy]([never(A), opt(B, 600.0)], 0).candidate == B

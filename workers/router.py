@@ -13,6 +13,7 @@ another candidate with room, a countdown, a parking spot until a quota is back, 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -70,7 +71,7 @@ def expected_wait(snap: Snapshot, costs: Costs, share: float, extra: Costs | Non
         "input": costs.input * ratio,
         "tokens": costs.tokens + costs.input * (ratio - 1),
     }
-    worst_ms = 0.0
+    worst_ms, slack_ms = 0.0, math.inf
     for j, spec in enumerate(snap.buckets):
         states = [a.buckets[j] for a in ready]
         cost = unit_cost[spec.unit]
@@ -80,16 +81,18 @@ def expected_wait(snap: Snapshot, costs: Costs, share: float, extra: Costs | Non
             )
         free = sum(s.avail - (1 - share) * s.cap for s in states)
         need = pending[spec.scope].get(spec.unit, 0.0) + cost - free
-        if need <= 0:
-            continue
         # A rolling bucket refills at cap/period; a daily window cannot take it before the reset.
         if spec.kind == Kind.ROLLING:
-            wait_ms = need * spec.period_ms / sum(s.cap for s in states)
+            refill_ms = need * spec.period_ms / sum(s.cap for s in states)
+            wait_ms = refill_ms
+            slack_ms = min(slack_ms, -refill_ms)
         else:
             wait_ms = snap.next_reset_ms - now
-        if wait_ms > worst_ms:
+        if need > 0 and wait_ms > worst_ms:
             worst_ms, why = wait_ms, why or f"{spec.field} busy"
-    return Option(snap.candidate, Wait((base_ms + worst_ms) / 1000, why))
+    # Room left, in seconds of refill: a bucket that stays full wastes what it refills.
+    slack_s = slack_ms / 1000 if base_ms == worst_ms == 0 and math.isfinite(slack_ms) else 0.0
+    return Option(snap.candidate, Wait((base_ms + worst_ms) / 1000, why), slack_s)
 
 
 def _pending_by_scope(snap: Snapshot, extra: Costs | None) -> dict[Scope, dict[str, float]]:

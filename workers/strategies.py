@@ -25,6 +25,9 @@ class Option:
 
     candidate: Any
     wait: Wait
+    #: With room: how many seconds of refill the candidate still holds after this job (its
+    #: tightest per-minute bucket); 0 otherwise. Budget a full bucket refills is lost.
+    slack_s: float = 0.0
 
     @property
     def wait_s(self) -> float:
@@ -69,5 +72,7 @@ def round_robin(options: Sequence[Option], turn: int) -> Option:
 
 @strategy("fastest")
 def fastest(options: Sequence[Option], turn: int) -> Option:
-    """The shortest expected wait; ties go to the earlier candidate."""
-    return min(options, key=lambda o: o.wait.seconds)
+    """The shortest expected wait; among those with room, the one with the most left (`slack_s`),
+    so jobs trickling in drain every provider's bucket in step and none stays full, wasting its
+    refill; ties go to the earlier candidate."""
+    return min(options, key=lambda o: o.wait.seconds - o.slack_s)
