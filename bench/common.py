@@ -47,8 +47,8 @@ def cpu_s(procs: list[subprocess.Popen[Any]]) -> float:
 
 def machine_busy_s() -> float:
     """CPU seconds every core of this machine has spent on anything but idling, since boot."""
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    times = psutil.cpu_times()  # not steal (another VM's) nor guest (already in user)
+    return sum(getattr(times, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
 
 
 def named_cpu_s(name: str) -> dict[int, float]:
