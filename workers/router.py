@@ -83,9 +83,8 @@ def expected_wait(snap: Snapshot, costs: Costs, share: float, extra: Costs | Non
         need = pending[spec.scope].get(spec.unit, 0.0) + cost - free
         # A rolling bucket refills at cap/period; a daily window cannot take it before the reset.
         if spec.kind == Kind.ROLLING:
-            refill_ms = need * spec.period_ms / sum(s.cap for s in states)
-            wait_ms = refill_ms
-            slack_ms = min(slack_ms, -refill_ms)
+            wait_ms = need * spec.period_ms / sum(s.cap for s in states)  # < 0: refill in hand
+            slack_ms = min(slack_ms, -wait_ms)
         else:
             wait_ms = snap.next_reset_ms - now
         if need > 0 and wait_ms > worst_ms:

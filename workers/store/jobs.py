@@ -233,6 +233,8 @@ class JobStore(Database):
 
     def add_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert new jobs (status queued) in one transaction; `DuplicateJob` if a key is taken."""
+        if not rows:
+            return
         now = utcnow()
         new = {**_JOB_DEFAULTS, "status": QUEUED, "created_at": now, "updated_at": now}
         full = [{**new, **row} for row in rows]
