@@ -212,7 +212,7 @@ def submit_many(
     for (task, tier, preferred), members in groups.items():
         try:
             placed = client.runtime.router.place_many(
-                task, tier, [a.costs for _, a in members], preferred=preferred
+                task, tier, [a.costs for _, a in members], preferred=preferred, count_queued=take is None
             )
         except SpillwayError as exc:  # no usable provider for the route, or Redis away
             for i, _ in members:
@@ -268,13 +268,17 @@ def _store_and_publish(
             hold.give_back()
         raise
     sent = []
+    queued: dict[Candidate, Costs] = {}
     for (place, a, job_id, t), hold in zip(ready, held, strict=True):
         target = dispatch.Target(job_id, t.provider, t.model, rt.priority(a.tier))
         if take is None or not take(target):
             sent.append((place, hold, target))
+            queued[t] = queued.get(t, Costs(0, 0, 0, 0)) + a.costs
     if not sent:
         return out
     try:
+        if take is not None:  # placed uncounted: what runs here now is never queued (one round trip less)
+            rt.limiter.add_pending(queued)
         publish(client, [target for _, _, target in sent])
     except ServiceUnavailable as exc:
         for place, hold, _ in sent:

@@ -23,6 +23,7 @@ from workers import execution, parking
 from workers.broker import message_task_ids
 from workers.config import Candidate
 from workers.embedded import start_redis
+from workers.limiter import Costs
 from workers.reconciler import recover_once
 from workers.store import IN_DOUBT, PARKED, QUEUED, STARTED, SUCCEEDED, AttemptRecord, Job, utcnow
 
@@ -185,3 +186,34 @@ def test_a_job_whose_inline_run_died_is_published_by_the_reconciler_and_charged_
     outcomes = [a.outcome for a in front.rt.store.attempts(handle.id)]
     assert outcomes == [IN_DOUBT, SUCCEEDED]  # the lost call at its estimate, the real one once
     assert provider_requests(front, "a") == 1
+
+
+def queued_count(front: Any, provider: str) -> dict[str, float]:
+    """The work the limiter counts as queued for `provider` (what placement reads)."""
+    raw = front.rt.redis.hgetall(front.rt.keys.pending(provider))
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+def increments(front: Any) -> int:
+    """HINCRBYFLOATs this stack's Redis has run: how queued work is counted."""
+    stats = front.rt.redis.info("commandstats").get("cmdstat_hincrbyfloat", {})
+    return int(stats.get("calls", 0))
+
+
+def test_a_job_serve_runs_itself_is_never_counted_as_queued_and_a_published_one_is(front) -> None:
+    front.rt.limiter.add_pending({Candidate("a", "am"): Costs.estimate(100, 50)})  # someone else's
+    before = queued_count(front, "a")
+    assert before["am|requests"] == 1
+    with serve_in_thread(front.client, TOKEN) as (url, _):
+        counted = increments(front)
+        sdk(url).chat.completions.create(
+            model="spillway/chat", messages=[{"role": "user", "content": "hello"}], max_tokens=8
+        )
+        assert increments(front) == counted  # no round trip to count it, none to take it off
+    assert provider_requests(front, "a") == 1
+    assert queued_count(front, "a") == before  # and the other job's count left as it was
+    (handle,) = submit_many(
+        front.client, [{"prompt": "hi", "task": "chat", "tier": "free"}], take=lambda t: False
+    )
+    assert handle.id in (message_task_ids(front.client.app, QUEUES) or set())
+    assert queued_count(front, "a")["am|requests"] == 2  # published: counted once

@@ -175,8 +175,16 @@ def _on_the_ledger(rt: Runtime, job: Job, candidate: Candidate) -> AttemptRecord
 
 
 def run_job(
-    rt: Runtime, job_id: str, candidate: Candidate, hop: int = 0, reservation: str | None = None
+    rt: Runtime,
+    job_id: str,
+    candidate: Candidate,
+    hop: int = 0,
+    reservation: str | None = None,
+    *,
+    queued: bool = True,
 ) -> Outcome:
+    """Run one delivery of a job on `candidate`. `queued=False`: the job was never counted as
+    queued there (`workers.inline`), so its first acquire takes nothing off that count."""
     claim = rt.store.claim(
         job_id,
         lease_s=lease_seconds(rt, candidate.provider),
@@ -201,7 +209,7 @@ def run_job(
         handed = provider_batch.hand_over(rt, job, candidate)
         if handed is not None:
             return InBatch(handed[0], candidate.provider, created=handed[1])
-    return _Run(rt, job, candidate, hop, reservation).start()
+    return _Run(rt, job, candidate, hop, reservation).start(queued=queued)
 
 
 class _Run:
@@ -226,7 +234,7 @@ class _Run:
 
     # -- admission ----------------------------------------------------------------------------
 
-    def start(self) -> Outcome:
+    def start(self, *, queued: bool = True) -> Outcome:
         rt, candidate = self.rt, self.candidate
         if not self._servable(candidate):
             return self._move_on(NoRoom(Wait.never(f"{candidate.provider} is not usable here")))
@@ -238,7 +246,7 @@ class _Run:
         reservation = self.reservation
         # A job counted as queued is taken off that count at its first acquire; a reserved one
         # was never counted (its budget is already taken).
-        dequeue: Costs | None = None if reservation else self.costs
+        dequeue: Costs | None = self.costs if queued and not reservation else None
         while True:
             try:
                 grant = rt.limiter.acquire(

@@ -32,8 +32,13 @@ def run_here(app: Celery, rt: Runtime, target: dispatch.Target) -> None:
     here. A run that fails unexpectedly (the store or Redis went away) is published for a
     worker, or left for the reconciler when that fails too."""
     try:
-        outcome = execution.run_job(rt, target.job_id, Candidate(target.provider, target.model), target.hop)
+        # never counted as queued (`producer.jobs.submit_many`): its acquire takes nothing off
+        outcome = execution.run_job(
+            rt, target.job_id, Candidate(target.provider, target.model), target.hop, queued=False
+        )
     except Exception as exc:  # a worker's task would be retried by Celery: here, a worker takes it
+        # Published uncounted: the worker's first acquire takes its costs off the provider's
+        # queued count, which stops at zero, so placement may see the queue a job short.
         log.warning("job %s: running it here failed (%s); publishing it", target.job_id, type(exc).__name__)
         _publish(app, target)
         return

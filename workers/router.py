@@ -375,10 +375,17 @@ class Router:
         return view
 
     def place_many(
-        self, task: str, tier: str, costs: Sequence[Costs], *, preferred: str | None = None
+        self,
+        task: str,
+        tier: str,
+        costs: Sequence[Costs],
+        *,
+        preferred: str | None = None,
+        count_queued: bool = True,
     ) -> list[Candidate]:
         """Place a chunk of jobs on the placement view (`_view`): each placement sees the last,
-        and those this process made since the view was read."""
+        and those this process made since the view was read. `count_queued=False`: the caller
+        counts those it queues itself (`Limiter.add_pending`), after running some at once."""
         chain = self.settings.chain(task, tier)
         candidates = self.candidates(task, tier)
         share = self.settings.tiers[tier].budget_share
@@ -394,5 +401,6 @@ class Router:
                 queued[chosen] = queued.get(chosen, Costs(0, 0, 0, 0)) + cost
                 view.queued[chosen] = view.queued.get(chosen, Costs(0, 0, 0, 0)) + cost
                 placed.append(chosen)
-        self.limiter.add_pending(queued)
+        if count_queued:
+            self.limiter.add_pending(queued)
         return placed
