@@ -5,9 +5,11 @@ summary rows.
 
 Open loop: requests leave at a fixed rate whatever the answers do (a closed loop would hide
 queueing). Phase 1, quota free: the same chat completion at `rate` requests/s to the simulator
-directly and through the front door (submit, queue, worker, provider, store, answer), in
-alternating rounds after a warm-up, so that a neighbour's load on this shared machine falls on
-both; the difference of the latency percentiles is what Spillway adds. Meanwhile the bench
+directly, through a bare Python proxy on serve's own HTTP stack (`bench.bare_proxy`: no queue,
+no store, no limiter) and through the front door (submit, queue, worker, provider, store,
+answer), in alternating rounds after a warm-up, so that a neighbour's load on this shared
+machine falls on all three; the differences of the latency percentiles are what each adds
+(the proxy's is what Python's HTTP stack alone costs on this machine). Meanwhile the bench
 listens on the channel workers announce finished jobs on (`workers.notify`): how many were
 heard says whether serve was woken or had to find them by polling. Phase 2, overload:
 `burst_rate` requests/s offered to a provider whose limit is far lower — every request must be
@@ -93,6 +95,7 @@ def run(
         extra_env["SPILLWAY_SERVE_INLINE_CALLS"] = str(inline_calls)
     stack = stack_from(CONFIG, workdir, extra_env=extra_env)
     stack.start()
+    proxy: _BareProxy | None = None
     try:
         for _ in range(workers):  # one process tops out near 100 jobs/s (one GIL): a deployment runs more
             stack.start_worker(concurrency=64, loglevel="WARNING")
@@ -101,16 +104,22 @@ def run(
         key = next(v for k, v in stack.env.items() if k.startswith("FAST_KEY"))
         direct_url = f"{stack.simulator_url}/fast/v1/chat/completions"
         through_url = f"{front}/v1/chat/completions"
+        proxy = _BareProxy(direct_url, key)
+        proxy_url = f"http://127.0.0.1:{proxy.port}/v1/chat/completions"
         fast = {**BODY, "model": "f1"}
-        asyncio.run(_offer(direct_url, key, fast, rate, WARM_UP_S))
-        asyncio.run(_offer(through_url, TOKEN, fast, rate, WARM_UP_S))
+        for url, token in ((direct_url, key), (proxy_url, "-"), (through_url, TOKEN)):
+            asyncio.run(_offer(url, token, fast, rate, WARM_UP_S))
         direct: list[dict[str, Any]] = []
+        proxied: list[dict[str, Any]] = []
         through: list[dict[str, Any]] = []
         env = Env.from_environ({**os.environ, **stack.env})  # what the stack's processes read
-        serve_cpu_s = workers_cpu_s = 0.0  # while the through rounds ran: what Spillway spent
+        serve_cpu_s = workers_cpu_s = proxy_cpu_s = 0.0  # while their rounds ran
         with _Heard(env.redis_url, env.key_prefix) as heard:
             for _ in range(max(1, rounds)):
                 direct.append(asyncio.run(_offer(direct_url, key, fast, rate, seconds / rounds)))
+                proxy_before = cpu_s([proxy.proc])
+                proxied.append(asyncio.run(_offer(proxy_url, "-", fast, rate, seconds / rounds)))
+                proxy_cpu_s += cpu_s([proxy.proc]) - proxy_before
                 serve_before, workers_before = cpu_s(stack.services), cpu_s(stack.workers)
                 through.append(asyncio.run(_offer(through_url, TOKEN, fast, rate, seconds / rounds)))
                 serve_cpu_s += cpu_s(stack.services) - serve_before
@@ -127,15 +136,21 @@ def run(
             )
         )
     finally:
+        if proxy is not None:
+            proxy.stop()
         stack.close()
-    d, t = _merge(direct), _merge(through)
+    d, p, t = _merge(direct), _merge(proxied), _merge(through)
     return {
         "rate": rate,
         "rounds": len(direct),
         "direct": d,
+        "proxied": p,
         "through": t,
         "added_p50_ms": t["p50_ms"] - d["p50_ms"],
         "added_p99_ms": t["p99_ms"] - d["p99_ms"],
+        "proxy_p50_ms": p["p50_ms"] - d["p50_ms"],
+        "proxy_p99_ms": p["p99_ms"] - d["p99_ms"],
+        "proxy_cpu_ms": proxy_cpu_s * 1000 / max(1, p["completed"]),
         "added_p50_by_round_ms": [b["p50_ms"] - a["p50_ms"] for a, b in zip(direct, through, strict=True)],
         "added_p99_by_round_ms": [b["p99_ms"] - a["p99_ms"] for a, b in zip(direct, through, strict=True)],
         # every job finishing in phase 1 was a through request's, and nothing else's
@@ -145,6 +160,31 @@ def run(
         "overload": overload,
         "burst_rate": burst_rate,
     }
+
+
+class _BareProxy:
+    """`bench.bare_proxy` in a process of its own, forwarding to `upstream` with `key`."""
+
+    def __init__(self, upstream: str, key: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.bare_proxy", upstream, key],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,  # where `bench` is a package
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"the bare proxy did not start: {line!r}")
+        self.port = int(line)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 class _Heard:
@@ -303,20 +343,24 @@ def _pct(ordered: list[float], q: float) -> float:
 
 def report(r: dict[str, Any]) -> str:
     """The run as a few plain lines."""
-    d, t, o = r["direct"], r["through"], r["overload"]
+    d, p, t, o = r["direct"], r["proxied"], r["through"], r["overload"]
     by_round = zip(r["added_p50_by_round_ms"], r["added_p99_by_round_ms"], strict=True)
     rounds = ", ".join(f"{a:+.1f}/{b:+.1f}" for a, b in by_round)
     quota_free = [
         f"quota free, {r['rate']:.0f} requests/s offered ({d['offered']} each way, "
         f"{r['rounds']} alternating rounds):",
         f"  provider direct              p50 {d['p50_ms']:6.1f} ms   p99 {d['p99_ms']:6.1f} ms",
+        f"  through a bare Python proxy  p50 {p['p50_ms']:6.1f} ms   p99 {p['p99_ms']:6.1f} ms"
+        f"   ({p['completed']} answered, {p['failed']} failed)",
         f"  through /v1/chat/completions p50 {t['p50_ms']:6.1f} ms   p99 {t['p99_ms']:6.1f} ms"
         f"   ({t['completed']} answered, {t['failed']} failed)",
+        f"  added by the bare proxy      p50 {r['proxy_p50_ms']:+6.1f} ms   p99 {r['proxy_p99_ms']:+6.1f} ms",
         f"  added by Spillway            p50 {r['added_p50_ms']:+6.1f} ms   "
         f"p99 {r['added_p99_ms']:+6.1f} ms   (by round, p50/p99: {rounds})",
         f"  answered: {t['completed'] - r['notified']} by serve's own calls (workers.inline), "
         f"{r['notified']} announced by workers (workers.notify)",
-        f"  CPU per request: serve {r['serve_cpu_ms']:.1f} ms, workers {r['workers_cpu_ms']:.1f} ms",
+        f"  CPU per request: serve {r['serve_cpu_ms']:.1f} ms, workers {r['workers_cpu_ms']:.1f} ms, "
+        f"the bare proxy {r['proxy_cpu_ms']:.1f} ms",
     ]
     if not o:
         return "\n".join(quota_free)
