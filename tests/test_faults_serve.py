@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+import psutil
 import pytest
 
 from producer.ops.stack import LocalStack
@@ -94,6 +95,39 @@ def test_serve_stopped_by_sigterm_answers_its_calls_in_flight_first(tmp_path, re
     )
     assert [a[0] for a in answers] == [200] * 4
     assert result.lost == 0 and result.final == 4 and (seen, on_ledger, in_doubt) == (4, 4, 0)
+
+
+def test_serve_processes_share_the_port_one_killed_comes_back_and_a_stop_answers_every_call(
+    tmp_path, redis_server
+) -> None:
+    stack = make_stack(tmp_path, redis_server.url(9), CONFIG)
+    try:
+        stack.start()  # and no worker: only serve makes calls
+        url = stack.start_service(
+            ["serve", "--processes", "2"], "/v1/models", extra_env={"SPILLWAY_API_TOKEN": TOKEN}
+        )
+        parent = psutil.Process(stack.services[-1].pid)
+        wait_for(lambda: len(parent.children()) == 2, 30, "two serve processes")
+        first = parent.children()[0]
+        first.kill()  # dies on its own: started again, the other serving meanwhile
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        wait_for(lambda: len(parent.children()) == 2 and first not in parent.children(), 30, "a new one")
+        with stack.applied() as client:
+            store = client.runtime.store
+            answers = [ask(url) for _ in range(6)]
+            wait_for(lambda: len(running(store)) == 6, 30, "serve's processes running all 6 jobs")
+            ids = running(store)
+            children = parent.children()
+            stack.services[-1].send_signal(signal.SIGTERM)  # 2.5 s calls in flight
+            assert stack.services[-1].wait(20) == 0
+            assert not any(child.is_running() for child in children)
+            wait_for(lambda: all(answers), 10, "every request answered")
+            result = audit(store, ids)
+            seen = provider_calls(stack.simulator_stats())
+    finally:
+        stack.close()
+    assert [a[0] for a in answers] == [200] * 6
+    assert result.lost == 0 and result.final == 6 and seen == 6
 
 
 def test_serve_killed_mid_call_loses_no_chat_completion(tmp_path, redis_server) -> None:

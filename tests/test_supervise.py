@@ -22,14 +22,16 @@ from tests.conftest import CONFIGS
 from tests.faultkit import wait_for, wait_until
 
 
-def _supervisor(tmp_path: Path, child_code: str, pause_s: float = 0.01) -> subprocess.Popen[str]:
-    """A supervisor (in a process of its own: it installs signal handlers) over a tiny child."""
+def _supervisor(
+    tmp_path: Path, child_code: str, pause_s: float = 0.01, copies: int = 1
+) -> subprocess.Popen[str]:
+    """A supervisor (in a process of its own: it installs signal handlers) over tiny children."""
     child = tmp_path / "child.py"
     child.write_text(textwrap.dedent(child_code))
     code = (
         "import sys, workers.supervise as s\n"
         f"s.RESTART_PAUSE_S = {pause_s}\n"
-        f"sys.exit(s.supervise([sys.executable, {str(child)!r}]))\n"
+        f"sys.exit(s.supervise([sys.executable, {str(child)!r}], copies={copies}))\n"
     )
     return subprocess.Popen(
         [sys.executable, "-c", code], cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE, text=True
@@ -103,6 +105,38 @@ def test_a_requested_stop_reaches_the_child_as_a_warm_shutdown_and_ends_everythi
     assert proc.returncode == 0
     assert got.read_text() == "SIGTERM"  # never a second SIGINT: Celery reads that as cold shutdown
     assert starts.read_text() == "x" and "starting it again" not in err
+
+
+def test_several_children_one_that_dies_is_restarted_alone_and_a_stop_ends_them_all(tmp_path) -> None:
+    starts = tmp_path / "starts"
+    proc = _supervisor(
+        tmp_path,
+        f"""
+        import os, signal, sys, time
+        with open({str(starts)!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        for _ in range(600):  # at most 60 s, until told to stop
+            time.sleep(0.1)
+        """,
+        copies=3,
+    )
+
+    def started() -> list[str]:
+        return starts.read_text().split() if starts.exists() else []
+
+    wait_for(lambda: len(started()) == 3, timeout_s=20, what="three children")
+    first = psutil.Process(int(started()[0]))
+    first.kill()
+    wait_for(lambda: len(started()) == 4, timeout_s=20, what="the killed one started again")
+    children = psutil.Process(proc.pid).children()
+    assert len(children) == 3 and first not in children  # the other two left as they were
+    time.sleep(1)  # the new one's handler in place
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert not any(child.is_running() for child in children)
+    assert err.count("the worker was killed by SIGKILL; starting it again") == 1
 
 
 @pytest.mark.integration

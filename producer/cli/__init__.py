@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import sys
 import time
 from typing import Any, ClassVar
@@ -482,14 +483,24 @@ def recover(idle_s: float, as_json: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=PORT)
 @click.option("--insecure-no-auth", is_flag=True, help="Serve without a token (local experiments only).")
-def serve(host: str, port: int, insecure_no_auth: bool) -> None:
+@click.option(
+    "--processes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Server processes sharing the port (one interpreter lock each): about one per core.",
+)
+@click.option("--socket-fd", type=int, multiple=True, hidden=True)  # a process of several: its socket
+def serve(host: str, port: int, insecure_no_auth: bool, processes: int, socket_fd: tuple[int, ...]) -> None:
     """HTTP: /metrics, /v1/status, /v1/usage, POST /v1/jobs, GET /v1/jobs/{id} (bearer token).
 
     Also a live page of charts, for a deployment without Grafana: open
     http://127.0.0.1:8080/dashboard#token=TOKEN (the part after # never leaves the browser; or
     paste the token into the page). It polls GET /v1/dashboard every 2 s.
     """
-    from producer.ops.serve import serve as run_server  # tornado and prometheus: only this command
+    # tornado and prometheus: only this command
+    from producer.ops.serve import listening_sockets
+    from producer.ops.serve import serve as run_server
 
     client = checked_client()
     tenants = Tenants.from_settings(client.runtime.settings, client.env.environ, client.env.api_token)
@@ -498,7 +509,17 @@ def serve(host: str, port: int, insecure_no_auth: bool) -> None:
             "spillway serve needs $SPILLWAY_API_TOKEN or [tenants] in the config "
             "(clients send a token as a bearer token)"
         )
-    run_server(client, host=host, port=port, tenants=tenants)
+    if processes == 1:
+        sockets = [socket.socket(fileno=fd) for fd in socket_fd]
+        run_server(client, host=host, port=port, tenants=tenants, sockets=sockets)
+        return
+    # Bound once here, shared by every process: the kernel hands each connection to one of them.
+    sockets = listening_sockets(host, port)
+    fds = tuple(s.fileno() for s in sockets)
+    child = [sys.executable, "-m", "producer.cli", "serve", "--host", host, "--port", str(port)]
+    child += ["--insecure-no-auth"] * insecure_no_auth + [f"--socket-fd={fd}" for fd in fds]
+    print(f"spillway serve listening on http://{host}:{port} ({processes} processes)", flush=True)
+    sys.exit(supervise(child, copies=processes, name="serve", pass_fds=fds))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

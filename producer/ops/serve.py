@@ -21,10 +21,12 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
 from producer.client import Client
@@ -274,14 +276,25 @@ def make_server(client: Client, token: str | None = None, *, tenants: Tenants | 
     return HTTPServer(make_app(client, token, tenants=tenants), max_body_size=MAX_BODY_BYTES + 1024)
 
 
-def serve(client: Client, *, host: str, port: int, tenants: Tenants) -> None:
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """The sockets serve accepts on (several processes may share them: `--processes`)."""
+    try:
+        return bind_sockets(port, address=host, backlog=BACKLOG)
+    except OSError as exc:  # in use, or an address this machine does not have
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
+
+
+def serve(
+    client: Client, *, host: str, port: int, tenants: Tenants, sockets: list[socket.socket] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT; on `sockets` already bound (a process of several that
+    share them), else on a socket of its own."""
+
     async def main() -> None:
         server = make_server(client, tenants=tenants)
-        try:
-            server.listen(port, address=host, backlog=BACKLOG)
-        except OSError as exc:  # in use, or an address this machine does not have
-            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
-        print(f"spillway serve listening on http://{host}:{port}", flush=True)
+        server.add_sockets(sockets or listening_sockets(host, port))
+        if not sockets:
+            print(f"spillway serve listening on http://{host}:{port}", flush=True)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
