@@ -87,9 +87,11 @@ def run(
     rounds: int = 3,
     workers: int = 2,
     inline_calls: int | None = None,
+    serve_processes: int = 1,
 ) -> dict[str, Any]:
     """Phase 1: `rounds` alternating rounds of `seconds / rounds` each way; phase 2: the burst.
-    `inline_calls`: serve's `$SPILLWAY_SERVE_INLINE_CALLS` (None: its default)."""
+    `inline_calls`: serve's `$SPILLWAY_SERVE_INLINE_CALLS` (None: its default);
+    `serve_processes`: `spillway serve --processes`."""
     extra_env = {"SPILLWAY_API_TOKEN": TOKEN}
     if inline_calls is not None:
         extra_env["SPILLWAY_SERVE_INLINE_CALLS"] = str(inline_calls)
@@ -100,7 +102,7 @@ def run(
         for _ in range(workers):  # one process tops out near 100 jobs/s (one GIL): a deployment runs more
             stack.start_worker(concurrency=64, loglevel="WARNING")
         stack.wait_for_workers()
-        front = stack.start_service(["serve"], "/v1/models")
+        front = stack.start_service(["serve", "--processes", str(serve_processes)], "/v1/models")
         key = next(v for k, v in stack.env.items() if k.startswith("FAST_KEY"))
         direct_url = f"{stack.simulator_url}/fast/v1/chat/completions"
         through_url = f"{front}/v1/chat/completions"
@@ -159,6 +161,7 @@ def run(
         "workers_cpu_ms": workers_cpu_s * 1000 / max(1, t["completed"]),
         "overload": overload,
         "burst_rate": burst_rate,
+        "serve_processes": serve_processes,
     }
 
 
@@ -348,7 +351,7 @@ def report(r: dict[str, Any]) -> str:
     rounds = ", ".join(f"{a:+.1f}/{b:+.1f}" for a, b in by_round)
     quota_free = [
         f"quota free, {r['rate']:.0f} requests/s offered ({d['offered']} each way, "
-        f"{r['rounds']} alternating rounds):",
+        f"{r['rounds']} alternating rounds; serve --processes {r['serve_processes']}):",
         f"  provider direct              p50 {d['p50_ms']:6.1f} ms   p99 {d['p99_ms']:6.1f} ms",
         f"  through a bare Python proxy  p50 {p['p50_ms']:6.1f} ms   p99 {p['p99_ms']:6.1f} ms"
         f"   ({p['completed']} answered, {p['failed']} failed)",
@@ -394,6 +397,7 @@ def main() -> None:
     parser.add_argument(
         "--inline-calls", type=int, help="serve's calls of its own ($SPILLWAY_SERVE_INLINE_CALLS; 0: none)"
     )
+    parser.add_argument("--serve-processes", type=int, default=1, help="spillway serve --processes")
     parser.add_argument("--probe", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -402,6 +406,7 @@ def main() -> None:
     sizes: dict[str, float] = {"seconds": 5, "burst_s": 2} if args.quick else {}
     sizes["rate"] = args.rate
     sizes["workers"] = args.workers
+    sizes["serve_processes"] = args.serve_processes
     if args.inline_calls is not None:
         sizes["inline_calls"] = args.inline_calls
     if args.seconds:
