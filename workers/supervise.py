@@ -95,8 +95,8 @@ def supervise(
 
 
 def _exited(child: subprocess.Popen[bytes] | None) -> int | None:
-    """The child's exit code once it has exited; with one child, waits for it (a signal to the
-    supervisor interrupts the wait, runs its handler, and the wait goes on)."""
+    """The child's exit code if it exits within a tenth of a second, else None (the children
+    are looked at in turn; a signal to the supervisor runs its handler meanwhile)."""
     if child is None:
         return None
     try:

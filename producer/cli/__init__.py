@@ -498,9 +498,7 @@ def serve(host: str, port: int, insecure_no_auth: bool, processes: int, socket_f
     http://127.0.0.1:8080/dashboard#token=TOKEN (the part after # never leaves the browser; or
     paste the token into the page). It polls GET /v1/dashboard every 2 s.
     """
-    # tornado and prometheus: only this command
-    from producer.ops.serve import listening_sockets
-    from producer.ops.serve import serve as run_server
+    from producer.ops import serve as serving  # tornado and prometheus: only this command
 
     client = checked_client()
     tenants = Tenants.from_settings(client.runtime.settings, client.env.environ, client.env.api_token)
@@ -511,10 +509,10 @@ def serve(host: str, port: int, insecure_no_auth: bool, processes: int, socket_f
         )
     if processes == 1:
         sockets = [socket.socket(fileno=fd) for fd in socket_fd]
-        run_server(client, host=host, port=port, tenants=tenants, sockets=sockets)
+        serving.serve(client, host=host, port=port, tenants=tenants, sockets=sockets)
         return
     # Bound once here, shared by every process: the kernel hands each connection to one of them.
-    sockets = listening_sockets(host, port)
+    sockets = serving.listening_sockets(host, port)
     fds = tuple(s.fileno() for s in sockets)
     child = [sys.executable, "-m", "producer.cli", "serve", "--host", host, "--port", str(port)]
     child += ["--insecure-no-auth"] * insecure_no_auth + [f"--socket-fd={fd}" for fd in fds]
