@@ -260,9 +260,9 @@ def test_a_tenants_daily_budget_is_its_own(front) -> None:
     [refused_batch] = c.batches.list().data  # kept as failed, saying why; none of its jobs exists
     assert refused_batch.status == "failed" and refused_batch.errors.data[0].code == "daily_token_budget"
     assert job_count(stack) == before_jobs + 1 and spent("team-c") == answer.usage.total_tokens
-    # team-a, without a budget, is only counted, and team-c's use is not its
+    # team-a, without a budget, holds nothing (no Redis round trip), and team-c's use is not its
     sdk(url, TOKEN_A).chat.completions.create(model="spillway", messages=[{"role": "user", "content": "a"}])
-    assert spent("team-a") > before_a and spent("team-c") == answer.usage.total_tokens
+    assert spent("team-a") == before_a == 0 and spent("team-c") == answer.usage.total_tokens
 
 
 def test_a_client_that_hangs_up_leaves_its_job_running_and_findable(front) -> None:

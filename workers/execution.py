@@ -610,7 +610,8 @@ class _Run:
         job = self.job
         if job.tenant is not None:
             unused = int(_estimate(job).tokens) - used
-            tenants.give_back(self.rt.redis, self.rt.keys, job.tenant, unused, aware(job.created_at))
+            budget = tenants.budget(self.rt.settings, job.tenant)
+            tenants.give_back(self.rt.redis, self.rt.keys, job.tenant, unused, aware(job.created_at), budget)
 
     def _fail(self, record: AttemptRecord | None, message: str, kind: str) -> Outcome:
         stored = self.rt.store.finish(

@@ -217,7 +217,8 @@ def cancel_jobs(rt: Runtime, batch_id: str) -> None:
     for tenant, created_at, est_input, request in rt.store.cancel_open_jobs(batch_id):
         if tenant is not None:
             held = int(Costs.estimate(est_input, request["max_tokens"]).tokens)
-            tenants.give_back(rt.redis, rt.keys, tenant, held, aware(created_at))
+            budget = tenants.budget(rt.settings, tenant)
+            tenants.give_back(rt.redis, rt.keys, tenant, held, aware(created_at), budget)
 
 
 def _metadata(value: Any) -> dict[str, str] | None:
