@@ -6,10 +6,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
@@ -22,15 +21,28 @@ from workers.limiter import Costs, tenants
 from workers.messages import MAX_PROMPT_CHARS, ChatRequest, build_request
 from workers.results import JobResult
 from workers.runtime import Runtime
-from workers.store import SUCCEEDED, DuplicateJob, utcnow
+from workers.store import SUCCEEDED, DuplicateJob, FirstRun, utcnow
 
 if TYPE_CHECKING:
     from producer.client import Client
 
 log = logging.getLogger("spillway.producer")
 
-#: Offered each stored job before it is published: True if the caller runs it itself.
-Take = Callable[[dispatch.Target], bool]
+
+class Runner(Protocol):
+    """Runs some of the jobs a submit stores in this process instead of publishing them
+    (`spillway serve`: `producer.ops.openai.inline`)."""
+
+    def reserve(self, candidate: Candidate) -> FirstRun | None:
+        """A slot held for a job placed on `candidate`, and the claim of its first run (it is
+        stored claimed); None: no slot is free, it is published."""
+
+    def release(self) -> None:
+        """Give back a slot `reserve` held for a job that was not stored."""
+
+    def run(self, target: dispatch.Target, job: Any) -> None:
+        """Run `target`, stored claimed for its first run (`job`, read like `claim`'s)."""
+
 
 # What the store's columns hold (workers/store/models.py), checked here so that every backend
 # refuses the same input with the same error; PostgreSQL would raise a DataError instead.
@@ -188,12 +200,12 @@ def _admit(
 
 
 def submit_many(
-    client: Client, submits: list[dict[str, Any]], *, take: Take | None = None
+    client: Client, submits: list[dict[str, Any]], *, runner: Runner | None = None
 ) -> list[JobHandle | Exception]:
     """Many `submit`s at once (`spillway serve` under load): each is checked on its own and gets
     its job or its error; the rest are placed with one limiter read per route, stored in one
-    transaction and published in one pipelined round trip — but for the stored jobs `take`
-    accepts, which the caller runs itself (`workers.inline`)."""
+    transaction and published in one pipelined round trip — but for those `runner` has a slot
+    for, which are stored claimed and run by it (`workers.inline`)."""
     results: list[JobHandle | Exception | None] = [None] * len(submits)
     admitted: list[tuple[int, Admitted]] = []
     for i, fields in enumerate(submits):
@@ -212,27 +224,28 @@ def submit_many(
     for (task, tier, preferred), members in groups.items():
         try:
             placed = client.runtime.router.place_many(
-                task, tier, [a.costs for _, a in members], preferred=preferred, count_queued=take is None
+                task, tier, [a.costs for _, a in members], preferred=preferred, count_queued=runner is None
             )
         except SpillwayError as exc:  # no usable provider for the route, or Redis away
             for i, _ in members:
                 results[i] = exc
             continue
-        stored = _store_and_publish(client, [a for _, a in members], placed, take)
+        stored = _store_and_publish(client, [a for _, a in members], placed, runner)
         for (i, _), result in zip(members, stored, strict=True):
             results[i] = result
     return [r if r is not None else InputError("not submitted") for r in results]
 
 
 def _store_and_publish(
-    client: Client, admitted: list[Admitted], targets: list[Candidate], take: Take | None = None
+    client: Client, admitted: list[Admitted], targets: list[Candidate], runner: Runner | None = None
 ) -> list[JobHandle | Exception]:
     """Hold each tenant's tokens, store the jobs in one transaction, publish them pipelined
-    (those `take` does not run itself); what fails gives its hold back. A concurrent submit
-    with the same idempotency key wins."""
+    (those `runner` runs are stored claimed and handed to it); what fails gives its hold (and
+    slot) back. A concurrent submit with the same idempotency key wins."""
     rt = client.runtime
     out: list[JobHandle | Exception] = []
     rows, held, ready = [], [], []
+    running: dict[str, FirstRun] = {}
     for a, target in zip(admitted, targets, strict=True):
         try:
             hold = hold_for_tenant(rt, a.tenant, int(a.costs.tokens))
@@ -244,16 +257,23 @@ def _store_and_publish(
         held.append(hold)
         ready.append((len(out), a, job_id, target))
         out.append(JobHandle(job_id, client))
+        first = runner.reserve(target) if runner is not None else None
+        if first is not None:
+            running[job_id] = first
     if not rows:
         return out
     try:
-        rt.store.add_jobs(rows)
-    except DuplicateJob:
+        claimed = rt.store.add_jobs(rows, running=running)
+    except Exception as exc:
         for hold in held:
             hold.give_back()
+        for _ in running:
+            runner.release()  # type: ignore[union-attr]
+        if not isinstance(exc, DuplicateJob):
+            raise
         if len(rows) > 1:  # one of them lost an idempotency race: each on its own
             for place, a, _, target in ready:
-                out[place] = _store_and_publish(client, [a], [target], take)[0]
+                out[place] = _store_and_publish(client, [a], [target], runner)[0]
             return out
         a = ready[0][1]
         existing = rt.store.by_idempotency_key(a.row["idempotency_key"] or "")
@@ -263,21 +283,19 @@ def _store_and_publish(
         shown = a.shown_key or ""
         out[ready[0][0]] = JobHandle(_same_request(existing, a.task, a.tier, a.request, shown), client)
         return out
-    except Exception:
-        for hold in held:
-            hold.give_back()
-        raise
     sent = []
     queued: dict[Candidate, Costs] = {}
     for (place, a, job_id, t), hold in zip(ready, held, strict=True):
         target = dispatch.Target(job_id, t.provider, t.model, rt.priority(a.tier))
-        if take is None or not take(target):
+        if job_id in claimed:
+            runner.run(target, claimed[job_id])  # type: ignore[union-attr]
+        else:
             sent.append((place, hold, target))
             queued[t] = queued.get(t, Costs(0, 0, 0, 0)) + a.costs
     if not sent:
         return out
     try:
-        if take is not None:  # placed uncounted: what runs here now is never queued (one round trip less)
+        if runner is not None:  # placed uncounted: what runs here now is never queued (one round trip less)
             rt.limiter.add_pending(queued)
         publish(client, [target for _, _, target in sent])
     except ServiceUnavailable as exc:

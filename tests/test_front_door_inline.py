@@ -25,7 +25,7 @@ from workers.config import Candidate
 from workers.embedded import start_redis
 from workers.limiter import Costs
 from workers.reconciler import recover_once
-from workers.store import IN_DOUBT, PARKED, QUEUED, STARTED, SUCCEEDED, AttemptRecord, Job, utcnow
+from workers.store import IN_DOUBT, PARKED, QUEUED, RUNNING, STARTED, SUCCEEDED, FirstRun, Job
 
 TOKEN = "sk-front-door-inline"
 CONFIG = """
@@ -146,14 +146,14 @@ def test_requests_beyond_the_free_slots_are_published(tmp_path, monkeypatch) -> 
     slots = 2
     gate = threading.Event()
     started: list[str] = []
-    real = execution.run_job
+    real = execution.run_claimed
 
-    def held(rt: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
-        started.append(job_id)
+    def held(rt: Any, job: Any, *args: Any, **kwargs: Any) -> Any:
+        started.append(job.id)
         gate.wait(20)  # each slot stays busy until the test has looked
-        return real(rt, job_id, *args, **kwargs)
+        return real(rt, job, *args, **kwargs)
 
-    monkeypatch.setattr(execution, "run_job", held)
+    monkeypatch.setattr(execution, "run_claimed", held)
     with (
         stack(tmp_path, SPILLWAY_SERVE_INLINE_CALLS=str(slots)) as front,
         serve_in_thread(front.client, TOKEN) as (url, _),
@@ -168,14 +168,33 @@ def test_requests_beyond_the_free_slots_are_published(tmp_path, monkeypatch) -> 
         wait_for(lambda: provider_requests(front, "a") == slots, 10, "the slots' calls made")
 
 
+class DiesMidCall:
+    """A `producer.jobs.Runner` whose process dies once the job is stored claimed for it: the
+    job is never run, and no message carries it."""
+
+    def __init__(self, rt: Any, lease_s: float) -> None:
+        self.rt, self.lease_s = rt, lease_s
+        self.given: list[Any] = []
+
+    def reserve(self, candidate: Candidate) -> FirstRun:
+        return FirstRun(self.lease_s, execution.first_run(self.rt, candidate).started)
+
+    def release(self) -> None:
+        raise AssertionError("a stored job's slot is not given back")
+
+    def run(self, target: Any, job: Any) -> None:
+        self.given.append(job)
+
+
 def test_a_job_whose_inline_run_died_is_published_by_the_reconciler_and_charged_once(front) -> None:
-    """The process that ran it is gone mid-call: the claim is there, no message carries it."""
-    (handle,) = submit_many(
-        front.client, [{"prompt": "hi", "task": "chat", "tier": "free"}], take=lambda t: True
-    )
-    started = AttemptRecord("a", "am", STARTED, utcnow(), "chat", "free", input_tokens=9, output_tokens=16)
-    run = front.rt.store.claim(handle.id, lease_s=0.2, max_crashes=3, started=lambda job: started)
-    assert run.state == "run"
+    """The process that ran it is gone mid-call: the claim, stored with the job, is there (no
+    round trip of its own), no message carries it."""
+    runner = DiesMidCall(front.rt, lease_s=0.2)
+    (handle,) = submit_many(front.client, [{"prompt": "hi", "task": "chat", "tier": "free"}], runner=runner)
+    stored = front.rt.store.job(handle.id)
+    assert (stored.status, stored.runs) == (RUNNING, 1) and stored.lease_until is not None
+    assert [(j.id, j.status, j.runs) for j in runner.given] == [(handle.id, RUNNING, 1)]  # as claimed
+    assert [a.outcome for a in front.rt.store.attempts(handle.id)] == [STARTED]  # before any call
     assert message_task_ids(front.client.app, QUEUES) == set()
     time.sleep(0.3)  # the lease runs out
     recovered = recover_once(front.rt, front.client.app, idle_for_s=0, confirm_s=0.1)
@@ -200,6 +219,19 @@ def increments(front: Any) -> int:
     return int(stats.get("calls", 0))
 
 
+class NoSlots:
+    """A `producer.jobs.Runner` with every slot busy: each job is published."""
+
+    def reserve(self, candidate: Candidate) -> None:
+        return None
+
+    def release(self) -> None:
+        raise AssertionError("nothing was reserved")
+
+    def run(self, target: Any, job: Any) -> None:
+        raise AssertionError("nothing was reserved")
+
+
 def test_a_job_serve_runs_itself_is_never_counted_as_queued_and_a_published_one_is(front) -> None:
     front.rt.limiter.add_pending({Candidate("a", "am"): Costs.estimate(100, 50)})  # someone else's
     before = queued_count(front, "a")
@@ -213,7 +245,7 @@ def test_a_job_serve_runs_itself_is_never_counted_as_queued_and_a_published_one_
     assert provider_requests(front, "a") == 1
     assert queued_count(front, "a") == before  # and the other job's count left as it was
     (handle,) = submit_many(
-        front.client, [{"prompt": "hi", "task": "chat", "tier": "free"}], take=lambda t: False
+        front.client, [{"prompt": "hi", "task": "chat", "tier": "free"}], runner=NoSlots()
     )
     assert handle.id in (message_task_ids(front.client.app, QUEUES) or set())
     assert queued_count(front, "a")["am|requests"] == 2  # published: counted once

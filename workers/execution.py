@@ -44,7 +44,17 @@ from workers.messages import ChatRequest
 from workers.providers.transport import complete
 from workers.router import AfterError, Fail, JobFacts, Move, NoRoom, Park, Reason, next_hop
 from workers.runtime import Runtime
-from workers.store import FAILED, STARTED, SUCCEEDED, AttemptRecord, Job, as_finished, aware, utcnow
+from workers.store import (
+    FAILED,
+    STARTED,
+    SUCCEEDED,
+    AttemptRecord,
+    FirstRun,
+    Job,
+    as_finished,
+    aware,
+    utcnow,
+)
 from workers.strategies import Option
 
 log = logging.getLogger("spillway.execution")
@@ -205,6 +215,25 @@ def run_job(
         return Requeue(candidate, hop, _priority(rt, job), countdown_s=wait_s, reservation=reservation)
     if claim.state == "batched":  # a stray delivery: the provider batch's poller answers for it
         return InBatch(job.provider_batch_id or "", job.provider or candidate.provider)
+    return run_claimed(rt, job, candidate, hop, reservation, queued=queued)
+
+
+def first_run(rt: Runtime, candidate: Candidate) -> FirstRun:
+    """The claim of a job's first run on `candidate`, for a job stored already claimed by the
+    process that runs it (`JobStore.add_jobs(running=)`, `workers.inline`)."""
+    return FirstRun(lease_seconds(rt, candidate.provider), lambda job: _on_the_ledger(rt, job, candidate))
+
+
+def run_claimed(
+    rt: Runtime,
+    job: Job,
+    candidate: Candidate,
+    hop: int = 0,
+    reservation: str | None = None,
+    *,
+    queued: bool = True,
+) -> Outcome:
+    """Run a job this process has claimed (`run_job`, or stored claimed: `first_run`)."""
     if provider_batch.goes_to_batch(rt, job, candidate, _chain(rt, job)):
         handed = provider_batch.hand_over(rt, job, candidate)
         if handed is not None:

@@ -2,8 +2,9 @@
 
 `spillway serve` answers a chat completion fastest by making the call itself: no broker hop,
 no worker thread to wake, no second process to hear from. It is the same run as a worker's
-(`execution.run_job`: the store's claim and lease, the limiter, the ledger, the finished-job
-announcement), so every limit and every promise holds; only the message is missing. What
+(`execution.run_claimed`: the store's claim and lease, the limiter, the ledger, the
+finished-job announcement), so every limit and every promise holds; only the message is
+missing, and the claim is written with the job (`JobStore.add_jobs(running=)`). What
 cannot finish here goes on as any job does: a job that must wait, move to another provider
 or join a provider batch is published to its queue (or parked) by this process, as the worker
 task would have done. A process that dies mid-call leaves a claimed job whose lease runs out;
@@ -23,18 +24,19 @@ from celery import Celery
 from workers import dispatch, execution, parking, provider_batch
 from workers.config import Candidate
 from workers.runtime import Runtime
+from workers.store import Job
 
 log = logging.getLogger("spillway.inline")
 
 
-def run_here(app: Celery, rt: Runtime, target: dispatch.Target) -> None:
-    """Run the stored, unpublished job `target` now; hand it to the broker if it cannot finish
-    here. A run that fails unexpectedly (the store or Redis went away) is published for a
-    worker, or left for the reconciler when that fails too."""
+def run_here(app: Celery, rt: Runtime, target: dispatch.Target, job: Job) -> None:
+    """Run the unpublished job `target`, stored claimed for this run (`job`), now; hand it to
+    the broker if it cannot finish here. A run that fails unexpectedly (the store or Redis went
+    away) is published for a worker, or left for the reconciler when that fails too."""
     try:
         # never counted as queued (`producer.jobs.submit_many`): its acquire takes nothing off
-        outcome = execution.run_job(
-            rt, target.job_id, Candidate(target.provider, target.model), target.hop, queued=False
+        outcome = execution.run_claimed(
+            rt, job, Candidate(target.provider, target.model), target.hop, queued=False
         )
     except Exception as exc:  # a worker's task would be retried by Celery: here, a worker takes it
         # Published uncounted: the worker's first acquire takes its costs off the provider's

@@ -1,7 +1,7 @@
 """The SQL store (SQLAlchemy 2.0): jobs, attempts and batches."""
 
 from workers.store.engine import aware, utcnow
-from workers.store.jobs import AttemptRecord, Claim, DuplicateJob, as_finished
+from workers.store.jobs import AttemptRecord, Claim, DuplicateJob, FirstRun, as_finished
 from workers.store.models import (
     BATCHED,
     FAILED,
@@ -40,6 +40,7 @@ __all__ = [
     "Batch",
     "Claim",
     "DuplicateJob",
+    "FirstRun",
     "Job",
     "ProviderBatch",
     "Store",

@@ -8,7 +8,8 @@ keyed by (job id, attempt number). The statements a worker runs per job are buil
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections import namedtuple
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -82,7 +83,18 @@ class Claim:
     busy_for_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class FirstRun:
+    """A job stored already claimed for its first run by the process that stores it
+    (`add_jobs(running=)`): its lease, and its ledger entry as `claim`'s `started` gives it."""
+
+    lease_s: float
+    started: Callable[[Job], AttemptRecord]
+
+
 JOBS, ATTEMPTS = Job.__table__, Attempt.__table__
+#: A job as stored, read like `claim`'s row (every column, by name).
+_JobRow = namedtuple("_JobRow", [c.name for c in JOBS.columns])  # type: ignore[misc]
 #: What `Store.finish` writes; a column not given is cleared to its default here.
 RESULT_COLUMNS = (
     "status",
@@ -231,10 +243,16 @@ def _attempt_params(
 class JobStore(Database):
     """Jobs and their attempts, one at a time: what workers, the producer and the reconciler use."""
 
-    def add_jobs(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert new jobs (status queued) in one transaction; `DuplicateJob` if a key is taken."""
+    def add_jobs(
+        self, rows: Sequence[dict[str, Any]], *, running: Mapping[str, FirstRun] | None = None
+    ) -> dict[str, Any]:
+        """Insert new jobs (status queued) in one transaction; `DuplicateJob` if a key is taken.
+
+        `running`: jobs (by id) the caller runs at once, stored claimed for their first run —
+        status, lease and ledger entry as `claim` would leave them, without its round trip.
+        Returns those jobs as `claim` reads them."""
         if not rows:
-            return
+            return {}
         now = utcnow()
         new = {**_JOB_DEFAULTS, "status": QUEUED, "created_at": now, "updated_at": now}
         full = [{**new, **row} for row in rows]
@@ -242,15 +260,29 @@ class JobStore(Database):
             if len(row) != len(_JOB_DEFAULTS):
                 unknown = ", ".join(sorted(set(row) - set(_JOB_DEFAULTS)))
                 raise ValueError(f"job row {number} has columns the store does not know: {unknown}")
+        running = running or {}
+        claimed = {}
+        for row in full:
+            first = running.get(row["id"])
+            if first is not None:
+                lease = now + timedelta(seconds=first.lease_s)
+                row.update(status=RUNNING, runs=1, lease_until=lease, started_at=now)
+                claimed[row["id"]] = _JobRow(**row)
         try:
             # The driver, not Core: one statement (autocommit on PostgreSQL) for the usual
-            # single job, one transaction for many.
+            # single job, one transaction for many. A claimed job's ledger entry follows, as
+            # after `claim` (on PostgreSQL it commits by itself: a process that dies between
+            # them made no call, and the next claim counts a crash).
             with self.statements(together=len(full) > 1) as execute:
                 execute(_INSERT_JOB, [{f"j_{k}": v for k, v in row.items()} for row in full])
+                if claimed:
+                    entries = [_attempt_params(i, 1, running[i].started(j), now) for i, j in claimed.items()]
+                    execute(self._insert_attempt, entries)
         except IntegrityError as exc:
             if _is_duplicate(exc):
                 raise DuplicateJob(f"a job with the same unique key exists: {exc.orig}") from exc
             raise
+        return claimed
 
     def job(self, job_id: str) -> Job | None:
         with self.session(write=False) as s:

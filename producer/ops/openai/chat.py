@@ -435,7 +435,7 @@ class Submitter:
         return await future
 
     def _submit(self, submits: list[dict[str, Any]]) -> list[Any]:
-        return submit_many(self.client, submits, take=self.runner.take if self.runner else None)
+        return submit_many(self.client, submits, runner=self.runner)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from producer.client import Client
-from workers import dispatch, inline, notify
-from workers.store import Job
+from workers import dispatch, execution, inline, notify
+from workers.config import Candidate
+from workers.store import FirstRun, Job
 
 log = logging.getLogger("spillway.openai")
 
@@ -37,8 +38,9 @@ def calls_in_flight() -> int:
 
 
 class InlineRunner:
-    """`take` runs a job in a free slot; `finished(job)` is told of each job that ends final
-    here, as written (`workers.notify.listen_here`; True: nobody else needs telling)."""
+    """Runs jobs in free slots (`producer.jobs.Runner`: a slot is reserved before the job is
+    stored, claimed for this run); `finished(job)` is told of each job that ends final here,
+    as written (`workers.notify.listen_here`; True: nobody else needs telling)."""
 
     def __init__(self, client: Client, slots: int, finished: Callable[[Job], bool] | None = None) -> None:
         self.client, self.slots, self.finished = client, slots, finished
@@ -47,19 +49,26 @@ class InlineRunner:
         self.pool = ThreadPoolExecutor(slots, "spillway-serve-inline") if slots else None
         _runners.add(self)
 
-    def take(self, target: dispatch.Target) -> bool:
-        """Run `target` (stored, not published) in a free slot; False: publish it instead."""
+    def reserve(self, candidate: Candidate) -> FirstRun | None:
+        with self.lock:
+            if self.pool is None or self.busy >= self.slots:
+                return None
+            self.busy += 1
+        return execution.first_run(self.client.runtime, candidate)
+
+    def release(self) -> None:
+        self._done()
+
+    def run(self, target: dispatch.Target, job: Job) -> None:
         with self.lock:
             pool = self.pool
-            if pool is None or self.busy >= self.slots:
-                return False
-            self.busy += 1
-        try:
-            pool.submit(self._run, target)
-        except RuntimeError:  # stopped meanwhile
-            self._done()
-            return False
-        return True
+        if pool is not None:
+            try:
+                pool.submit(self._run, target, job)
+                return
+            except RuntimeError:  # stopped meanwhile
+                pass
+        self._run(target, job)  # it is claimed for this process: run it in this thread
 
     def stop(self) -> None:
         with self.lock:
@@ -71,10 +80,10 @@ class InlineRunner:
         with self.lock:
             self.busy -= 1
 
-    def _run(self, target: dispatch.Target) -> None:
+    def _run(self, target: dispatch.Target, job: Job) -> None:
         notify.listen_here(self.finished)
         try:
-            inline.run_here(self.client.app, self.client.runtime, target)
+            inline.run_here(self.client.app, self.client.runtime, target, job)
         except Exception:  # run_here hands on what it can; nothing may kill the slot's thread
             log.exception("job %s: running it here failed", target.job_id)
         finally:
