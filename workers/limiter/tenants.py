@@ -4,8 +4,8 @@ A tenant's jobs hold their worst case (estimated input + max_tokens) from submit
 holds all of its lines at once, or nothing is submitted — and each job gives back what it did
 not use when it ends, so a tenant never spends past its budget and two tenants never draw on
 each other's. The counter is per UTC day (the day the job was submitted) and expires a day
-after it. A tenant without a budget holds nothing: nothing would read its counter (its use is
-in the store, `spillway usage --by tenant`), and a chat completion saves two round trips.
+after it. A tenant without a budget holds nothing: nothing would read its counter (its jobs
+carry its name in the store), and a chat completion saves two round trips.
 """
 
 from __future__ import annotations
