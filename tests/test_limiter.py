@@ -353,6 +353,22 @@ def test_a_blocked_account_gives_its_reservation_back(redis_client: redis.Redis)
     assert buckets(lim)["rpm"] == pytest.approx(1.05, abs=1e-6)  # the reserved request came back
 
 
+def test_a_reservation_its_job_will_not_use_is_released_and_the_next_job_takes_its_turn(
+    redis_client: redis.Redis,
+) -> None:
+    lim = make(redis_client, "rpm = 60")
+    assert all(isinstance(take(lim), Lease) for _ in range(60))
+    first, second = reserve(lim), reserve(lim)
+    assert isinstance(first, Reserved) and isinstance(second, Reserved)
+    assert lim.release(P, first.reservation_id)  # its job was cancelled
+    assert not lim.release(P, first.reservation_id)  # once
+    assert redis_client.get(lim.keys.reservation("p", first.reservation_id)) is None
+    third = reserve(lim)  # the budget of the first's turn is there again
+    assert isinstance(third, Reserved) and third.wait_s == pytest.approx(second.wait_s)
+    lease = take(lim, reservation=first.reservation_id)  # a late delivery of the cancelled job
+    assert isinstance(lease, Denied)  # gets no free call
+
+
 def test_nothing_is_reserved_past_the_horizon_or_a_daily_quota(redis_client: redis.Redis) -> None:
     lim = make(redis_client, "rpm = 60")
     assert all(isinstance(take(lim), Lease) for _ in range(60))

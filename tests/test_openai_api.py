@@ -119,8 +119,11 @@ def test_a_500_line_batch_round_trip(front) -> None:
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
 
 
-def test_a_cancelled_batch_keeps_what_finished(front) -> None:
-    _, url = front
+def test_a_cancelled_batch_keeps_what_finished_and_gives_its_reserved_budget_back(front) -> None:
+    """Jobs waiting for the slow provider hold reservations of its budget; cancelled, they give
+    them back at once, so a job after the cancel waits for one refill, not behind all of them."""
+    stack, url = front
+    rt = stack.client().runtime
     client = sdk(url, TOKEN_A)
     lines = [request(f"slow-{i}", "spillway/slow", f"slow {i}") for i in range(40)]
     upload = client.files.create(file=jsonl(lines), purpose="batch")
@@ -130,8 +133,19 @@ def test_a_cancelled_batch_keeps_what_finished(front) -> None:
     deadline = time.monotonic() + 60
     while client.batches.retrieve(batch.id).request_counts.completed < 2 and time.monotonic() < deadline:
         time.sleep(0.3)
+    reserved = lambda: rt.redis.keys(rt.keys.reservation("slow", "*"))  # noqa: E731
+    deadline = time.monotonic() + 30
+    while not reserved() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert reserved(), "jobs waiting for the slow provider hold reservations"
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    # the parked ones gave theirs back with the cancel; one waiting in the broker (a countdown
+    # of at most max_countdown_s, 10 s) gives its back when a worker takes it
+    deadline = time.monotonic() + 20
+    while reserved() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert reserved() == []
     done = wait_for_status(client, batch.id, {"cancelled"}, timeout_s=60)
     counts = done.request_counts
     assert counts.completed >= 2 and counts.failed >= 20 and counts.completed + counts.failed == 40
@@ -139,6 +153,15 @@ def test_a_cancelled_batch_keeps_what_finished(front) -> None:
     errors = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
     assert len(output) == counts.completed and len(errors) == counts.failed
     assert {e["error"]["code"] for e in errors} == {"cancelled"}
+    # one refill (10 s at 6 a minute) away, not behind the cancelled jobs' turns (minutes)
+    again = (
+        sdk(url, TOKEN_A)
+        .with_options(timeout=45)
+        .chat.completions.create(
+            model="spillway/slow", messages=[{"role": "user", "content": "after the cancel"}], max_tokens=8
+        )
+    )
+    assert again.choices[0].message.content
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(wait_for_status(client, _small_batch(client), {"completed"}).id)
 

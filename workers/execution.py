@@ -201,6 +201,8 @@ def run_job(
         max_crashes=rt.settings.max_crashes,
         started=lambda job: _on_the_ledger(rt, job, candidate),
     )
+    if reservation is not None and claim.state in ("missing", "final", "poison", "batched"):
+        release_reservation(rt, candidate, reservation)  # this delivery will not redeem it
     if claim.state == "missing":
         log.warning("job %s is not in the store; dropping its message", job_id)
         return Done({"job_id": job_id, "status": "missing"})
@@ -216,6 +218,15 @@ def run_job(
     if claim.state == "batched":  # a stray delivery: the provider batch's poller answers for it
         return InBatch(job.provider_batch_id or "", job.provider or candidate.provider)
     return run_claimed(rt, job, candidate, hop, reservation, queued=queued)
+
+
+def release_reservation(rt: Runtime, candidate: Candidate, reservation: str) -> None:
+    """Give back the budget a job reserved on `candidate` and will not use (it is final, or
+    cancelled): jobs behind it need not wait for its turn. Left to expire if Redis is away."""
+    try:
+        rt.limiter.release(candidate, reservation)
+    except ServiceUnavailable as exc:
+        log.warning("could not give back reservation %s on %s: %s", reservation, candidate.provider, exc)
 
 
 def first_run(rt: Runtime, candidate: Candidate) -> FirstRun:

@@ -31,6 +31,19 @@ def parked_job_ids(client: redis.Redis, keys: Keyspace) -> set[str]:
     return {json.loads(m)["job_id"] for m in client.zrange(keys.parked(), 0, -1)}
 
 
+def due_now(client: redis.Redis, keys: Keyspace, job_ids: set[str], now_s: float) -> list[dict[str, Any]]:
+    """Make the parked messages of `job_ids` (cancelled jobs) due now: published at the next
+    release, each finds its job final and completes its chord slot. Returns the task arguments
+    of each (a reservation among them, to give back now)."""
+    found = []
+    parked = keys.parked()
+    for member in client.zrange(parked, 0, -1):
+        entry = json.loads(member)
+        if entry["job_id"] in job_ids and client.zadd(parked, {member: now_s}, xx=True):
+            found.append(entry["signature"].get("kwargs") or {})
+    return found
+
+
 def release_due(client: redis.Redis, keys: Keyspace, app: Celery, now_s: float, limit: int = 500) -> int:
     """Publish every parked job that is due. ZREM decides who publishes, so each goes once."""
     released = 0

@@ -268,6 +268,15 @@ class Limiter:
             return Reserved(reservation, candidate, result[2] / 1000, (result[2] - result[3]) / 1000)
         return self._denied(result)
 
+    def release(self, candidate: Candidate, reservation: str) -> bool:
+        """Give back what `reservation` took, for a job that will not redeem it (cancelled, or
+        final by its turn): later jobs need not wait behind it. False: nothing was there (it
+        was redeemed, given back, or expired)."""
+        result, _, _ = self._acquire_script(
+            candidate, Costs(0, 0, 0, 0), 1.0, 0.0, None, reservation=reservation, release=True
+        )
+        return bool(result[1])
+
     def _acquire_script(
         self,
         candidate: Candidate,
@@ -278,6 +287,7 @@ class Limiter:
         *,
         reservation: str | None,
         within_s: float | None = None,
+        release: bool = False,
     ) -> tuple[Any, list[ApiKey], str]:
         provider = self.settings.providers[candidate.provider]
         keys = self.keyring.keys(candidate.provider)
@@ -303,6 +313,8 @@ class Limiter:
             spec["stale_ms"] = int(constants.RESERVATION_STALE_S * 1000)
             if within_s is None:
                 spec["reservation"] = True
+                if release:  # (a JSON null would be truthy in Lua)
+                    spec["release"] = True
             else:
                 spec["reserve_ms"] = int(within_s * 1000)
         return self._run(self._acquire, redis_keys, spec), keys, lease_id

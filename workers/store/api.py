@@ -74,7 +74,7 @@ class ApiStore(Database):
     def cancel_open_jobs(self, batch_id: str) -> list[Any]:
         """Fail the batch's jobs no worker runs now (queued or parked): their messages, when a
         worker takes them, find them final and do nothing. Running jobs finish. Returns the
-        cancelled jobs' (tenant, created_at, est_input_tokens, request)."""
+        cancelled jobs' (id, tenant, created_at, est_input_tokens, request)."""
         now = utcnow()
         with self.session() as s:
             return list(
@@ -88,7 +88,7 @@ class ApiStore(Database):
                         finished_at=now,
                         updated_at=now,
                     )
-                    .returning(Job.tenant, Job.created_at, Job.est_input_tokens, Job.request)
+                    .returning(Job.id, Job.tenant, Job.created_at, Job.est_input_tokens, Job.request)
                 )
             )
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
+
+import redis
 
 from producer.batch import run_batch
 from producer.batchfile import OPENAI_URL
 from producer.ops.openai.errors import ApiError, not_found
 from producer.ops.openai.handler import ApiHandler
 from producer.ops.openai.routing import line_router, route_for
+from workers import execution, parking
+from workers.config import Candidate
 from workers.limiter import Costs, tenants
 from workers.runtime import Runtime
 from workers.store import FAILED, OPEN, SUCCEEDED, ApiBatch, aware, utcnow
@@ -213,12 +218,25 @@ class CancelBatch(ApiHandler):
 
 
 def cancel_jobs(rt: Runtime, batch_id: str) -> None:
-    """Cancel the batch's open jobs; their tenant gets back what they held."""
-    for tenant, created_at, est_input, request in rt.store.cancel_open_jobs(batch_id):
+    """Cancel the batch's open jobs; their tenant gets back what they held, and the providers
+    the budget those parked for later had reserved (their messages are published now, to find
+    them cancelled: the chord goes on). A job waiting in the broker gives its reservation back
+    when a worker takes it and finds it cancelled."""
+    cancelled = rt.store.cancel_open_jobs(batch_id)
+    for _, tenant, created_at, est_input, request in cancelled:
         if tenant is not None:
             held = int(Costs.estimate(est_input, request["max_tokens"]).tokens)
             budget = tenants.budget(rt.settings, tenant)
             tenants.give_back(rt.redis, rt.keys, tenant, held, aware(created_at), budget)
+    try:
+        parked = parking.due_now(rt.redis, rt.keys, {row[0] for row in cancelled}, time.time())
+    except redis.RedisError as exc:  # they find their jobs cancelled when due, and give back then
+        log.warning("batch %s: cancelled jobs stay parked until due (%s)", batch_id, exc)
+        return
+    for task in parked:
+        if task.get("reservation"):
+            candidate = Candidate(task["provider"], task["model"])
+            execution.release_reservation(rt, candidate, task["reservation"])
 
 
 def _metadata(value: Any) -> dict[str, str] | None:

@@ -17,6 +17,7 @@
 --                                                (slack for the provider's clock)
 --                reserve_ms = horizon | null     reserve only what is back within it
 --                reservation = true | null       redeem the record at KEYS[4+4n]
+--                release = true | null           with `reservation`: give it back unused
 --                stale_ms                        a reservation redeemed later than this is
 --                                                refunded and the job admitted afresh}
 -- Returns  {1, account index (1-based), now_ms, crossed, charges, probe, in_ratio}   the lease;
@@ -26,6 +27,7 @@
 --                                                 and the model's input ratio go back to settle
 --                                                 with the lease
 --          {2, account index, ready_at_ms, now_ms}   reserved: call at ready_at_ms, not before
+--          {3, 1 | 0, 'released', now_ms}        `release`: given back (1), or nothing was there
 --          {0, wait_ms, why, now_ms}              nothing admits (or reserves) now; earliest retry
 --                                                 in wait_ms (why "never:<reason>" when waiting
 --                                                 cannot help; Limiter turns it into Wait.never)
@@ -174,6 +176,11 @@ if spec.reservation then
   if raw then
     local r = cjson.decode(raw)
     local acct = spec.accounts[r.account]
+    if spec.release then  -- its job will not come for it (cancelled, or already final)
+      redis.call('DEL', RESERVATION)
+      if acct ~= nil and acct.key_id == r.key_id then refund(r.account, r.charges) end
+      return done({3, 1, 'released', now})
+    end
     if acct ~= nil and acct.key_id == r.key_id then
       if now < r.ready_at then return done({0, r.ready_at - now, 'reserved', now}) end
       redis.call('DEL', RESERVATION)
@@ -189,6 +196,7 @@ if spec.reservation then
       redis.call('DEL', RESERVATION)  -- the keys changed since: nothing here to give back
     end
   end
+  if spec.release then return done({3, 0, 'released', now}) end
 end
 
 -- 2. Admission now (or, reserving, the account whose budget is back soonest).
