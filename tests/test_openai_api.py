@@ -275,6 +275,8 @@ def test_a_tenants_daily_budget_is_its_own(front) -> None:
             model="spillway", messages=[{"role": "user", "content": "hi"}], max_tokens=90
         )
     assert refused.value.code == "daily_token_budget" and "team-c" in refused.value.message
+    headers = refused.value.response.headers  # the SDK does not retry it: the budget is back tomorrow
+    assert headers["x-should-retry"] == "false" and 0 < int(headers["retry-after"]) <= 86_400
     upload = c.files.create(
         file=jsonl([request(f"c{i}", "spillway", "x") for i in range(10)]), purpose="batch"
     )

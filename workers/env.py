@@ -57,7 +57,11 @@ class Env:
         "SPILLWAY_DATABASE_SCHEMA", None, "name", "PostgreSQL schema of the store's tables"
     )
     key_prefix: str = _var(
-        "SPILLWAY_KEY_PREFIX", "spillway", "", "prefix of every key Spillway writes to Redis"
+        "SPILLWAY_KEY_PREFIX",
+        "spillway",
+        "",
+        "prefix of Spillway's own Redis keys (limiter, parking, cache); not of the broker's queues: give "
+        "each deployment its own Redis database for those",
     )
     simulator_url: str | None = _var(
         "SPILLWAY_SIMULATOR_URL", None, "URL", "point every provider at a running `spillway simulate`"

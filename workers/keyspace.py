@@ -3,7 +3,8 @@
 Limiter keys of one provider share the hash tag ``{provider}``, so each Lua script touches one
 slot and stays valid on Redis Cluster. Everything else (parked jobs, the reconciler's lock,
 cached answers) lives under the same prefix, so a deployment or a test suite can keep its keys
-apart with ``SPILLWAY_KEY_PREFIX``.
+apart with ``SPILLWAY_KEY_PREFIX``. The broker's keys (Celery's queues and results) are
+kombu's, named by queue: deployments that share a Redis need a database each.
 """
 
 from __future__ import annotations

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 from tornado.web import HTTPError
 
 from workers.errors import BudgetExhausted, IdempotencyConflict, InputError, ServiceUnavailable, SpillwayError
 
 log = logging.getLogger("spillway.openai")
+
+DAY_S = 86_400  # a tenant's budget is per UTC day
 
 
 class ApiError(HTTPError):
@@ -38,7 +42,9 @@ def api_error(exc: SpillwayError) -> ApiError:
     if isinstance(exc, IdempotencyConflict):
         return ApiError(409, str(exc), param="Idempotency-Key", code="idempotency_conflict")
     if isinstance(exc, BudgetExhausted):  # the only 429 here: a provider's quota is waited for
-        return ApiError(429, str(exc), type="insufficient_quota", code="daily_token_budget")
+        # back at the next UTC midnight: the SDK must not retry it in a second
+        headers = {"x-should-retry": "false", "retry-after": str(math.ceil(DAY_S - time.time() % DAY_S))}
+        return ApiError(429, str(exc), type="insufficient_quota", code="daily_token_budget", headers=headers)
     if isinstance(exc, InputError):
         field = str(exc).partition(":")[0]
         return ApiError(400, str(exc), param=field if field.isidentifier() else None)
