@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -164,6 +167,27 @@ def test_a_cancelled_batch_keeps_what_finished_and_gives_its_reserved_budget_bac
     assert again.choices[0].message.content
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(wait_for_status(client, _small_batch(client), {"completed"}).id)
+
+
+def test_the_command_line_follows_a_front_door_batch_by_its_id(front) -> None:
+    """`spillway batch --status` takes the id the SDK shows (`batch_…`) for the Spillway batch
+    underneath (the operator's tool: any tenant's)."""
+    stack, url = front
+    api_id = wait_for_status(sdk(url, TOKEN_A), _small_batch(sdk(url, TOKEN_A)), {"completed"}).id
+
+    def status(batch_id: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "producer.cli", "batch", "--status", batch_id, "--json"]
+        return subprocess.run(
+            argv, env={**os.environ, **stack.env}, capture_output=True, text=True, timeout=60
+        )
+
+    shown = status(api_id)
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["by_status"] == {"succeeded": 1} and report["finished"]
+    assert not report["batch_id"].startswith("batch_")  # the Spillway batch underneath
+    unknown = status("batch_" + "0" * 32)
+    assert unknown.returncode != 0 and "no batch with id 'batch_000" in unknown.stderr
 
 
 def _small_batch(client: openai.OpenAI) -> str:

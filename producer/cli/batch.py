@@ -17,6 +17,7 @@ from producer.batch import Progress as BatchProgress
 from producer.cli.client import checked_client
 from producer.cli.live import closed_line
 from workers.errors import InputError
+from workers.store import Store
 
 
 def check_output(path: str) -> None:
@@ -69,8 +70,7 @@ def run(
 
 def follow(batch_id: str, output: str | None, console: Console, handle: BatchHandle | None = None) -> None:
     client = checked_client()
-    if client.runtime.store.batch(batch_id) is None:
-        raise InputError(f"no batch with id {batch_id!r}")
+    batch_id = _spillway_batch_id(client.runtime.store, batch_id)
     handle = handle or client.batch(batch_id)
     try:
         final = _watch(handle, console)
@@ -121,11 +121,20 @@ def _print_summary(p: BatchProgress, console: Console) -> None:
     )
 
 
+def _spillway_batch_id(store: Store, batch_id: str) -> str:
+    """`batch_id`, or the Spillway batch under the front-door batch it names (`batch_…`)."""
+    if store.batch(batch_id) is not None:
+        return batch_id
+    underneath = store.batch_of_api_batch(batch_id)
+    if underneath is not None and store.batch(underneath) is not None:
+        return underneath
+    raise InputError(f"no batch with id {batch_id!r}")
+
+
 def show_status(batch_id: str, console: Console, *, as_json: bool) -> None:
     store = checked_client().runtime.store
+    batch_id = _spillway_batch_id(store, batch_id)
     batch = store.batch(batch_id)
-    if batch is None:
-        raise InputError(f"no batch with id {batch_id!r}")
     totals = batch.summary or store.batch_totals(batch_id)
     report = {
         "batch_id": batch_id,

@@ -52,6 +52,13 @@ class ApiStore(Database):
             row = s.get(ApiBatch, batch_id)
             return row if row is not None and row.owner == owner else None
 
+    def batch_of_api_batch(self, api_batch_id: str) -> str | None:
+        """The Spillway batch under a front-door batch (`batch_…`, any tenant's: for the
+        operator's command line), or None."""
+        with self.session(write=False) as s:
+            row = s.get(ApiBatch, api_batch_id)
+            return row.batch_id if row is not None else None
+
     def api_batches(self, owner: str, *, after: str | None, limit: int) -> list[ApiBatch]:
         """The owner's batches, newest first, from after the one named `after` (its cursor)."""
         query = select(ApiBatch).where(ApiBatch.owner == owner)
