@@ -188,7 +188,8 @@ def openai_fields(value: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError("body: expected a JSON object (the chat completions request)")
     unknown = sorted(set(body) - OPENAI_BODY_KEYS)
     if unknown:
-        raise InputError(f"body: unsupported field(s) {', '.join(unknown)}")
+        also = f" (nor {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+        raise InputError(f"body.{unknown[0]}: not supported{also}")  # the field first: OpenAI's `param`
     fields: dict[str, Any] = {"messages": body.get("messages"), "model": body.get("model")}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:

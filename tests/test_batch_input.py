@@ -100,7 +100,8 @@ def test_openai_batch_line_format(rt) -> None:
         ),
         ({"url": "/v1/embeddings"}, "url: only /v1/chat/completions"),
         ({"method": "GET"}, "method: only POST"),
-        ({"body": {"messages": [], "n": 3}}, "body: unsupported field(s) n"),
+        ({"body": {"messages": [], "n": 3}}, "body.n: not supported"),
+        ({"body": {"messages": [], "tools": [], "n": 3}}, "body.n: not supported (nor tools)"),
     ):
         task = "solo" if "solo" in error else "chat"
         bad = check_item(rt, 2, {**line, **change}, task, "free")

@@ -228,6 +228,9 @@ def test_errors_raise_the_sdks_exception_classes(front) -> None:
     assert unknown.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         a.chat.completions.create(model="spillway", messages=[{"role": "user", "content": "x"}], stream=True)
+    with pytest.raises(openai.BadRequestError) as tools:
+        a.chat.completions.create(model="spillway", messages=[{"role": "user", "content": "x"}], tools=[])
+    assert tools.value.param == "tools" and "not supported" in tools.value.message
     with pytest.raises(openai.PermissionDeniedError):  # team-b may use its own tier only
         b.chat.completions.create(
             model="spillway",
