@@ -20,7 +20,7 @@ import redis
 from producer.ops.stack import LocalStack
 from tests.conftest import CONFIGS
 from workers.limiter import tenants
-from workers.store import Job, utcnow
+from workers.store import Job, aware, utcnow
 
 pytestmark = pytest.mark.integration
 
@@ -156,6 +156,11 @@ def test_a_cancelled_batch_keeps_what_finished_and_gives_its_reserved_budget_bac
     errors = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
     assert len(output) == counts.completed and len(errors) == counts.failed
     assert {e["error"]["code"] for e in errors} == {"cancelled"}
+    with rt.store.session(write=False) as s:  # cancelled when its last job ended, not at the request
+        ended = max(
+            j.finished_at for j in s.query(Job).filter(Job.batch_id == rt.store.batch_of_api_batch(batch.id))
+        )
+    assert done.cancelled_at == int(aware(ended).timestamp()) >= done.cancelling_at
     # one refill (10 s at 6 a minute) away, not behind the cancelled jobs' turns (minutes)
     again = (
         sdk(url, TOKEN_A)

@@ -132,6 +132,7 @@ class BatchStore(Database):
             last = finished if last is None or (finished and finished > last) else last
         totals["cost_usd"] = round(totals["cost_usd"], 8)
         totals["wall_s"] = round((last - first).total_seconds(), 3) if first and last else None
+        totals["last_finished_s"] = last.timestamp() if last else None  # when its last job ended
         return totals
 
     def complete_batch(self, batch_id: str) -> dict[str, Any] | None:

@@ -71,8 +71,7 @@ def batch_object(rt: Runtime, api: ApiBatch) -> dict[str, Any]:
     counts = totals["by_status"]
     succeeded, failed = counts.get(SUCCEEDED, 0), counts.get(FAILED, 0)
     still_open = sum(counts.get(s, 0) for s in OPEN)
-    last = totals.get("finished_at")
-    last = int(aware(last).timestamp()) if last else None
+    last = int(totals["last_finished_s"]) if totals["last_finished_s"] else None
     body["in_progress_at"] = created
     body["request_counts"] = {"total": totals["total"], "completed": succeeded, "failed": failed}
     if api.state in ("cancelling", "cancelled"):
