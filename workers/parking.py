@@ -39,7 +39,7 @@ def due_now(client: redis.Redis, keys: Keyspace, job_ids: set[str], now_s: float
     parked = keys.parked()
     for member in client.zrange(parked, 0, -1):
         entry = json.loads(member)
-        if entry["job_id"] in job_ids and client.zadd(parked, {member: now_s}, xx=True):
+        if entry["job_id"] in job_ids and client.zadd(parked, {member: now_s}, xx=True, ch=True):
             found.append(entry["signature"].get("kwargs") or {})
     return found
 
