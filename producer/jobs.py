@@ -313,23 +313,20 @@ class Held:
     tenant: str = ""
     tokens: int = 0
     at: datetime | None = None
-    budget: int | None = None
 
     def give_back(self) -> None:
         if self.rt is not None and self.at is not None:
-            tenants.give_back(self.rt.redis, self.rt.keys, self.tenant, self.tokens, self.at, self.budget)
+            rt = self.rt
+            tenants.give_back(rt.redis, rt.keys, rt.settings, self.tenant, self.tokens, self.at)
 
 
 def hold_for_tenant(rt: Runtime, tenant: str | None, tokens: int) -> Held:
     """Hold `tokens` of the tenant's daily budget (none for a submit with no tenant)."""
     if tenant is None:
         return Held()
-    budget = tenants.budget(rt.settings, tenant)
-    if budget is None:  # nothing to hold
-        return Held()
     now = utcnow()
-    tenants.hold(rt.redis, rt.keys, tenant, tokens, budget, now)
-    return Held(rt, tenant, tokens, now, budget)
+    tenants.hold(rt.redis, rt.keys, tenant, tokens, tenants.budget(rt.settings, tenant), now)
+    return Held(rt, tenant, tokens, now)
 
 
 def _same_request(existing: Any, task: str, tier: str, request: ChatRequest, key: str) -> str:

@@ -650,8 +650,8 @@ class _Run:
         job = self.job
         if job.tenant is not None:
             unused = int(_estimate(job).tokens) - used
-            budget = tenants.budget(self.rt.settings, job.tenant)
-            tenants.give_back(self.rt.redis, self.rt.keys, job.tenant, unused, aware(job.created_at), budget)
+            rt = self.rt
+            tenants.give_back(rt.redis, rt.keys, rt.settings, job.tenant, unused, aware(job.created_at))
 
     def _fail(self, record: AttemptRecord | None, message: str, kind: str) -> Outcome:
         stored = self.rt.store.finish(

@@ -422,9 +422,8 @@ def _ended(rt: Runtime, app: Celery, job: Job, used_tokens: int) -> None:
     its callback is sent (the run that handed it over could not)."""
     if job.tenant is not None:
         held = int(Costs.estimate(job.est_input_tokens, job.request["max_tokens"]).tokens)
-        budget = tenants.budget(rt.settings, job.tenant)
         submitted = aware(job.created_at) or utcnow()
-        tenants.give_back(rt.redis, rt.keys, job.tenant, held - used_tokens, submitted, budget)
+        tenants.give_back(rt.redis, rt.keys, rt.settings, job.tenant, held - used_tokens, submitted)
     if job.callback_url:
         dispatch.deliver_callback(app, job.id)
 

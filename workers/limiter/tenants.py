@@ -63,12 +63,12 @@ def hold(
 
 
 def give_back(
-    client: redis.Redis, keys: Keyspace, tenant: str, tokens: int, submitted: datetime, budget: int | None
+    client: redis.Redis, keys: Keyspace, settings: Settings, tenant: str, tokens: int, submitted: datetime
 ) -> None:
-    """Return what a job held but did not use (a negative `tokens` charges more). `budget`: the
-    tenant's now; without one nothing was held. (A budget configured while its jobs ran gets back
-    what they never held: that day's budget is looser by as much, never stricter.)"""
-    if not tokens or budget is None:
+    """Return what a job held but did not use (a negative `tokens` charges more). A tenant
+    without a budget (as configured now) held nothing. (A budget configured while its jobs ran
+    gets back what they never held: that day's budget is looser by as much, never stricter.)"""
+    if not tokens or budget(settings, tenant) is None:
         return
     try:
         client.decrby(keys.tenant_day(tenant, day(submitted)), tokens)

@@ -225,8 +225,7 @@ def cancel_jobs(rt: Runtime, batch_id: str) -> None:
     for _, tenant, created_at, est_input, request in cancelled:
         if tenant is not None:
             held = int(Costs.estimate(est_input, request["max_tokens"]).tokens)
-            budget = tenants.budget(rt.settings, tenant)
-            tenants.give_back(rt.redis, rt.keys, tenant, held, aware(created_at), budget)
+            tenants.give_back(rt.redis, rt.keys, rt.settings, tenant, held, aware(created_at))
     try:
         parked = parking.due_now(rt.redis, rt.keys, {row[0] for row in cancelled}, time.time())
     except redis.RedisError as exc:  # they find their jobs cancelled when due, and give back then

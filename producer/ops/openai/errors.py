@@ -8,11 +8,10 @@ import time
 
 from tornado.web import HTTPError
 
+from workers import constants
 from workers.errors import BudgetExhausted, IdempotencyConflict, InputError, ServiceUnavailable, SpillwayError
 
 log = logging.getLogger("spillway.openai")
-
-DAY_S = 86_400  # a tenant's budget is per UTC day
 
 
 class ApiError(HTTPError):
@@ -43,7 +42,8 @@ def api_error(exc: SpillwayError) -> ApiError:
         return ApiError(409, str(exc), param="Idempotency-Key", code="idempotency_conflict")
     if isinstance(exc, BudgetExhausted):  # the only 429 here: a provider's quota is waited for
         # back at the next UTC midnight: the SDK must not retry it in a second
-        headers = {"x-should-retry": "false", "retry-after": str(math.ceil(DAY_S - time.time() % DAY_S))}
+        day_s = constants.DAY_MS / 1000
+        headers = {"x-should-retry": "false", "retry-after": str(math.ceil(day_s - time.time() % day_s))}
         return ApiError(429, str(exc), type="insufficient_quota", code="daily_token_budget", headers=headers)
     if isinstance(exc, InputError):
         field = str(exc).partition(":")[0]
