@@ -93,7 +93,7 @@ def test_the_counters_and_latency_the_charts_draw_come_from_the_ledger(store: St
         failed, 1, call("openai", "server_error", 50.0, "summarize"), status=FAILED, provider="openai"
     )
     in_flight = new_job(store, "chat", "groq")  # its call is out: counted once its outcome is known
-    store.claim(in_flight, lease_s=30, max_crashes=3, started=lambda job: call("groq", "started", 1.0))
+    store.claim(in_flight, lease_s=30, max_crashes=3)
     new_job(store, "chat", "groq")  # still queued
 
     counters = ledger_counters(LedgerTotals(store).read())

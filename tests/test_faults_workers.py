@@ -101,7 +101,7 @@ def test_workers_killed_mid_batch_lose_nothing(tmp_path, redis_server) -> None:
     )
     assert result.lost == 0 and result.charged_twice == 0 and result.ledger_mismatch == 0
     # every call the provider saw is on the ledger, and every call on it beyond those is marked
-    # in doubt: a run the SIGKILL cut between its claim (which writes the entry) and the request.
+    # in doubt: a run the SIGKILL cut between its claim and the request.
     # Each kill cuts at most the worker's 16 runs.
     assert on_ledger - in_doubt <= seen <= on_ledger, (seen, on_ledger, in_doubt)
     assert in_doubt <= kills * 16, (in_doubt, kills)

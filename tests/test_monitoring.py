@@ -36,7 +36,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
 from producer.jobs import job_row
 from producer.ops.metrics import LATENCY_BOUNDS_S, LedgerCollector, LedgerTotals
@@ -45,7 +45,7 @@ from tests.conftest import missing
 from workers.config import Candidate
 from workers.embedded import free_port
 from workers.messages import build_request
-from workers.store import Attempt, AttemptRecord, utcnow
+from workers.store import IN_DOUBT, STARTED, Attempt, AttemptRecord, utcnow
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_YML = ROOT / "monitoring" / "prometheus.yml"
@@ -90,7 +90,7 @@ class LedgerDriver:
     def __init__(self, store: Any, rng: random.Random) -> None:
         self.store, self.rng = store, rng
         self.expected = Expected()
-        self.in_flight: dict[str, AttemptRecord] = {}  # job id -> its STARTED entry
+        self.in_flight: dict[str, AttemptRecord] = {}  # job id -> its run's call at the estimate
         self.runs: dict[str, int] = {}  # job id -> the number of its run in flight
 
     def attempt(self, job_id: str, outcome: str, **values: Any) -> AttemptRecord:
@@ -99,8 +99,10 @@ class LedgerDriver:
         return AttemptRecord(outcome=outcome, started_at=utcnow(), tier="free", **{**base, **values})
 
     def start(self, job_id: str | None = None) -> None:
-        """A new job's run, or another run of one whose worker died (its call falls in doubt)."""
-        provider = self.rng.choice(["a", "b"])
+        """A new job's run, or another run of one whose worker died (its call falls in doubt,
+        charged at the estimate of the claim that takes over: the same provider's)."""
+        before = self.in_flight.get(job_id) if job_id is not None else None
+        provider = before.provider if before is not None else self.rng.choice(["a", "b"])
         if job_id is None:
             job_id = uuid.uuid4().hex
             task = self.rng.choice(["chat", "code"])
@@ -111,7 +113,7 @@ class LedgerDriver:
         entry = AttemptRecord(
             provider=provider,
             model="m",
-            outcome="started",
+            outcome="in_doubt",
             started_at=utcnow(),
             task_type="",  # set from the job below
             tier="free",
@@ -119,16 +121,15 @@ class LedgerDriver:
             output_tokens=16,
             cost_usd=self.rng.choice([0.0, 1e-6, 3.3e-5, 0.1]),
         )
-        before = self.in_flight.get(job_id)
         claim = self.store.claim(
             job_id,
             lease_s=-1,  # any later claim finds the lease run out, as after a worker's death
             max_crashes=1000,
-            started=lambda job: self._started(job, entry),
+            estimate=lambda job: self._started(job, entry),
         )
         assert claim.state == "run"
-        if before is not None:  # the earlier call is in doubt now, charged at its estimate
-            self.expected.record(AttemptRecord(**{**before.__dict__, "outcome": "in_doubt"}))
+        if before is not None:  # the earlier call is in doubt now
+            self.expected.record(self._started(claim.job, entry))
         self.in_flight[job_id] = self._started(claim.job, entry)
         self.runs[job_id] = claim.job.runs
 
@@ -270,13 +271,18 @@ class CountingStore:
 
 def test_a_scrape_reads_the_ledger_once_then_only_what_is_new(store) -> None:
     """The cost claim: the long past is summed once, by the first read, then each read sums
-    only the attempts of the last seconds and looks again at the calls that were in flight."""
+    only the attempts of the last seconds and looks again at the calls that were in flight
+    (the STARTED entries an earlier Spillway wrote at the claim)."""
     driver = LedgerDriver(store, random.Random(3))
     for _ in range(6):
         driver.start()
     old = sorted(driver.in_flight)
     for job_id in old[:5]:
         driver.end(job_id, "succeeded")
+    legacy = driver.in_flight.pop(old[5])  # its run's claim was an earlier version's
+    with store.engine.begin() as conn:
+        started = {**legacy.__dict__, "outcome": STARTED, "task_type": store.job(old[5]).task_type}
+        conn.execute(insert(Attempt).values(job_id=old[5], number=1, finished_at=utcnow(), **started))
     with store.engine.begin() as conn:  # these six attempts started an hour ago, all at once
         conn.execute(update(Attempt).values(started_at=utcnow() - timedelta(hours=1)))
     now = [0.0]
@@ -291,9 +297,10 @@ def test_a_scrape_reads_the_ledger_once_then_only_what_is_new(store) -> None:
     assert sum(first["spillway_calls_total"].values()) == 5
     counting.slices.clear()
     now[0] += 15
-    driver.end(old[5], "rate_limited")  # the call in flight ends: it is looked at again by id
+    driver.start(old[5])  # its worker died: the entry in flight falls in doubt, looked at again by id
+    driver.expected.record(AttemptRecord(**{**started, "outcome": IN_DOUBT}))
     driver.start()
-    (fresh,) = set(driver.in_flight)
+    (fresh,) = set(driver.in_flight) - {old[5]}
     driver.end(fresh, "succeeded")
     second = scrape(totals)
     reads = [(s.get("after"), sorted(s.get("ids", [])), s["summed"], s["open"]) for s in counting.slices]

@@ -25,7 +25,6 @@ from workers.runtime import Runtime
 from workers.simulator.server import start_in_thread
 from workers.simulator.settings import sim_settings
 from workers.store import BATCHED, SUCCEEDED, Attempt, Store
-from workers.store.jobs import AttemptRecord
 
 OA = Candidate("oa", "o1")
 
@@ -100,15 +99,9 @@ def claimed(
         job_id, task, "free", build_request("hello"), target=OA, mode=mode, deadline_s=deadline_s, **extra
     )
     rt.store.add_jobs([row])
-    claim = rt.store.claim(job_id, lease_s=30, max_crashes=3, started=lambda job: _started())
+    claim = rt.store.claim(job_id, lease_s=30, max_crashes=3)
     assert claim.state == "run"
     return claim.job
-
-
-def _started() -> AttemptRecord:
-    from workers.store import utcnow
-
-    return AttemptRecord("oa", "o1", "started", utcnow(), input_tokens=2, output_tokens=32, cost_usd=1.0)
 
 
 def test_the_mode_and_the_deadline_decide(rt: Runtime) -> None:

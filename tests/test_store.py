@@ -19,12 +19,14 @@ from workers.store import (
     IN_DOUBT,
     STARTED,
     SUCCEEDED,
+    Attempt,
     AttemptRecord,
     DuplicateJob,
     Job,
     Store,
     utcnow,
 )
+from workers.store.jobs import DIED_IN_CALL
 
 
 def new_job(store: Store, **extra: object) -> str:
@@ -127,19 +129,21 @@ def test_a_call_whose_run_died_is_on_the_ledger_in_doubt_at_its_estimate(store: 
     job_id = new_job(store)
 
     def estimate(job: Job) -> AttemptRecord:
-        return attempt(STARTED, input_tokens=4, output_tokens=8, cost_usd=0.002)
+        return attempt(SUCCEEDED, input_tokens=4, output_tokens=8, cost_usd=0.002)
 
-    assert store.claim(job_id, lease_s=30, max_crashes=3, started=estimate).state == "run"
-    assert [a.outcome for a in store.attempts(job_id)] == [STARTED]  # on the ledger before any call
-    assert store.usage_report(by="provider")["total"]["requests"] == 0  # in flight: not yet counted
+    assert store.claim(job_id, lease_s=30, max_crashes=3, estimate=estimate).state == "run"
+    assert store.attempts(job_id) == []  # the running job is the mark: the claim writes nothing else
     expire_lease(store, job_id)  # the worker died after the request left
-    again = store.claim(job_id, lease_s=30, max_crashes=3, started=estimate)
+    again = store.claim(job_id, lease_s=30, max_crashes=3, estimate=estimate)
     assert again.state == "run" and again.job.calls == 1  # the call it may have made
-    done = attempt(input_tokens=4, output_tokens=5, cost_usd=0.001)  # the answer replaces the estimate
+    dead = store.attempts(job_id)[0]
+    assert (dead.number, dead.outcome, dead.error) == (1, IN_DOUBT, DIED_IN_CALL)
+    done = attempt(input_tokens=4, output_tokens=5, cost_usd=0.001)
     assert store.finish(job_id, 2, done, status=SUCCEEDED, text="ok", input_tokens=4, output_tokens=5)
     assert store.job(job_id).calls == 2
+    assert store.finish(job_id, 1, attempt(output_tokens=6), status=SUCCEEDED) is False  # the dead run, late
     assert [(a.number, a.outcome, a.output_tokens) for a in store.attempts(job_id)] == [
-        (1, IN_DOUBT, 8),
+        (1, IN_DOUBT, 8),  # not replaced by the late answer: charged once
         (2, SUCCEEDED, 5),
     ]
     total = store.usage_report(by="provider")["total"]
@@ -147,12 +151,38 @@ def test_a_call_whose_run_died_is_on_the_ledger_in_doubt_at_its_estimate(store: 
     assert total["cost_usd"] == pytest.approx(0.003)
 
 
+def test_a_running_job_the_reconciler_republishes_is_taken_over_as_a_crash(store: Store) -> None:
+    job_id = new_job(store)
+    store.claim(job_id, lease_s=30, max_crashes=3)
+    assert store.take_for_republish(store.job(job_id))  # its worker is gone, its message lost
+    assert store.job(job_id).status == "running"  # still the mark of its run's call
+    again = store.claim(job_id, lease_s=30, max_crashes=3, estimate=lambda job: attempt(output_tokens=8))
+    assert (again.state, again.job.runs, again.job.crashes, again.job.calls) == ("run", 2, 1, 1)
+    assert [(a.number, a.outcome) for a in store.attempts(job_id)] == [(1, IN_DOUBT)]
+
+
+def test_a_started_entry_an_earlier_version_left_falls_in_doubt(store: Store) -> None:
+    """Stores written before the claim stopped writing one: a STARTED entry its dead run left."""
+    job_id = new_job(store)
+    store.claim(job_id, lease_s=30, max_crashes=3)
+    with store.session() as s:
+        s.execute(
+            Attempt.__table__.insert().values(
+                job_id=job_id, number=1, finished_at=utcnow(), **attempt(STARTED).__dict__
+            )
+        )
+    expire_lease(store, job_id)
+    again = store.claim(job_id, lease_s=30, max_crashes=3, estimate=lambda job: attempt(output_tokens=8))
+    assert again.job.calls == 1  # once: the entry there, not a second one
+    assert [(a.number, a.outcome) for a in store.attempts(job_id)] == [(1, IN_DOUBT)]
+
+
 def test_a_run_that_made_no_call_leaves_no_ledger_entry(store: Store) -> None:
     job_id = new_job(store)
-    entry = attempt(STARTED, output_tokens=8)
-    store.claim(job_id, lease_s=30, max_crashes=3, started=lambda job: entry)
+    entry = attempt(output_tokens=8)
+    store.claim(job_id, lease_s=30, max_crashes=3, estimate=lambda job: entry)
     assert store.requeue(job_id, 1, None, provider="groq", model="m", hop=False)  # it waited
-    store.claim(job_id, lease_s=30, max_crashes=3, started=lambda job: entry)
+    store.claim(job_id, lease_s=30, max_crashes=3, estimate=lambda job: entry)  # no crash: no entry
     assert store.finish(job_id, 2, None, status=SUCCEEDED, text="cached", cached=True)  # a cache hit
     assert store.attempts(job_id) == [] and store.job(job_id).calls == 0
 

@@ -46,7 +46,7 @@ from workers.router import AfterError, Fail, JobFacts, Move, NoRoom, Park, Reaso
 from workers.runtime import Runtime
 from workers.store import (
     FAILED,
-    STARTED,
+    IN_DOUBT,
     SUCCEEDED,
     AttemptRecord,
     FirstRun,
@@ -165,16 +165,16 @@ def _estimate(job: Job) -> Costs:
     return Costs.estimate(job.est_input_tokens, job.request["max_tokens"])
 
 
-def _on_the_ledger(rt: Runtime, job: Job, candidate: Candidate) -> AttemptRecord:
-    """A run's entry on the ledger before any request leaves: a call on `candidate` at the
-    estimate (the input estimate and max_tokens). What happens replaces it; a crash leaves it."""
+def _at_estimate(rt: Runtime, job: Job, candidate: Candidate) -> AttemptRecord:
+    """A run's call on `candidate` at the estimate (the input estimate and max_tokens): what
+    the ledger charges for a run whose worker died (`JobStore.claim` puts it in doubt)."""
     estimate = _estimate(job)
     provider = rt.settings.providers.get(candidate.provider)
     model = provider.models.get(candidate.model) if provider else None
     return AttemptRecord(
         provider=candidate.provider,
         model=candidate.model,
-        outcome=STARTED,
+        outcome=IN_DOUBT,
         started_at=utcnow(),
         task_type=job.task_type,
         tier=job.tier,
@@ -199,7 +199,7 @@ def run_job(
         job_id,
         lease_s=lease_seconds(rt, candidate.provider),
         max_crashes=rt.settings.max_crashes,
-        started=lambda job: _on_the_ledger(rt, job, candidate),
+        estimate=lambda job: _at_estimate(rt, job, candidate),
     )
     if reservation is not None and claim.state in ("missing", "final", "poison", "batched"):
         release_reservation(rt, candidate, reservation)  # this delivery will not redeem it
@@ -232,7 +232,7 @@ def release_reservation(rt: Runtime, candidate: Candidate, reservation: str) -> 
 def first_run(rt: Runtime, candidate: Candidate) -> FirstRun:
     """The claim of a job's first run on `candidate`, for a job stored already claimed by the
     process that runs it (`JobStore.add_jobs(running=)`, `workers.inline`)."""
-    return FirstRun(lease_seconds(rt, candidate.provider), lambda job: _on_the_ledger(rt, job, candidate))
+    return FirstRun(lease_seconds(rt, candidate.provider))
 
 
 def run_claimed(

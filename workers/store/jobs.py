@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
@@ -46,6 +46,9 @@ from workers.store.models import (
     Attempt,
     Job,
 )
+
+#: Why a call is on the ledger in doubt.
+DIED_IN_CALL = "its worker died during the call: charged at the estimate"
 
 
 class DuplicateJob(SpillwayError):
@@ -86,10 +89,9 @@ class Claim:
 @dataclass(frozen=True)
 class FirstRun:
     """A job stored already claimed for its first run by the process that stores it
-    (`add_jobs(running=)`): its lease, and its ledger entry as `claim`'s `started` gives it."""
+    (`add_jobs(running=)`): its lease."""
 
     lease_s: float
-    started: Callable[[Job], AttemptRecord]
 
 
 JOBS, ATTEMPTS = Job.__table__, Attempt.__table__
@@ -206,31 +208,19 @@ def as_finished(job: Any, attempt: AttemptRecord | None, **result: Any) -> Job:
     )
 
 
-def _attempt_upsert(dialect: Any, bind: str) -> Insert:
-    """Record an attempt; over (job, number) only while that one is STARTED (the call's
-    outcome replaces its estimate), never over a finished one."""
+def _attempt_insert(dialect: Any, bind: str) -> Insert:
+    """Record a run's attempt (binds `<bind><column>`), once: never over an entry the run
+    has already (a run taken over as dead is on the ledger in doubt; its late outcome is not
+    charged again)."""
     statement = dialect.insert(ATTEMPTS).values({c: bindparam(f"{bind}{c}") for c in ATTEMPT_COLUMNS})
-    return statement.on_conflict_do_update(
-        index_elements=["job_id", "number"],
-        set_={c: statement.excluded[c] for c in ATTEMPT_COLUMNS if c not in ("job_id", "number")},
-        where=ATTEMPTS.c.outcome == STARTED,
-    )
-
-
-#: A run that made no call leaves no ledger entry: its STARTED one goes.
-_CLEAR_STARTED = delete(ATTEMPTS).where(
-    ATTEMPTS.c.job_id == bindparam("a_job_id"),
-    ATTEMPTS.c.number == bindparam("a_number"),
-    ATTEMPTS.c.outcome == STARTED,
-)
+    return statement.on_conflict_do_nothing(index_elements=["job_id", "number"])
 
 
 @functools.cache
-def _with_record(main: Update, recorded: bool) -> Update:
-    """PostgreSQL: `main` (finish, requeue) with the run's record as a data-modifying WITH —
-    the attempt (binds `a_<column>`) or, for a run that made no call, its STARTED entry gone."""
-    record: Any = _attempt_upsert(postgresql, "a_") if recorded else _CLEAR_STARTED
-    return main.add_cte(record.cte("recorded"))
+def _with_record(main: Update) -> Update:
+    """PostgreSQL: `main` (finish, requeue) with the run's attempt (binds `a_<column>`) as a
+    data-modifying WITH."""
+    return main.add_cte(_attempt_insert(postgresql, "a_").cte("recorded"))
 
 
 def _attempt_params(
@@ -249,8 +239,8 @@ class JobStore(Database):
         """Insert new jobs (status queued) in one transaction; `DuplicateJob` if a key is taken.
 
         `running`: jobs (by id) the caller runs at once, stored claimed for their first run —
-        status, lease and ledger entry as `claim` would leave them, without its round trip.
-        Returns those jobs as `claim` reads them."""
+        status and lease as `claim` would leave them, without its round trip. Returns those
+        jobs as `claim` reads them."""
         if not rows:
             return {}
         now = utcnow()
@@ -270,14 +260,9 @@ class JobStore(Database):
                 claimed[row["id"]] = _JobRow(**row)
         try:
             # The driver, not Core: one statement (autocommit on PostgreSQL) for the usual
-            # single job, one transaction for many. A claimed job's ledger entry follows, as
-            # after `claim` (on PostgreSQL it commits by itself: a process that dies between
-            # them made no call, and the next claim counts a crash).
+            # single job, one transaction for many.
             with self.statements(together=len(full) > 1) as execute:
                 execute(_INSERT_JOB, [{f"j_{k}": v for k, v in row.items()} for row in full])
-                if claimed:
-                    entries = [_attempt_params(i, 1, running[i].started(j), now) for i, j in claimed.items()]
-                    execute(self._insert_attempt, entries)
         except IntegrityError as exc:
             if _is_duplicate(exc):
                 raise DuplicateJob(f"a job with the same unique key exists: {exc.orig}") from exc
@@ -307,47 +292,58 @@ class JobStore(Database):
         *,
         lease_s: float,
         max_crashes: int,
-        started: Callable[[Job], AttemptRecord] | None = None,
+        estimate: Callable[[Job], AttemptRecord] | None = None,
     ) -> Claim:
         """Take the job for one run. A job whose lease ran out was held by a worker that died.
 
-        One conditional UPDATE decides, so two deliveries of one job never both run it. Then,
-        before any request can leave, the run goes on the ledger as `started(job)` (outcome
-        STARTED, at its estimate): a run that dies leaves it there, and the next claim marks it
-        in doubt. `finish` and `requeue` replace it with what happened.
+        One conditional UPDATE decides, so two deliveries of one job never both run it. A run
+        ends by writing its attempt together with the job's next state (`finish`, `requeue`),
+        so a job still running is the ledger's mark of a call that may be in flight: a claim
+        that takes over a run whose worker died puts that run's call on the ledger in doubt,
+        charged as `estimate(job)` gives it (the call at its estimate).
         """
         now = utcnow()
         params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
+        # The hot path — a job's first run — is one statement whose row reads like a Job, with
+        # no ORM session and nothing else to write (autocommit on PostgreSQL).
         with self.statements() as execute:
-            # The hot path — a job's first run — is one round trip whose row reads like a Job,
-            # then its ledger entry, with no ORM session. (On PostgreSQL each commits by itself:
-            # a worker that dies between them made no call, and the next claim counts a crash.)
             row: Any = execute(_CLAIM_FIRST, params).fetchone()
-            if row is not None:
-                if started is not None:
-                    execute(self._insert_attempt, _attempt_params(job_id, row.runs, started(row), now))
-                return Claim("run", row)
-        return self._claim_again(job_id, params, max_crashes, started)
+        if row is not None:
+            return Claim("run", row)
+        return self._claim_again(job_id, params, max_crashes, estimate)
 
     def _claim_again(
         self,
         job_id: str,
         params: dict[str, Any],
         max_crashes: int,
-        started: Callable[[Job], AttemptRecord] | None,
+        estimate: Callable[[Job], AttemptRecord] | None,
     ) -> Claim:
         """Every claim but a first run's — or why there is none — in one ORM transaction: a run
-        after a wait or a move, one after a dead worker's (counted as a crash, its calls in
+        after a wait or a move, one after a dead worker's (counted as a crash, its call in
         doubt), a job failed as poison, or one that is final, batched, busy or gone."""
         now = params["b_now"]
         with self.session() as s:
-            job: Any = s.connection().execute(_CLAIM, params).first()
+            conn = s.connection()
+            # the run this claim may take over: still running means its worker died in it
+            before = conn.execute(
+                select(JOBS.c.status, JOBS.c.updated_at).where(JOBS.c.id == job_id).with_for_update()
+            ).first()
+            job: Any = conn.execute(_CLAIM, params).first()
             taken = job is not None
             job = s.get(Job, job_id, populate_existing=True)
-            if job is None:
+            if before is None or job is None:
                 return Claim("missing")
             if taken and job.runs > 1:
-                job.calls += self._in_doubt(s, job_id, job.runs)
+                dead = None
+                if before.status == RUNNING and estimate is not None:
+                    dead = replace(
+                        estimate(job),
+                        outcome=IN_DOUBT,
+                        error=DIED_IN_CALL,
+                        started_at=aware(before.updated_at),
+                    )
+                job.calls += self._in_doubt(conn, job_id, job.runs, dead, now)
             if not taken:
                 if job.status in FINAL:
                     return Claim("final", job)
@@ -363,10 +359,6 @@ class JobStore(Database):
                 )
                 job.lease_until = None
                 return Claim("poison", job)
-            if started is not None:
-                s.connection().execute(
-                    self._insert_attempt, _attempt_params(job_id, job.runs, started(job), now)
-                )
             return Claim("run", job)
 
     def _write(
@@ -378,34 +370,33 @@ class JobStore(Database):
         attempt: AttemptRecord | None,
         now: datetime,
     ) -> int:
-        """`main` on the job's row and the run's record — over its STARTED entry; a run that
-        made no call leaves none — at once: the rows `main` changed. On SQLite two statements
-        in one transaction; on PostgreSQL one, the record a data-modifying WITH of the update,
-        that commits by itself: one round trip where a transaction of two takes four."""
-        one = self.single_statements
-        if attempt is not None:  # the record's binds: `a_…` inside one statement, `b_…` on its own
-            record, values = (
-                self._insert_attempt,
-                _attempt_params(job_id, run, attempt, now, "a_" if one else "b_"),
-            )
-        else:
-            record, values = _CLEAR_STARTED, {"a_job_id": job_id, "a_number": run}
+        """`main` on the job's row and the run's attempt (a run that made no call has none) at
+        once: the rows `main` changed. On SQLite two statements in one transaction; on
+        PostgreSQL one, the attempt a data-modifying WITH of the update, that commits by
+        itself: one round trip where a transaction of two takes four."""
         with self.statements() as execute:
-            if one:
-                return execute(_with_record(main, attempt is not None), {**params, **values}).rowcount
-            execute(record, values)
+            if attempt is None:
+                return execute(main, params).rowcount
+            if self.single_statements:
+                values = _attempt_params(job_id, run, attempt, now, "a_")
+                return execute(_with_record(main), {**params, **values}).rowcount
+            execute(self._insert_attempt, _attempt_params(job_id, run, attempt, now))
             return execute(main, params).rowcount
 
-    @staticmethod
-    def _in_doubt(s: Any, job_id: str, run: int) -> int:
-        """Calls earlier runs of the job started and never finished (their worker died after
-        the request left): IN_DOUBT, charged at the estimate they were recorded with."""
-        done = s.connection().execute(
+    def _in_doubt(self, conn: Any, job_id: str, run: int, dead: AttemptRecord | None, now: datetime) -> int:
+        """Calls earlier runs of the job may have made and never recorded (their worker died):
+        `dead`, the entry of the run `run` took over while it was running, and the STARTED
+        entries that stores written before this version kept for such runs. The calls put
+        on the ledger in doubt."""
+        done = conn.execute(
             update(ATTEMPTS)
             .where(ATTEMPTS.c.job_id == job_id, ATTEMPTS.c.outcome == STARTED, ATTEMPTS.c.number < run)
-            .values(outcome=IN_DOUBT, error="its worker died during the call: charged at the estimate")
-        )
-        return done.rowcount
+            .values(outcome=IN_DOUBT, error=DIED_IN_CALL)
+        ).rowcount
+        if dead is not None:  # not over an entry that run has already (recorded, or one above)
+            entry = self._insert_attempt.returning(ATTEMPTS.c.id)  # (an insert's rowcount is -1)
+            done += len(conn.execute(entry, _attempt_params(job_id, run - 1, dead, now)).all())
+        return done
 
     def finish(self, job_id: str, run: int, attempt: AttemptRecord | None, **result: Any) -> bool:
         """Record the last attempt and the job's final state, once. False: it was final already.
@@ -459,13 +450,20 @@ class JobStore(Database):
             return list(s.scalars(query.limit(limit)))
 
     def take_for_republish(self, job: Job) -> bool:
-        """Claim the republish of a lost job: only if nobody touched it since `job` was read."""
+        """Claim the republish of a lost job: only if nobody touched it since `job` was read.
+        A running one stays running, its lease ended: its run's worker died, and the claim of
+        the new delivery counts that (a crash, its call in doubt)."""
         now = utcnow()
         with self.session() as s:
             done = s.execute(
                 update(Job)
                 .where(Job.id == job.id, Job.status.in_(OPEN), Job.updated_at == job.updated_at)
-                .values(status=QUEUED, lease_until=None, updated_at=now, published_at=now)
+                .values(
+                    status=case((Job.status == RUNNING, RUNNING), else_=QUEUED),
+                    lease_until=None,
+                    updated_at=now,
+                    published_at=now,
+                )
             )
         return done.rowcount == 1
 
@@ -489,8 +487,8 @@ class JobStore(Database):
 
     @cached_property
     def _insert_attempt(self) -> Insert:
-        """`_attempt_upsert` in this store's dialect, built once."""
-        return _attempt_upsert(postgresql if self.engine.dialect.name == "postgresql" else sqlite, "b_")
+        """`_attempt_insert` in this store's dialect, built once."""
+        return _attempt_insert(postgresql if self.engine.dialect.name == "postgresql" else sqlite, "b_")
 
 
 def _is_duplicate(exc: IntegrityError) -> bool:

@@ -21,8 +21,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 QUEUED, RUNNING, PARKED, SUCCEEDED, FAILED = "queued", "running", "parked", "succeeded", "failed"
 FINAL = (SUCCEEDED, FAILED)
-# An attempt is STARTED before its request leaves; a run that dies before writing its outcome
-# leaves it so, and the job's next run marks it IN_DOUBT (charged at its estimate).
+# A run writes its attempt with the job's next state. One whose worker died wrote none: the
+# claim that takes the job over records its call IN_DOUBT (charged at its estimate). STARTED:
+# an attempt written at the claim, before its request left, by earlier Spillways (the
+# next claim marks one left so in doubt).
 STARTED, IN_DOUBT = "started", "in_doubt"
 # A job handed to a provider's batch API waits there (`provider_batch_id`) until its result
 # is applied; no broker message carries it meanwhile.

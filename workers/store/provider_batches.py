@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import case, func, insert, select, update
 
 from workers.store.engine import Database, aware, utcnow
-from workers.store.models import BATCHED, QUEUED, RUNNING, STARTED, Attempt, Job, ProviderBatch
+from workers.store.models import BATCHED, QUEUED, RUNNING, Attempt, Job, ProviderBatch
 
 PB, JOBS, ATTEMPTS = ProviderBatch.__table__, Job.__table__, Attempt.__table__
 IN_FLIGHT = ("collecting", "submitting", "submitted")
@@ -36,8 +36,8 @@ class ProviderBatchStore(Database):
         deadline_at: datetime | None,
     ) -> tuple[str, bool] | None:
         """Move this run's job into the provider:model batch being collected (a new one when
-        none has room): (its id, whether it is new). Its STARTED ledger entry goes: no call was
-        made. None: the run no longer holds the job."""
+        none has room): (its id, whether it is new). The run made no call: it leaves no attempt.
+        None: the run no longer holds the job."""
         now = utcnow()
         with self.session() as s:
             conn = s.connection()
@@ -92,13 +92,6 @@ class ProviderBatchStore(Database):
             if moved.rowcount != 1:
                 s.rollback()
                 return None
-            conn.execute(
-                delete(ATTEMPTS).where(
-                    ATTEMPTS.c.job_id == job_id,
-                    ATTEMPTS.c.number == run,
-                    ATTEMPTS.c.outcome == STARTED,
-                )
-            )
         return batch_id, created
 
     def take_for_submit(self, batch_id: str) -> tuple[ProviderBatch, list[Job]] | None:
