@@ -21,14 +21,23 @@ def stack_from(text: str, workdir: Path, **kwargs) -> LocalStack:
 
 
 def wait_all_final(store: Store, total: int, timeout_s: float, *, batch_id: str | None = None) -> float:
-    """Seconds until `total` jobs (of `batch_id`, else any) are final (monotonic clock);
-    raises TimeoutError on timeout."""
+    """When (monotonic clock) `total` jobs (of `batch_id`, else any) are final; raises
+    TimeoutError on timeout.
+
+    The count reads every job (5 ms of CPU at 8,000 on PostgreSQL): polled every 50 ms, the
+    watcher itself took a tenth of a core from the run it times. So it polls every 50 ms only
+    near the end the rate so far predicts, and at most every half second before."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    first: tuple[float, int] | None = None
+    while (now := time.monotonic()) < deadline:
         counts = store.count_by_status(batch_id)
-        if counts.get("succeeded", 0) + counts.get("failed", 0) >= total:
-            return time.monotonic()
-        time.sleep(0.05)
+        done = counts.get("succeeded", 0) + counts.get("failed", 0)
+        if done >= total:
+            return now
+        first = first or (now, done)
+        rate = (done - first[1]) / (now - first[0]) if now > first[0] else 0.0
+        left_s = (total - done) / rate if rate > 0 else 0.0
+        time.sleep(min(0.5, max(0.05, left_s / 2)))
     raise TimeoutError(f"jobs not final after {timeout_s:g}s: {store.count_by_status(batch_id)}")
 
 

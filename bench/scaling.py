@@ -6,8 +6,8 @@ the last result its producers read back), the ratio to plain Celery, worker CPU 
 (every process of the worker tree), the machine's CPU ms per job (every process: producers,
 workers, Redis, the simulator and the database server — when the cores are the limit, the
 ratio follows it) and the PostgreSQL server's share of it, Redis commands per job (`INFO
-commandstats`, every process together) and republishes per job (Celery retries, as Flower
-counts them). The
+commandstats`, every process together), the CPU of the Redis server and of the producers
+per job, and republishes per job (Celery retries, as Flower counts them). The
 simulator answers in 50 ms and its limits are far above the load: what is measured is the
 queue, not the providers. `python -m bench.scaling --workers 1,2,4`; on a machine with many
 cores give it more.
@@ -67,6 +67,11 @@ def run(
                     "machine_cpu_ms_per_job": spillway["machine_cpu_ms_per_job"],
                     "plain_machine_cpu_ms_per_job": plain["machine_cpu_ms_per_job"],
                     "database_cpu_ms_per_job": spillway["database_cpu_ms_per_job"],
+                    **{
+                        f"{who}{part}_cpu_ms_per_job": result[f"{part}_cpu_ms_per_job"]
+                        for who, result in (("", spillway), ("plain_", plain))
+                        for part in ("redis", "producer")
+                    },
                     "redis_commands_per_job": spillway["redis_commands_per_job"],
                     "plain_redis_commands_per_job": plain["redis_commands_per_job"],
                     "republishes_per_job": spillway["republishes_per_job"],
@@ -102,6 +107,7 @@ def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: b
             # read before the clock starts: a scan of every process is not the run's time
             postgres = store == "postgresql"
             database = named_cpu_s("postgres") if postgres else {}
+            redis_server = named_cpu_s("redis-server")
             busy, started = machine_busy_s(), time.monotonic()
             for p in producers:
                 p.stdin.write("go\n")
@@ -114,8 +120,11 @@ def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: b
                 finished = wait_all_final(client.runtime.store, jobs, timeout_s=600)
             busy = machine_busy_s() - busy
             database_s = spent_since(database, named_cpu_s("postgres")) if postgres else 0.0
+            redis_s = spent_since(redis_server, named_cpu_s("redis-server"))
+            producers_s = 0.0
             for p in producers:
-                p.wait(60)
+                out, _ = p.communicate(timeout=60)  # "done <its CPU seconds>"
+                producers_s += float(out.split()[-1])
             cpu = cpu_s(procs) - cpu
             counts = _redis_calls(stack) - counts
             time.sleep(1.0)  # the last events are on their way
@@ -124,6 +133,8 @@ def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: b
             "cpu_ms_per_job": cpu * 1000 / jobs,
             "machine_cpu_ms_per_job": busy * 1000 / jobs,
             "database_cpu_ms_per_job": database_s * 1000 / jobs,
+            "redis_cpu_ms_per_job": redis_s * 1000 / jobs,
+            "producer_cpu_ms_per_job": producers_s * 1000 / jobs,
             "redis_commands_per_job": counts / jobs,
             "republishes_per_job": events.counts["task-retried"] / jobs,
         }
@@ -228,6 +239,8 @@ def main() -> None:
         "machine CPU ms/job",
         "plain machine",
         "PostgreSQL server",
+        "Redis server (plain)",
+        "producers (plain)",
         "Redis cmds/job",
         "plain cmds/job",
         "republishes/job",
@@ -246,11 +259,13 @@ def main() -> None:
             f"{r['machine_cpu_ms_per_job']:.1f}",
             f"{r['plain_machine_cpu_ms_per_job']:.1f}",
             f"{r['database_cpu_ms_per_job']:.1f}" if r["store"] == "postgresql" else "-",
+            f"{r['redis_cpu_ms_per_job']:.1f} ({r['plain_redis_cpu_ms_per_job']:.1f})",
+            f"{r['producer_cpu_ms_per_job']:.1f} ({r['plain_producer_cpu_ms_per_job']:.1f})",
             f"{r['redis_commands_per_job']:.1f}",
             f"{r['plain_redis_commands_per_job']:.1f}",
             f"{r['republishes_per_job']:.2f}",
         )
-    Console(width=200).print(table)
+    Console(width=240).print(table)
 
 
 if __name__ == "__main__":

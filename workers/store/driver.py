@@ -107,6 +107,8 @@ class Driver:
                     compiled = self.compiled.get(statement)
                     if compiled is None:
                         compiled = self.compiled[statement] = Compiled(statement, self.engine)
+                    if isinstance(params, list) and len(params) == 1:
+                        params = params[0]  # psycopg's executemany enters pipeline mode: 0.1 ms more
                     if isinstance(params, list):
                         cursor.executemany(compiled.sql, [compiled.parameters(p) for p in params])
                     else:
