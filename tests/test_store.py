@@ -121,6 +121,11 @@ def test_expired_lease_counts_a_crash_and_poison_fails_the_job(store: Store) -> 
     expire_lease(store, job_id)
     poison = store.claim(job_id, lease_s=30, max_crashes=3)
     assert poison.state == "poison"
+    # each dead run's call is on the ledger, unpriced without an estimate: input estimate, max_tokens
+    dead = [
+        (a.number, a.outcome, a.provider, a.input_tokens, a.output_tokens) for a in store.attempts(job_id)
+    ]
+    assert dead == [(n, IN_DOUBT, "groq", 4, 8) for n in (1, 2, 3)]
     job = store.job(job_id)
     assert job.status == FAILED and job.error_kind == "poison" and "died 3 times" in job.error
 

@@ -223,6 +223,21 @@ def _with_record(main: Update) -> Update:
     return main.add_cte(_attempt_insert(postgresql, "a_").cte("recorded"))
 
 
+def _unpriced(job: Any) -> AttemptRecord:
+    """A call of `job`'s on its provider and model, at its input estimate and max_tokens."""
+    max_tokens = (job.request or {}).get("max_tokens") or 0
+    return AttemptRecord(
+        provider=job.provider or "",
+        model=job.model or "",
+        outcome=IN_DOUBT,
+        started_at=utcnow(),
+        task_type=job.task_type,
+        tier=job.tier,
+        input_tokens=job.est_input_tokens or 0,
+        output_tokens=int(max_tokens),
+    )
+
+
 def _attempt_params(
     job_id: str, number: int, attempt: AttemptRecord, now: datetime, bind: str = "b_"
 ) -> dict[str, Any]:
@@ -300,7 +315,8 @@ class JobStore(Database):
         ends by writing its attempt together with the job's next state (`finish`, `requeue`),
         so a job still running is the ledger's mark of a call that may be in flight: a claim
         that takes over a run whose worker died puts that run's call on the ledger in doubt,
-        charged as `estimate(job)` gives it (the call at its estimate).
+        charged as `estimate(job)` gives it (the call at its estimate; without one, on the
+        job's provider and model at its input estimate and max_tokens, unpriced).
         """
         now = utcnow()
         params = {"b_id": job_id, "b_now": now, "b_lease": now + timedelta(seconds=lease_s)}
@@ -336,9 +352,9 @@ class JobStore(Database):
                 return Claim("missing")
             if taken and job.runs > 1:
                 dead = None
-                if before.status == RUNNING and estimate is not None:
+                if before.status == RUNNING:
                     dead = replace(
-                        estimate(job),
+                        (estimate or _unpriced)(job),
                         outcome=IN_DOUBT,
                         error=DIED_IN_CALL,
                         started_at=aware(before.updated_at),
