@@ -10,7 +10,8 @@ commandstats`, every process together), the CPU of the Redis server and of the p
 per job, and republishes per job (Celery retries, as Flower counts them). The
 simulator answers in 50 ms and its limits are far above the load: what is measured is the
 queue, not the providers. `python -m bench.scaling --workers 1,2,4`; on a machine with many
-cores give it more.
+cores give it more. `--repeat K` runs K pairs (Spillway and plain Celery back to back) per
+row and prints medians: on a shared machine one pair's ratio swings by ±0.2.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -45,39 +47,55 @@ def run(
     stores: list[str],
     jobs_per_worker: int = 300,
     threads: int = 16,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
-    rows, baseline = [], {}
+    """Per store and N, `repeat` pairs of runs — Spillway and plain Celery one right after
+    the other, so both see the same moment of a shared machine — and the median of each
+    measure (the ratio: the median of the pairs' ratios, and their range)."""
+    rows = []
     for store in stores:
         for n in workers:
             jobs = jobs_per_worker * n
-            spillway = _one(workdir / f"{store}-{n}", store, n, jobs, threads, plain=False)
-            if n not in baseline:  # plain Celery keeps no store: one run per N serves both
-                baseline[n] = _one(workdir / f"plain-{n}", "sqlite", n, jobs, threads, plain=True)
-            plain = baseline[n]
+            pairs = []
+            for k in range(repeat):
+                pair = {}
+                for plain in (False, True) if k % 2 == 0 else (True, False):  # neither always first
+                    name = f"{'plain' if plain else 'spillway'}-{store}-{n}-{k}"
+                    pair[plain] = _one(
+                        workdir / name, "sqlite" if plain else store, n, jobs, threads, plain=plain
+                    )
+                pairs.append((pair[False], pair[True]))
+            ratios = [s["jobs_per_s"] / p["jobs_per_s"] for s, p in pairs]
+
+            def median(who: int, measure: str, pairs: list[Any] = pairs) -> float:
+                return statistics.median(pair[who][measure] for pair in pairs)
+
             rows.append(
                 {
                     "store": store,
                     "workers": n,
                     "jobs": jobs,
-                    "spillway_jobs_per_s": spillway["jobs_per_s"],
-                    "plain_jobs_per_s": plain["jobs_per_s"],
-                    "ratio": spillway["jobs_per_s"] / plain["jobs_per_s"],
-                    "cpu_ms_per_job": spillway["cpu_ms_per_job"],
-                    "plain_cpu_ms_per_job": plain["cpu_ms_per_job"],
-                    "machine_cpu_ms_per_job": spillway["machine_cpu_ms_per_job"],
-                    "plain_machine_cpu_ms_per_job": plain["machine_cpu_ms_per_job"],
-                    "database_cpu_ms_per_job": spillway["database_cpu_ms_per_job"],
-                    **{
-                        f"{who}{part}_cpu_ms_per_job": result[f"{part}_cpu_ms_per_job"]
-                        for who, result in (("", spillway), ("plain_", plain))
-                        for part in ("redis", "producer")
-                    },
-                    "redis_commands_per_job": spillway["redis_commands_per_job"],
-                    "plain_redis_commands_per_job": plain["redis_commands_per_job"],
-                    "republishes_per_job": spillway["republishes_per_job"],
+                    "runs": repeat,
+                    "ratio": statistics.median(ratios),
+                    "ratio_range": (min(ratios), max(ratios)),
+                    **{f"spillway_{m}": median(0, m) for m in MEASURES},
+                    **{f"plain_{m}": median(1, m) for m in MEASURES},
                 }
             )
     return rows
+
+
+#: What `_one` measures of a run.
+MEASURES = (
+    "jobs_per_s",
+    "cpu_ms_per_job",
+    "machine_cpu_ms_per_job",
+    "database_cpu_ms_per_job",
+    "redis_cpu_ms_per_job",
+    "producer_cpu_ms_per_job",
+    "redis_commands_per_job",
+    "republishes_per_job",
+)
 
 
 def _one(workdir: Path, store: str, n: int, jobs: int, threads: int, *, plain: bool) -> dict[str, Any]:
@@ -218,6 +236,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4", help="worker process counts (default 1,2,4)")
     parser.add_argument("--stores", default="sqlite,postgresql")
     parser.add_argument("--jobs-per-worker", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=1, help="pairs of runs per row (medians)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(
@@ -225,8 +244,11 @@ def main() -> None:
             workers=[int(n) for n in args.workers.split(",")],
             stores=args.stores.split(","),
             jobs_per_worker=args.jobs_per_worker,
+            repeat=args.repeat,
         )
-    table = Table(title=f"scaling on {os.cpu_count()} cores (50 ms calls, limits far above the load)")
+    title = f"scaling on {os.cpu_count()} cores (50 ms calls, limits far above the load"
+    title += f"; medians of {args.repeat} pairs of runs)" if args.repeat > 1 else ")"
+    table = Table(title=title + "; in brackets: plain Celery")
     for column in (
         "store",
         "N",
@@ -234,36 +256,35 @@ def main() -> None:
         "Spillway jobs/s",
         "plain jobs/s",
         "ratio",
-        "CPU ms/job",
-        "plain CPU ms/job",
+        "worker CPU ms/job",
         "machine CPU ms/job",
-        "plain machine",
         "PostgreSQL server",
-        "Redis server (plain)",
-        "producers (plain)",
+        "Redis server",
+        "producers",
         "Redis cmds/job",
-        "plain cmds/job",
         "republishes/job",
     ):
         table.add_column(column, justify="left" if column == "store" else "right")
     for r in rows:
+
+        def both(measure: str, r: dict[str, Any] = r) -> str:
+            return f"{r[f'spillway_{measure}']:.1f} ({r[f'plain_{measure}']:.1f})"
+
+        low, high = r["ratio_range"]
         table.add_row(
             r["store"],
             str(r["workers"]),
             str(r["jobs"]),
             f"{r['spillway_jobs_per_s']:.0f}",
             f"{r['plain_jobs_per_s']:.0f}",
-            f"{r['ratio']:.2f}",
-            f"{r['cpu_ms_per_job']:.1f}",
-            f"{r['plain_cpu_ms_per_job']:.1f}",
-            f"{r['machine_cpu_ms_per_job']:.1f}",
-            f"{r['plain_machine_cpu_ms_per_job']:.1f}",
-            f"{r['database_cpu_ms_per_job']:.1f}" if r["store"] == "postgresql" else "-",
-            f"{r['redis_cpu_ms_per_job']:.1f} ({r['plain_redis_cpu_ms_per_job']:.1f})",
-            f"{r['producer_cpu_ms_per_job']:.1f} ({r['plain_producer_cpu_ms_per_job']:.1f})",
-            f"{r['redis_commands_per_job']:.1f}",
-            f"{r['plain_redis_commands_per_job']:.1f}",
-            f"{r['republishes_per_job']:.2f}",
+            f"{r['ratio']:.2f}" + (f" ({low:.2f}–{high:.2f})" if r["runs"] > 1 else ""),
+            both("cpu_ms_per_job"),
+            both("machine_cpu_ms_per_job"),
+            f"{r['spillway_database_cpu_ms_per_job']:.1f}" if r["store"] == "postgresql" else "-",
+            both("redis_cpu_ms_per_job"),
+            both("producer_cpu_ms_per_job"),
+            both("redis_commands_per_job"),
+            f"{r['spillway_republishes_per_job']:.2f}",
         )
     Console(width=240).print(table)
 
