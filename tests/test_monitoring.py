@@ -283,8 +283,9 @@ def test_a_scrape_reads_the_ledger_once_then_only_what_is_new(store) -> None:
     with store.engine.begin() as conn:
         started = {**legacy.__dict__, "outcome": STARTED, "task_type": store.job(old[5]).task_type}
         conn.execute(insert(Attempt).values(job_id=old[5], number=1, finished_at=utcnow(), **started))
-    with store.engine.begin() as conn:  # these six attempts started an hour ago, all at once
-        conn.execute(update(Attempt).values(started_at=utcnow() - timedelta(hours=1)))
+    with store.engine.begin() as conn:  # these six attempts were written an hour ago, all at once
+        hour_ago = utcnow() - timedelta(hours=1)
+        conn.execute(update(Attempt).values(started_at=hour_ago, finished_at=hour_ago))
     now = [0.0]
     counting = CountingStore(store)
     totals = LedgerTotals(counting, settle_s=10.0, clock=lambda: now[0])
@@ -307,6 +308,24 @@ def test_a_scrape_reads_the_ledger_once_then_only_what_is_new(store) -> None:
     assert reads == [(None, fold["open"], 1, []), (top, [], 1, [])]
     assert sum(second["spillway_calls_total"].values()) == 7
     check_against(driver.expected, second)
+
+
+def test_the_first_read_folds_only_attempts_written_before_its_bound(store) -> None:
+    """A call that started long ago is written when it ends — just now, perhaps while one with
+    a lower id is not committed yet: the first read's bound goes by when attempts were written."""
+    driver = LedgerDriver(store, random.Random(5))
+    driver.start()
+    driver.start()
+    jobs = sorted(driver.in_flight)
+    for job_id in jobs:
+        driver.end(job_id, "succeeded")
+    early, late = sorted(a.id for job_id in jobs for a in store.attempts(job_id))
+    hour_ago = utcnow() - timedelta(hours=1)
+    with store.engine.begin() as conn:  # two long calls; the later one written just now
+        conn.execute(update(Attempt).values(started_at=hour_ago))
+        conn.execute(update(Attempt).where(Attempt.id == early).values(finished_at=hour_ago))
+    assert store.ledger_top() == late
+    assert store.ledger_top(written_before=utcnow() - timedelta(seconds=10)) == early
 
 
 def test_an_outcome_series_exists_before_its_first_event(store) -> None:

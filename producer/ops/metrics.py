@@ -113,14 +113,14 @@ class StatusCollector:
 class LedgerTotals:
     """Sums over every finished attempt of the ledger, brought up to date by `read()`.
 
-    Attempt ids only grow, and an attempt changes only while it is in flight (STARTED: its
-    outcome then replaces it, or it is dropped when the run made no call). So: attempts up to
-    an id that was the highest `settle_s` ago are summed once into `folded`; the ones of them
-    still in flight are remembered by id and looked at again on each read until they finish;
-    and the attempts after that id are summed afresh on each read. A read costs the attempts
-    of the last `settle_s` plus a scrape interval, and the few in flight, however long the
-    ledger. The first read of a process sums the rest of the ledger once: what was there
-    `settle_s` ago it tells by the attempts' start times.
+    Attempt ids only grow, and an attempt is written once, when its run ends (only the
+    STARTED entries earlier versions wrote at the claim change later: their outcome replaced
+    them, or they fall in doubt). So: attempts up to an id that was the highest `settle_s` ago
+    are summed once into `folded`; the STARTED ones among them are remembered by id and looked
+    at again on each read until they settle; and the attempts after that id are summed afresh
+    on each read. A read costs the attempts of the last `settle_s` plus a scrape interval, and
+    the few in flight, however long the ledger. The first read of a process sums the rest of
+    the ledger once: what was there `settle_s` ago it tells by the times attempts were written.
     """
 
     def __init__(
@@ -138,7 +138,7 @@ class LedgerTotals:
             now = self.clock()
             if not self.folded_upto and not self._tops:  # the first read: fold the past at once
                 earlier = utcnow() - timedelta(seconds=self.settle_s)
-                self._tops.append((now - self.settle_s, self.store.ledger_top(started_before=earlier)))
+                self._tops.append((now - self.settle_s, self.store.ledger_top(written_before=earlier)))
             self._tops.append((now, self.store.ledger_top()))
             self._fold(now)
             recent = self.store.ledger_slice(after=self.folded_upto, latency_bounds_ms=BOUNDS_MS)

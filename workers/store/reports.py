@@ -61,15 +61,20 @@ class ReportStore(Database):
                 query = query.where(Job.batch_id == batch_id)
             return dict(s.execute(query).all())
 
-    def ledger_top(self, *, started_before: datetime | None = None) -> int:
+    def ledger_top(self, *, written_before: datetime | None = None) -> int:
         """The highest attempt id yet (0: none). Ids only grow: (after, upto] names a slice.
 
-        `started_before`: instead, the id of the latest attempt started before then (by the
-        index on started_at): a bound every attempt under it was written long before."""
+        `written_before`: instead, the id of the latest-started attempt written before then
+        (its finished_at, set as it is written; found by the index on started_at, which is
+        never later): a bound every attempt under it was written before. (A call's attempt is
+        written when it ends: one that started long ago may have been written just now, and
+        one with a lower id may not be committed yet.)"""
         with self.session(write=False) as s:
-            if started_before is None:
+            if written_before is None:
                 return int(s.execute(select(func.max(Attempt.id))).scalar() or 0)
-            latest = select(Attempt.id).where(Attempt.started_at < started_before)
+            latest = select(Attempt.id).where(
+                Attempt.started_at < written_before, Attempt.finished_at < written_before
+            )
             latest = latest.order_by(Attempt.started_at.desc(), Attempt.id.desc()).limit(1)
             return int(s.execute(latest).scalar() or 0)
 
